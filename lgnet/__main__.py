@@ -1,0 +1,5 @@
+import sys
+
+from lgnet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,115 @@
+"""The Host's side of a guest hypercall (drivers/lguest/hypercalls.c), as pure logic.
+
+Rules of this file: sans-IO like dma.py. It decides what a hypercall means for the Host and
+returns what the caller must do about time (HALT, SET_CLOCKEVENT); the broker does the waiting.
+
+In lgnet the guest's CPU lives in its launcher, so the calls that only change CPU state
+(LOAD_GDT, NEW_PGTABLE, FLUSH_TLB, LOAD_IDT_ENTRY, SET_STACK, TS, SET_PTE, SET_PMD, LOAD_TLS)
+are served there; if one reaches the Host (from the async ring) it is accepted and ignored.
+Everything else follows lguest: the first call must be LGUEST_INIT, the async ring is drained
+in order before every synchronous call, a pending DMA for the Launcher stops the drain and
+defers the synchronous call, and an unknown call kills the guest.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from lgnet import abi
+from lgnet.fabric.dma import Engine, Guest
+
+CPU_STATE_CALLS = frozenset({
+    abi.LHCALL_LOAD_GDT, abi.LHCALL_NEW_PGTABLE, abi.LHCALL_FLUSH_TLB,
+    abi.LHCALL_LOAD_IDT_ENTRY, abi.LHCALL_SET_STACK, abi.LHCALL_TS, abi.LHCALL_SET_PTE,
+    abi.LHCALL_SET_PMD, abi.LHCALL_LOAD_TLS,
+})
+
+
+@dataclass
+class Outcome:
+    """What a hypercall asks of the caller besides its eax result."""
+    result: int = 0
+    halt: bool = False
+    clockevent_ns: int | None = None    # arm (or, with 0, cancel) the guest's timer
+    deferred: bool = False              # a pending DMA stopped the drain: call again later
+
+
+def hypercall(engine: Engine, guest: Guest, eax: int, edx: int, ebx: int, ecx: int) -> Outcome:
+    """One synchronous hypercall, after draining the async ring."""
+    if guest.lguest_data is None:
+        if eax != abi.LHCALL_LGUEST_INIT:
+            engine.kill_guest(guest, abi.MSG_NO_INIT % eax)
+        else:
+            lguest_init(engine, guest, edx)
+        return Outcome()
+    outcome = Outcome()
+    drain_async(engine, guest, outcome)
+    if guest.pending_dma is not None:
+        outcome.deferred = True
+        return outcome
+    do_hcall(engine, guest, eax, edx, ebx, ecx, outcome)
+    return outcome
+
+
+def lguest_init(engine: Engine, guest: Guest, addr: int) -> None:
+    """LGUEST_INIT: remember struct lguest_data and fill in what the Host provides."""
+    memory = guest.memory
+    if memory.view(addr, abi.LGUEST_DATA_SIZE) is None:
+        engine.kill_guest(guest, abi.MSG_FAILED_INIT)
+        return
+    guest.lguest_data = addr
+    memory.write(addr + abi.LGUEST_DATA_GUESTID, guest.id.to_bytes(2, "little"))
+    write_time(guest)
+
+
+def write_time(guest: Guest) -> None:
+    """lguest_data.time: the Host keeps the guest's wall clock current."""
+    now = time.time_ns()
+    guest.memory.write(guest.lguest_data + abi.LGUEST_DATA_TIME,
+                       abi.TIMESPEC.pack(now // 1_000_000_000 & abi.U32_MASK,
+                                         now % 1_000_000_000))
+
+
+def drain_async(engine: Engine, guest: Guest, outcome: Outcome) -> None:
+    """Run the queued calls of the async ring in order, from the Host's cursor."""
+    base = guest.lguest_data
+    status = guest.memory.view(base + abi.LGUEST_DATA_HCALL_STATUS, abi.LHCALL_RING_SIZE)
+    calls = guest.memory.view(base + abi.LGUEST_DATA_HCALLS,
+                              abi.LHCALL_RING_SIZE * abi.ASYNC_HCALL.size)
+    if status is None or calls is None:
+        engine.kill_guest(guest, abi.MSG_BAD_ASYNC_FETCH)
+        return
+    for _ in range(abi.LHCALL_RING_SIZE):
+        n = guest.next_hcall
+        if status[n] == abi.HCALL_STATUS_EMPTY:
+            break
+        guest.next_hcall = (n + 1) % abi.LHCALL_RING_SIZE
+        eax, edx, ebx, ecx = abi.ASYNC_HCALL.unpack_from(calls, n * abi.ASYNC_HCALL.size)
+        do_hcall(engine, guest, eax, edx, ebx, ecx, outcome)
+        status[n] = abi.HCALL_STATUS_EMPTY
+        # A DMA for the Launcher must be served before anything else runs.
+        if guest.pending_dma is not None or guest.dead is not None:
+            break
+
+
+def do_hcall(engine: Engine, guest: Guest, eax: int, edx: int, ebx: int, ecx: int,
+             outcome: Outcome) -> None:
+    if eax == abi.LHCALL_SEND_DMA:
+        engine.send_dma(guest, edx, ebx)
+    elif eax == abi.LHCALL_BIND_DMA:
+        num, irq = abi.split_bind_arg(ecx)
+        outcome.result = engine.bind_dma(guest, edx, ebx, num, irq)
+    elif eax == abi.LHCALL_HALT:
+        outcome.halt = True
+    elif eax == abi.LHCALL_SET_CLOCKEVENT:
+        outcome.clockevent_ns = edx
+    elif eax == abi.LHCALL_CRASH:
+        raw = guest.memory.read(edx, abi.CRASH_MESSAGE_MAX)
+        message = raw[:abi.CRASH_MESSAGE_MAX - 1].split(b"\0", 1)[0]
+        engine.kill_guest(guest, abi.MSG_CRASH % message.decode(errors="replace"))
+    elif eax == abi.LHCALL_LGUEST_INIT:
+        engine.kill_guest(guest, abi.MSG_DOUBLE_INIT)
+    elif eax == abi.LHCALL_FLUSH_ASYNC or eax in CPU_STATE_CALLS:
+        pass
+    else:
+        engine.kill_guest(guest, abi.MSG_BAD_HYPERCALL % eax)

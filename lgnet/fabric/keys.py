@@ -1,0 +1,90 @@
+"""DMA keys: lguest's futex-key trick.
+
+A guest names a DMA endpoint by an address. The Host turns that address into an identity the
+way futexes do, so that two guests mapping the same net file agree on it wherever each maps
+the file:
+
+- in a *shared* region (a net file): (file identity, offset in the file);
+- anywhere else (*private*): (this guest, the address itself).
+
+Keys must be 4-byte aligned (they are u32 futex addresses). They are not checked against
+pfn_limit: only DMA *buffers* are. The identity is hashed into dma_hash's 61 buckets with the
+Jenkins hash the kernel used (jhash2, the lookup2 variant of 2.6.23), never Python's hash(),
+so the chains — and the "first entry on the chain" rules that depend on their order — are the
+kernel's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from lgnet import abi
+from lgnet.fabric.memory import GuestMemory
+
+_M = abi.U32_MASK
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """A resolved DMA key.
+
+    `space` is the file identity (shared: a tuple of ints such as (st_dev, st_ino)) or the
+    guest id (private)."""
+    shared: bool
+    space: int | tuple[int, ...]
+    offset: int
+
+    def words(self) -> list[int]:
+        """The u32 words jhash2 runs over (like union futex_key's word/ptr/offset)."""
+        space = self.space if isinstance(self.space, tuple) else (self.space,)
+        words = []
+        for part in space:
+            words += [part & _M, (part >> 32) & _M]
+        # futex keys mark shared keys with the low bit of the offset word.
+        return words + [(self.offset << 1 | self.shared) & _M]
+
+
+def resolve(memory: GuestMemory, guest_id: int, addr: int) -> Key | None:
+    """get_futex_key: None for a misaligned address (the caller kills the guest)."""
+    if addr % abi.KEY_ALIGN:
+        return None
+    region = memory.region_at(addr)
+    if region is not None and region.shared is not None:
+        return Key(True, region.shared, addr - region.base)
+    return Key(False, guest_id, addr)
+
+
+def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
+    # __jhash_mix from include/linux/jhash.h (Bob Jenkins' lookup2).
+    a = (a - b - c) & _M; a ^= c >> 13
+    b = (b - c - a) & _M; b ^= (a << 8) & _M
+    c = (c - a - b) & _M; c ^= b >> 13
+    a = (a - b - c) & _M; a ^= c >> 12
+    b = (b - c - a) & _M; b ^= (a << 16) & _M
+    c = (c - a - b) & _M; c ^= b >> 5
+    a = (a - b - c) & _M; a ^= c >> 3
+    b = (b - c - a) & _M; b ^= (a << 10) & _M
+    c = (c - a - b) & _M; c ^= b >> 15
+    return a, b, c
+
+
+def jhash2(words: list[int], initval: int = 0) -> int:
+    """jhash2(k, length, initval) over u32 words."""
+    a = b = abi.JHASH_GOLDEN_RATIO
+    c = initval & _M
+    k = list(words)
+    while len(k) >= 3:
+        a = (a + k[0]) & _M
+        b = (b + k[1]) & _M
+        c = (c + k[2]) & _M
+        a, b, c = _mix(a, b, c)
+        k = k[3:]
+    c = (c + 4 * len(words)) & _M
+    if len(k) == 2:
+        b = (b + k[1]) & _M
+    if len(k) >= 1:
+        a = (a + k[0]) & _M
+    a, b, c = _mix(a, b, c)
+    return c
+
+
+def bucket(key: Key) -> int:
+    return jhash2(key.words()) % abi.DMA_HASH_BUCKETS

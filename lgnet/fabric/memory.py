@@ -1,0 +1,150 @@
+"""A guest's physical address space, as the Host sees it.
+
+Rules of this file: every access the Host makes to a guest's memory goes through here, and
+here alone decides whether an address is acceptable. lguest's rule is `lguest_address_ok`:
+the end of the access must lie below pfn_limit and must not wrap around 32 bits. lgnet adds
+one rule lguest got for free from the MMU: an address below pfn_limit that nothing backs (a
+hole between RAM and the device pages) is refused too.
+
+A failed checked access does what lguest's lgread/lgwrite did: it kills the guest that owns
+this memory (through `on_fault`, first reason wins) and the caller carries on with zeros.
+
+Memory is a set of regions — RAM at 0, the descriptor page just above it, device pages below
+LGUEST_GUEST_TOP — each backed by any writable buffer (bytearray, mmap of shared memory or of
+a net file). A region mapped from a net file carries the file's identity: that is what makes
+a DMA key in it a *shared* key.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Callable, Hashable
+
+from lgnet import abi
+
+_U32 = struct.Struct("<I")
+
+
+class Region:
+    """One backed range [base, base + size) of guest-physical memory."""
+    __slots__ = ("base", "end", "view", "words", "shared", "name")
+
+    def __init__(self, base: int, buffer, shared: Hashable | None = None, name: str = ""):
+        self.view = memoryview(buffer).cast("B")
+        if self.view.readonly:
+            raise ValueError("guest memory must be writable")
+        self.base = base
+        self.end = base + len(self.view)
+        # used_len and other shared flags are written as one aligned native 32-bit store
+        # (lguest's wmb() ordering relies on the store not being torn).
+        self.words = self.view.cast("I") if len(self.view) % 4 == 0 else None
+        self.shared = shared
+        self.name = name
+
+    def release(self) -> None:
+        """Drop our views so the owner can close the underlying mapping."""
+        if self.words is not None:
+            self.words.release()
+        self.view.release()
+
+
+class GuestMemory:
+    """The guest-physical address space of one guest: checked access for the Host."""
+
+    def __init__(self, pfn_limit: int = abi.GUEST_PFN_LIMIT,
+                 on_fault: Callable[[str], None] | None = None):
+        self.pfn_limit = pfn_limit
+        self.regions: list[Region] = []
+        self.on_fault = on_fault
+
+    # --- layout -------------------------------------------------------------------------
+
+    def add_region(self, base: int, buffer, shared: Hashable | None = None,
+                   name: str = "") -> Region:
+        region = Region(base, buffer, shared, name)
+        for other in self.regions:
+            if region.base < other.end and other.base < region.end:
+                raise ValueError("region %s overlaps %s" % (name or hex(base), other.name))
+        self.regions.append(region)
+        self.regions.sort(key=lambda r: r.base)
+        return region
+
+    def release(self) -> None:
+        for region in self.regions:
+            region.release()
+        self.regions.clear()
+
+    # --- the rules ----------------------------------------------------------------------
+
+    def address_ok(self, addr: int, length: int) -> bool:
+        """lguest_address_ok: (addr+len)/PAGE_SIZE < pfn_limit and addr+len does not wrap."""
+        end = (addr + length) & abi.U32_MASK
+        return end // abi.PAGE_SIZE < self.pfn_limit and end >= addr
+
+    def locate(self, addr: int, length: int) -> tuple[Region, int] | None:
+        """The region that backs all of [addr, addr+length), with the offset in it."""
+        if not self.address_ok(addr, length):
+            return None
+        for region in self.regions:
+            if region.base <= addr and addr + length <= region.end:
+                return region, addr - region.base
+        return None
+
+    def region_at(self, addr: int) -> Region | None:
+        for region in self.regions:
+            if region.base <= addr < region.end:
+                return region
+        return None
+
+    def view(self, addr: int, length: int) -> memoryview | None:
+        """A live window onto guest memory, or None when the range is not acceptable."""
+        found = self.locate(addr, length)
+        if found is None:
+            return None
+        region, off = found
+        return region.view[off:off + length]
+
+    # --- checked access: a failure kills the owner, the caller carries on -----------------
+
+    def fault(self, reason: str) -> None:
+        if self.on_fault is not None:
+            self.on_fault(reason)
+
+    def read(self, addr: int, length: int) -> bytes:
+        """lgread: the bytes, or zeros after killing the guest."""
+        window = self.view(addr, length)
+        if window is None:
+            self.fault(abi.MSG_BAD_READ % addr)
+            return bytes(length)
+        return bytes(window)
+
+    def write(self, addr: int, data) -> bool:
+        """lgwrite: copy data in, or kill the guest."""
+        window = self.view(addr, len(data))
+        if window is None:
+            self.fault(abi.MSG_BAD_WRITE % (addr, len(data)))
+            return False
+        window[:] = data
+        return True
+
+    def read_u32(self, addr: int) -> int:
+        found = self.locate(addr, 4)
+        if found is None:
+            self.fault(abi.MSG_BAD_READ % addr)
+            return 0
+        region, off = found
+        if off & 3 == 0 and region.words is not None:
+            return region.words[off >> 2]
+        return _U32.unpack_from(region.view, off)[0]
+
+    def write_u32(self, addr: int, value: int) -> bool:
+        """lgwrite_u32, as one aligned 32-bit store where the address allows it."""
+        found = self.locate(addr, 4)
+        if found is None:
+            self.fault(abi.MSG_BAD_WRITE % (addr, 4))
+            return False
+        region, off = found
+        if off & 3 == 0 and region.words is not None:
+            region.words[off >> 2] = value & abi.U32_MASK
+        else:
+            _U32.pack_into(region.view, off, value & abi.U32_MASK)
+        return True

@@ -1,0 +1,77 @@
+"""The guest's line to the Host, as the running guest code sees it.
+
+A guest — Unicorn CPU or Python driver — needs four things from outside: make a hypercall,
+see which interrupts are pending, take one for delivery, and report its own fault. This room
+defines that interface (HostLink) and the launcher's implementation over wire.py
+(BrokerHost). The BrokerHost is also where the Launcher's run loop lives, because in lgnet
+"the guest ran and came back" is a hypercall reply: a pending DMA to a private key is served
+by the Launcher's devices before the guest resumes, a BREAK makes it service input, and a
+dead guest stops with lguest's reason.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+from lgnet import abi, wire
+
+
+class GuestStopped(Exception):
+    """The guest will never run again; `reason` is lguest's (e.g. "CRASH: Power down")."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class HostLink(Protocol):
+    def hypercall(self, call: int, arg1: int = 0, arg2: int = 0, arg3: int = 0) -> int: ...
+    def pending_irqs(self) -> int: ...
+    def ack_irq(self, irq: int) -> None: ...
+    def kill(self, reason: str) -> None: ...
+
+
+class BrokerHost:
+    """HostLink over the broker connection, with the Launcher's device callbacks."""
+
+    def __init__(self, channel: wire.Channel, control: memoryview,
+                 handle_output: Callable[[int, int], None],
+                 handle_input: Callable[[], None]):
+        self.channel = channel
+        self.control = control
+        self.handle_output = handle_output      # (dma address, key): a DMA for the Launcher
+        self.handle_input = handle_input        # the Waker kicked us: service input
+
+    def hypercall(self, call: int, arg1: int = 0, arg2: int = 0, arg3: int = 0) -> int:
+        while True:
+            reply = self.channel.call(wire.OP_HCALL, call, arg1, arg2, arg3)
+            if reply.dead is not None:
+                raise GuestStopped(reply.dead)
+            if reply.flags & wire.FLAG_AGAIN:
+                # EAGAIN: service input, then release the Waker (BREAK 0).
+                self.handle_input()
+                self.channel.call(wire.OP_BREAK, 0)
+            if reply.flags & wire.FLAG_PENDING_DMA:
+                self.handle_output(reply.arg0, reply.arg1)
+                if reply.tail == b"deferred":
+                    continue          # the async ring stopped before this call: make it now
+            elif reply.result < 0 and call != abi.LHCALL_HALT:
+                raise GuestStopped("hypercall %d refused: error %d" % (call, -reply.result))
+            return reply.result
+
+    def pending_irqs(self) -> int:
+        bits = 0
+        flags = self.control[wire.CONTROL_IRQ_FLAGS:wire.CONTROL_IRQ_FLAGS + abi.LGUEST_IRQS]
+        if any(flags):
+            for irq, flag in enumerate(flags):
+                if flag:
+                    bits |= 1 << irq
+        return bits
+
+    def ack_irq(self, irq: int) -> None:
+        self.control[wire.CONTROL_IRQ_FLAGS + irq] = 0
+
+    def dead(self) -> bool:
+        return bool(self.control[wire.CONTROL_DEAD])
+
+    def kill(self, reason: str) -> None:
+        self.channel.call(wire.OP_KILL, tail=reason.encode())

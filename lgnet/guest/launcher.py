@@ -1,0 +1,229 @@
+"""One guest's process: lgnet's Launcher.
+
+Rules of this file: the launcher writes only its own guest's RAM and devices (rule 5); it can
+only *ask* the Host. It follows the reference Launcher's order: devices from the command line
+(in order; the console last), guest RAM, the kernel, descriptors just above RAM, boot header,
+INITIALIZE, the Waker, then the run loop.
+
+lgnet's differences, and why: guest RAM is a POSIX shared-memory object the broker maps too
+(its name is unlinked as soon as it is mapped — the descriptor travels to the broker with
+INITIALIZE — so no exit path can leave it in /dev/shm); the Waker is a thread with its own
+connection ATTACHed to the guest, as lguest's forked Waker shared the fd; and the guest's CPU
+runs here, so "read() returned" is a hypercall reply (see guest/host.py).
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib
+import mmap
+import os
+import secrets
+import select
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+
+import posix_ipc
+
+from lgnet import abi, netfile, wire
+from lgnet.errors import LgnetError
+from lgnet.guest import devices as devs
+from lgnet.guest.host import BrokerHost, GuestStopped
+from lgnet.guest.physmem import PhysMap
+
+PYTHON_KERNEL = "python:"
+PR_SET_PDEATHSIG = 1
+EXIT_KILLED = 1
+
+
+@dataclass
+class LaunchConfig:
+    mem_mb: int
+    kernel: str
+    args: list[str] = field(default_factory=list)
+    sharenets: list[str] = field(default_factory=list)
+    block: str | None = None
+    initrd: str | None = None
+    tunnet: str | None = None
+    verbose: bool = False
+    broker: str | None = None
+    console_input: bool = True
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM us when the process that started us dies (lgnet up's children)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:
+        raise SystemExit(EXIT_KILLED)
+
+
+class Launcher:
+    def __init__(self, config: LaunchConfig, out=None):
+        self.config = config
+        self.out = out or sys.stdout.buffer
+        self.mem = config.mem_mb * abi.MiB
+        self.phys = PhysMap()
+        self.devices = devs.DeviceList(self.mem)
+        self.closers: list = []
+        self.channel: wire.Channel | None = None
+        self.waker: devs.Waker | None = None
+
+    def verbose(self, text: str) -> None:
+        if self.config.verbose:
+            self.out.write(text.encode())
+            self.out.flush()
+
+    # --- set-up -------------------------------------------------------------------------
+
+    def setup_devices(self) -> None:
+        cfg = self.config
+        if cfg.tunnet:
+            raise LgnetError("--tunnet is not available in this lgnet yet")
+        for path in cfg.sharenets:
+            net = netfile.NetFile.reserve(path)
+            self.closers.append(net.close)
+            self.devices.add_net(net)
+            self.verbose("device %d: net slot %d on %s\n" % (len(self.devices.list) - 1,
+                                                              net.slot, path))
+        if cfg.block:
+            self.devices.add_block(cfg.block)
+        self.devices.add_console(self.out, cfg.console_input)
+
+    def create_memory(self) -> tuple[mmap.mmap, int]:
+        """Guest RAM + descriptor page + private device pages + control page, one object."""
+        size = self.mem + abi.PAGE_SIZE * (2 + self.devices.private_pages())
+        name = "/lgnet-%d-%s" % (os.getpid(), secrets.token_hex(4))
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+        try:
+            ram = mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            # The name has done its job: the broker gets the descriptor, not the name.
+            shm.unlink()
+        self.closers.append(ram.close)
+        fd = os.dup(shm.fd)
+        shm.close_fd()
+        self.closers.append(lambda: os.close(fd))
+        return ram, fd
+
+    def build(self) -> tuple[BrokerHost, object, int, int]:
+        cfg = self.config
+        self.setup_devices()
+        ram, ram_fd = self.create_memory()
+        layout = self.devices.place(ram, ram_fd, self.phys)
+        boot = load_guest(self.phys, ram, self.mem, cfg.kernel, cfg.args, cfg.initrd)
+        self.channel = self.connect()
+        self.closers.append(self.channel.close)
+        fds = [ram_fd] + self.devices.shared_fds()
+        reply = self.channel.call(wire.OP_INITIALIZE, abi.GUEST_PFN_LIMIT, boot.pgdir,
+                                  boot.start, boot.page_offset,
+                                  wire.encode_layout(layout, 0, self.devices.control_offset),
+                                  fds)
+        if reply.result < 0:
+            raise LgnetError("Writing to the broker (INITIALIZE): %s" % os.strerror(-reply.result))
+        control = memoryview(ram)[self.devices.control_offset:
+                                  self.devices.control_offset + wire.CONTROL_PAGE_SIZE]
+        self.closers.insert(0, control.release)
+        host = BrokerHost(self.channel, control, self.handle_output, self.handle_input)
+        if self.devices.input_fds():
+            self.waker = devs.Waker(self.broker_path(), reply.arg0, self.devices.input_fds)
+            self.closers.insert(0, self.waker.stop)
+        return host, boot, reply.arg0, self.mem
+
+    def broker_path(self) -> str:
+        return self.config.broker or wire.default_socket_path()
+
+    def connect(self) -> wire.Channel:
+        path = self.broker_path()
+        try:
+            return wire.Channel(path)
+        except OSError as exc:
+            raise LgnetError("cannot reach the broker at %s (%s): start `lgnet broker` first"
+                             % (path, exc.strerror)) from None
+
+    # --- the run loop's device handling --------------------------------------------------
+
+    def handle_output(self, dma: int, key: int) -> None:
+        """The guest sent DMA to a private key: the device watching that key serves it."""
+        used = self.devices.output(self.phys, self.channel, dma, key)
+        if used is None:
+            self.out.write(b"lgnet: Pending dma %#x, key %#x\n" % (dma, key))
+            return
+        self.phys.write_u32(dma + abi.DMA_USED_LEN_OFFSET, used)
+
+    def handle_input(self) -> None:
+        self.devices.input(self.phys, self.channel)
+
+    # --- running ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run the guest to its end: 0 for a clean power-down, 1 when it was killed."""
+        try:
+            host, boot, _gid, mem = self.build()
+            reason = run_guest(self.config.kernel, self.phys, mem, host, boot)
+        except wire.BrokerGone:
+            self.out.write(b"lgnet: the broker went away; stopping this guest\n")
+            self.out.flush()
+            return EXIT_KILLED
+        finally:
+            self.close()
+        if reason == abi.MSG_CRASH % abi.MSG_POWER_DOWN:
+            return 0
+        self.out.write(("lgnet: guest died: %s\n" % reason).encode())
+        self.out.flush()
+        return EXIT_KILLED
+
+    def close(self) -> None:
+        self.devices.close()
+        self.phys.release()
+        for closer in reversed(self.closers):
+            try:
+                closer()
+            except (OSError, ValueError, BufferError):
+                pass
+        self.closers.clear()
+
+
+def load_guest(phys: PhysMap, ram, mem: int, kernel: str, args: list[str],
+               initrd: str | None) -> devs.BootInfo:
+    """A Python kernel needs only the boot header; a real one goes through the loader."""
+    if not kernel.startswith(PYTHON_KERNEL):
+        from lgnet.guest import loader
+        info = loader.boot_guest(memoryview(ram)[:mem], mem, kernel, args, initrd)
+        return devs.BootInfo(info.start, info.pgdir, info.page_offset, info.initrd_size)
+    if initrd:
+        raise LgnetError("--initrd needs a real kernel, not %s" % kernel)
+    write_boot_header(phys, mem, args)
+    return devs.BootInfo(0, 0, 0)
+
+
+def write_boot_header(phys: PhysMap, mem: int, args: list[str]) -> None:
+    """The parts of the Linux boot header a guest reads: E820, command line, paravirt type."""
+    phys.write(abi.BOOT_E820_COUNT, b"\1")
+    phys.write(abi.BOOT_E820_MAP, abi.E820_ENTRY.pack(0, mem, abi.E820_RAM))
+    phys.write_u32(abi.BOOT_CMDLINE_PTR, abi.BOOT_CMDLINE)
+    phys.write(abi.BOOT_CMDLINE, " ".join(args).encode()[:abi.PAGE_SIZE - 1] + b"\0")
+    phys.write_u32(abi.BOOT_PARAVIRT_TYPE, abi.PARAVIRT_LGUEST)
+
+
+def run_guest(kernel: str, phys: PhysMap, mem: int, host: BrokerHost, boot) -> str:
+    """Run a Python kernel or a real one; the reason it stopped."""
+    try:
+        if kernel.startswith(PYTHON_KERNEL):
+            from lgnet.guest.pvdriver import Machine
+            module = importlib.import_module(kernel[len(PYTHON_KERNEL):] or "lgnet.guest.pvdriver")
+            module.main(Machine(phys, mem, host))
+            return "the Python kernel returned without powering down"
+        from lgnet.guest.cpu import GuestCpu
+        cpu = GuestCpu(phys.regions_for_cpu(), boot.start, boot.pgdir, boot.page_offset, host)
+        return cpu.run()
+    except GuestStopped as stopped:
+        return stopped.reason
+
+
+def launch_main(config: LaunchConfig, parent_watch: bool = False) -> int:
+    if parent_watch:
+        die_with_parent()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_KILLED))
+    return Launcher(config).run()

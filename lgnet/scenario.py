@@ -1,0 +1,357 @@
+"""Scenario YAML -> a validated model.
+
+A scenario says which networks exist and which guests sit on them: the lab brings it up, the
+CLI and the tests only name the file. Everything a user can get wrong here is an LgnetError
+naming the file, the line and the key path, e.g.
+
+    scenarios/x.yaml:7: guests[1].mem: must be a whole number of megabytes between 1 and
+    1024, got 'lots'
+
+Rules of this file: the YAML is *composed*, never loaded, so every key and value keeps its
+line; values are constructed with the safe constructor one node at a time. All checks go
+through the few generic ones on `_Node` (mapping of known keys, list of, whole number in
+range, seconds, name, one of, existing file) and `_Fields` (required, exclusive, only with);
+the schema functions below only say which check applies where. Nothing is opened or created
+here except to see that a named input file exists.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, NoReturn
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from lgnet import abi
+from lgnet.errors import LgnetError
+
+NAME_PATTERN = r"[a-z][a-z0-9_-]{0,30}"
+DRIVERS = ("python",)
+SEND_TARGETS = ("broadcast", "peers")
+DEFAULT_MEM_MB = 32
+MAX_MEM_MB = 1024
+MAX_SECONDS = 86400
+MAX_SEND_COUNT = 65536
+_NULL_TAG = "tag:yaml.org,2002:null"
+
+TOP_KEYS = ("duration", "networks", "guests", "expect")
+NETWORK_KEYS = ("file",)
+GUEST_KEYS = ("name", "mem", "kernel", "driver", "nets", "promisc", "cmdline", "args",
+              "block", "initrd", "script")
+STEP_KEYS = ("send", "net", "count", "wait")
+
+
+# --- the model ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Network:
+    """A net file. `file` None: the lab puts one in its private runtime directory."""
+    name: str
+    file: Path | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a Python-driver guest's script.
+
+    kind 'send': `send` ('broadcast': one broadcast frame; 'peers': one unicast frame to
+    each other guest on the net) `count` times on `net`. kind 'wait': keep receiving for
+    `wait` seconds."""
+    kind: str
+    send: str | None = None
+    net: str | None = None
+    count: int | None = None
+    wait: float | None = None
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    name: str
+    mem_mb: int = DEFAULT_MEM_MB
+    kernel: Path | None = None
+    driver: str | None = None
+    nets: tuple[str, ...] = ()          # device order
+    promisc: bool = False
+    args: tuple[str, ...] = ()          # the kernel command line, word by word
+    block: Path | None = None
+    initrd: Path | None = None
+    script: tuple[Step, ...] = ()
+
+
+@dataclass(frozen=True)
+class Scenario:
+    path: Path
+    duration: float | None              # None: run until every guest halts
+    networks: dict[str, Network]
+    guests: list[GuestSpec]
+    expect: list                        # kept raw (strings and mappings) for a later issue
+
+
+# --- generic checks -----------------------------------------------------------------------
+
+class _Node:
+    """A YAML node and where it came from: the file, its key path, and (for a mapping value)
+    the node of its key, so a message can point at the key's line."""
+
+    def __init__(self, file: str, node: Node, path: str, key: "_Node | None" = None):
+        self.file = file
+        self.node = node
+        self.path = path
+        self.key = key or self
+
+    @property
+    def line(self) -> int:
+        return self.node.start_mark.line + 1
+
+    def at(self, part: str) -> "_Node":
+        """This node, as the place of its child `part` (for "is required")."""
+        return _Node(self.file, self.node, _join(self.path, part))
+
+    def fail(self, what: str) -> NoReturn:
+        raise LgnetError("%s:%d: %s: %s" % (self.file, self.line, self.path or "(top level)", what))
+
+    def must(self, what: str) -> NoReturn:
+        self.fail("must be %s, got %s" % (what, self.describe()))
+
+    def describe(self) -> str:
+        if isinstance(self.node, MappingNode):
+            return "a mapping"
+        if isinstance(self.node, SequenceNode):
+            return "a list" if self.node.value else "an empty list"
+        value = self.value()
+        return "nothing" if value is None else repr(value)
+
+    def value(self):
+        try:
+            return SafeConstructor().construct_object(self.node, deep=True)
+        except yaml.YAMLError as e:
+            self.fail("not valid YAML: %s" % getattr(e, "problem", e))
+
+    def scalar(self, ok, what: str):
+        """The value, if this is a scalar and ok(value); otherwise "must be <what>"."""
+        if isinstance(self.node, ScalarNode):
+            value = self.value()
+            if ok(value):
+                return value
+        self.must(what)
+
+    def fields(self, allowed: Iterable[str] | None) -> "_Fields":
+        """A mapping with string keys, each once, each in `allowed` (None: any key)."""
+        if not isinstance(self.node, MappingNode):
+            self.must("a mapping")
+        pairs = []
+        for key_node, value_node in self.node.value:
+            name = _Node(self.file, key_node, self.path).scalar(_is_str, "a string key")
+            key = _Node(self.file, key_node, _join(self.path, name))
+            if allowed is not None and name not in allowed:
+                key.fail("unknown key (allowed: %s)" % ", ".join(allowed))
+            pairs.append((name, _Node(self.file, value_node, key.path, key)))
+        # compose keeps every pair, so a key given twice is still here to be caught
+        _no_repeats(((name, value.key) for name, value in pairs), "key")
+        return _Fields(self, pairs)
+
+    def items(self, noun: str, least: int = 0, most: int | None = None) -> list["_Node"]:
+        count = len(self.node.value) if isinstance(self.node, SequenceNode) else -1
+        if count < least or (most is not None and count > most):
+            self.must("a list of %s%s" % ("%d to %d " % (least, most) if most else "", noun))
+        return [_Node(self.file, item, "%s[%d]" % (self.path, i))
+                for i, item in enumerate(self.node.value)]
+
+    def is_null(self) -> bool:
+        return self.node.tag == _NULL_TAG
+
+    def whole(self, least: int, most: int, unit: str) -> int:
+        return self.scalar(lambda v: _is_int(v) and least <= v <= most,
+                           "a whole number of %s between %d and %d" % (unit, least, most))
+
+    def seconds(self) -> float:
+        return float(self.scalar(lambda v: _is_number(v) and 0 < v <= MAX_SECONDS,
+                                 "a number of seconds above 0 and at most %d" % MAX_SECONDS))
+
+    def flag(self) -> bool:
+        return self.scalar(lambda v: isinstance(v, bool), "true or false")
+
+    def text(self) -> str:
+        return self.scalar(_is_str, "a string")
+
+    def name(self) -> str:
+        return self.scalar(lambda v: _is_str(v) and re.fullmatch(NAME_PATTERN, v),
+                           "a name matching %s" % NAME_PATTERN)
+
+    def choice(self, options: Iterable[str], among: str = "") -> str:
+        listed = ", ".join(map(repr, options)) or "none"
+        return self.scalar(lambda v: v in options,
+                           "one of %s" % ("%s (%s)" % (among, listed) if among else listed))
+
+    def file_path(self, base: Path) -> Path:
+        return base / self.text()
+
+    def existing_file(self, base: Path) -> Path:
+        path = self.file_path(base)
+        if not path.is_file():
+            self.fail("no such file: %s" % path)
+        return path
+
+
+class _Fields(dict):
+    """The checked keys of one mapping: name -> value node, plus the rules between keys."""
+
+    def __init__(self, owner: _Node, pairs: Iterable[tuple[str, _Node]] = ()):
+        super().__init__(pairs)
+        self.owner = owner
+
+    def need(self, name: str) -> _Node:
+        if name not in self:
+            self.owner.at(name).fail("is required")
+        return self[name]
+
+    def one_of(self, a: str, b: str) -> None:
+        if a not in self and b not in self:
+            self.owner.fail("needs '%s' or '%s'" % (a, b))
+        self.exclusive(a, b)
+
+    def exclusive(self, a: str, b: str) -> None:
+        if a in self and b in self:
+            self[b].key.fail("cannot be combined with '%s' (line %d)" % (a, self[a].key.line))
+
+    def only_with(self, name: str, needed: str) -> None:
+        if name in self and needed not in self:
+            self[name].key.fail("only allowed with '%s'" % needed)
+
+    def get_or(self, name: str, check, default):
+        """check(node) if the key is there, else the default."""
+        return check(self[name]) if name in self else default
+
+
+def _no_repeats(pairs: Iterable[tuple[object, _Node]], noun: str) -> None:
+    first: dict[object, _Node] = {}
+    for value, node in pairs:
+        if value in first:
+            node.fail("duplicate %s '%s' (first at line %d)" % (noun, value, first[value].line))
+        first[value] = node
+
+
+def _join(path: str, part: str) -> str:
+    return "%s.%s" % (path, part) if path else part
+
+
+def _is_str(v) -> bool:
+    return isinstance(v, str)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# --- the schema ---------------------------------------------------------------------------
+
+def load_scenario(path) -> Scenario:
+    file = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise LgnetError("%s: cannot read scenario: %s" % (file, e.strerror)) from None
+    try:
+        node = yaml.compose(raw, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise LgnetError("%s:%d: not valid YAML: %s" % (file, mark.line + 1, e.problem)) from None
+    except yaml.YAMLError as e:
+        raise LgnetError("%s: not valid YAML: %s" % (file, e)) from None
+    if node is None:
+        raise LgnetError("%s:1: (top level): must be a mapping, got nothing" % file)
+    return _scenario(_Node(file, node, ""), Path(path))
+
+
+def _scenario(root: _Node, path: Path) -> Scenario:
+    top = root.fields(TOP_KEYS)
+    base = path.absolute().parent
+    duration = top.get_or("duration", _Node.seconds, None)
+    networks = top.get_or("networks", lambda node: _networks(node, base), {})
+    guests, names = [], []
+    for node in top.need("guests").items("guests", 1, abi.MAX_GUESTS):
+        fields = node.fields(GUEST_KEYS)
+        guests.append(_guest(fields, networks, base))
+        names.append((guests[-1].name, fields["name"]))
+    _no_repeats(names, "guest name")
+    expect = top.get_or("expect", _expect, [])
+    return Scenario(path, duration, networks, guests, expect)
+
+
+def _networks(node: _Node, base: Path) -> dict[str, Network]:
+    """name -> Network; `lan0:` and `lan0: {}` alike mean "a net file of the lab's own"."""
+    networks, files = {}, []
+    for name, value in node.fields(None).items():
+        value.key.name()
+        fields = _Fields(value) if value.is_null() else value.fields(NETWORK_KEYS)
+        file = fields.get_or("file", lambda n: n.file_path(base), None)
+        if file is not None:
+            files.append((file.resolve(), fields["file"]))
+        networks[name] = Network(name, file)
+    _no_repeats(files, "net file")
+    return networks
+
+
+def _guest(fields: _Fields, networks: dict[str, Network], base: Path) -> GuestSpec:
+    name = fields.need("name").name()
+    fields.one_of("kernel", "driver")
+    fields.exclusive("cmdline", "args")
+    fields.only_with("initrd", "kernel")
+    fields.only_with("script", "driver")
+    fields.only_with("promisc", "driver")     # a kernel guest sets promiscuity itself
+    nets = fields.get_or("nets", lambda node: _nets(node, networks), ())
+    return GuestSpec(
+        name=name,
+        mem_mb=fields.get_or("mem", lambda n: n.whole(1, MAX_MEM_MB, "megabytes"), DEFAULT_MEM_MB),
+        kernel=fields.get_or("kernel", lambda n: n.existing_file(base), None),
+        driver=fields.get_or("driver", lambda n: n.choice(DRIVERS), None),
+        nets=nets,
+        promisc=fields.get_or("promisc", _Node.flag, False),
+        args=_args(fields),
+        block=fields.get_or("block", lambda n: n.existing_file(base), None),
+        initrd=fields.get_or("initrd", lambda n: n.existing_file(base), None),
+        script=fields.get_or("script", lambda n: _script(n, nets), ()))
+
+
+def _nets(node: _Node, networks: dict[str, Network]) -> tuple[str, ...]:
+    names = [(item.choice(networks, "the networks"), item)
+             for item in node.items("network names")]
+    _no_repeats(names, "network")
+    return tuple(name for name, _ in names)
+
+
+def _args(fields: _Fields) -> tuple[str, ...]:
+    if "cmdline" in fields:
+        return tuple(fields["cmdline"].text().split())
+    return tuple(item.text() for item in fields.get_or("args", lambda n: n.items("strings"), []))
+
+
+def _script(node: _Node, nets: tuple[str, ...]) -> tuple[Step, ...]:
+    return tuple(_step(item.fields(STEP_KEYS), nets) for item in node.items("steps"))
+
+
+def _step(fields: _Fields, nets: tuple[str, ...]) -> Step:
+    fields.one_of("send", "wait")
+    for name in ("net", "count"):
+        fields.only_with(name, "send")
+    if "wait" in fields:
+        return Step("wait", wait=fields["wait"].seconds())
+    return Step("send",
+                send=fields["send"].choice(SEND_TARGETS),
+                net=fields.need("net").choice(nets, "this guest's nets"),
+                count=fields.get_or("count", lambda n: n.whole(1, MAX_SEND_COUNT, "frames"), 1))
+
+
+def _expect(node: _Node) -> list:
+    """Reserved for a later issue: a list of strings and mappings, kept as written."""
+    for item in node.items("expectations"):
+        if not (isinstance(item.node, MappingNode) or _is_str(item.value())):
+            item.must("a string or a mapping")
+    return node.value()

@@ -1,0 +1,306 @@
+"""scenario.py: YAML -> model, and one exact message (file:line: key: what) per mistake."""
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lgnet.errors import LgnetError
+from lgnet.scenario import GuestSpec, Network, Scenario, Step, load_scenario
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A scenario directory with the input files a guest may name."""
+    for name in ("vmlinux", "disk.img", "initrd.img"):
+        (tmp_path / name).write_bytes(b"\0" * 16)
+    return tmp_path
+
+
+def write(lab: Path, text: str) -> Path:
+    path = lab / "x.yaml"
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+def error_of(path) -> str:
+    with pytest.raises(LgnetError) as caught:
+        load_scenario(path)
+    return str(caught.value)
+
+
+GOOD = """
+duration: 10
+networks:
+  lan0: {}
+  lan1:
+    file: nets/lan1
+  lan2:
+guests:
+  - name: alpha
+    kernel: vmlinux
+    mem: 64
+    nets: [lan0, lan1]
+    cmdline: "ip=10.0.0.1/24  ping=10.0.0.2"
+    block: disk.img
+    initrd: initrd.img
+  - name: beta_2
+    driver: python
+    nets: [lan1, lan0]
+    promisc: true
+    args: [ip=10.0.0.2/24]
+    script:
+      - {send: broadcast, net: lan0, count: 3}
+      - {send: peers, net: lan1}
+      - {wait: 1.5}
+  - name: gamma
+    driver: python
+expect:
+  - alpha sees beta_2
+  - {frames: 3, net: lan0}
+"""
+
+
+def test_good_scenario_becomes_the_model(lab):
+    path = write(lab, GOOD)
+    assert load_scenario(path) == Scenario(
+        path=path,
+        duration=10.0,
+        networks={"lan0": Network("lan0"), "lan1": Network("lan1", lab / "nets" / "lan1"),
+                  "lan2": Network("lan2")},
+        guests=[
+            GuestSpec(name="alpha", mem_mb=64, kernel=lab / "vmlinux", nets=("lan0", "lan1"),
+                      args=("ip=10.0.0.1/24", "ping=10.0.0.2"), block=lab / "disk.img",
+                      initrd=lab / "initrd.img"),
+            GuestSpec(name="beta_2", driver="python", nets=("lan1", "lan0"), promisc=True,
+                      args=("ip=10.0.0.2/24",),
+                      script=(Step("send", send="broadcast", net="lan0", count=3),
+                              Step("send", send="peers", net="lan1", count=1),
+                              Step("wait", wait=1.5))),
+            GuestSpec(name="gamma", driver="python"),
+        ],
+        expect=["alpha sees beta_2", {"frames": 3, "net": "lan0"}])
+
+
+def test_defaults(lab):
+    scenario = load_scenario(write(lab, """
+        guests:
+          - {name: solo, driver: python}
+        """))
+    assert scenario.duration is None and scenario.networks == {} and scenario.expect == []
+    assert scenario.guests == [GuestSpec(name="solo", mem_mb=32, driver="python")]
+
+
+def test_relative_paths_follow_the_scenario_directory_not_the_cwd(lab, monkeypatch):
+    write(lab, "guests:\n  - {name: a, kernel: vmlinux}\n")
+    monkeypatch.chdir(lab.parent)
+    scenario = load_scenario(Path(lab.name) / "x.yaml")
+    assert scenario.guests[0].kernel == lab / "vmlinux"
+
+
+def test_missing_file(lab):
+    path = lab / "nope.yaml"
+    assert error_of(path) == "%s: cannot read scenario: No such file or directory" % path
+
+
+def test_not_yaml(lab):
+    path = write(lab, "guests:\n  - name: a\n    driver: [python\n")
+    assert error_of(path).startswith("%s:4: not valid YAML: " % path)
+
+
+def test_empty_file(lab):
+    path = write(lab, "# nothing here\n")
+    assert error_of(path) == "%s:1: (top level): must be a mapping, got nothing" % path
+
+
+def test_top_level_not_a_mapping(lab):
+    path = write(lab, "- name: a\n")
+    assert error_of(path) == "%s:1: (top level): must be a mapping, got a list" % path
+
+
+def test_unsafe_tag_is_refused(lab):
+    path = write(lab, "duration: !!python/object:os.system 1\nguests: []\n")
+    assert error_of(path).startswith(
+        "%s:1: duration: not valid YAML: could not determine a constructor" % path)
+
+
+# Each case: the YAML, the line and the rest of the message ("key: what").
+DRIVER = "  - name: a\n    driver: python\n"
+BAD = {
+    "unknown top-level key": (
+        "guests:\n" + DRIVER + "durration: 3\n",
+        4, "durration: unknown key (allowed: duration, networks, guests, expect)"),
+    "guests missing": (
+        "duration: 3\n",
+        1, "guests: is required"),
+    "guests empty": (
+        "guests: []\n",
+        1, "guests: must be a list of 1 to 256 guests, got an empty list"),
+    "guests not a list": (
+        "guests: alpha\n",
+        1, "guests: must be a list of 1 to 256 guests, got 'alpha'"),
+    "duplicate top-level key": (
+        "guests:\n" + DRIVER + "guests:\n" + DRIVER,
+        4, "guests: duplicate key 'guests' (first at line 1)"),
+    "duration zero": (
+        "duration: 0\nguests:\n" + DRIVER,
+        1, "duration: must be a number of seconds above 0 and at most 86400, got 0"),
+    "duration a word": (
+        "duration: ten\nguests:\n" + DRIVER,
+        1, "duration: must be a number of seconds above 0 and at most 86400, got 'ten'"),
+    "duplicate network names": (
+        "networks:\n  lan0: {}\n  lan0: {}\nguests:\n" + DRIVER,
+        3, "networks.lan0: duplicate key 'lan0' (first at line 2)"),
+    "bad network name": (
+        "networks:\n  Lan0: {}\nguests:\n" + DRIVER,
+        2, "networks.Lan0: must be a name matching [a-z][a-z0-9_-]{0,30}, got 'Lan0'"),
+    "networks not a mapping": (
+        "networks: [lan0]\nguests:\n" + DRIVER,
+        1, "networks: must be a mapping, got a list"),
+    "network unknown key": (
+        "networks:\n  lan0: {path: x}\nguests:\n" + DRIVER,
+        2, "networks.lan0.path: unknown key (allowed: file)"),
+    "network file not a string": (
+        "networks:\n  lan0: {file: [x]}\nguests:\n" + DRIVER,
+        2, "networks.lan0.file: must be a string, got a list"),
+    "two networks on one file": (
+        "networks:\n  lan0: {file: net}\n  lan1: {file: ./net}\nguests:\n" + DRIVER,
+        3, "networks.lan1.file: duplicate net file '{lab}/net' (first at line 2)"),
+    "guest not a mapping": (
+        "guests:\n  - alpha\n",
+        2, "guests[0]: must be a mapping, got 'alpha'"),
+    "guest unknown key": (
+        "guests:\n" + DRIVER + "    memory: 32\n",
+        4, "guests[0].memory: unknown key (allowed: name, mem, kernel, driver, nets, promisc, "
+           "cmdline, args, block, initrd, script)"),
+    "guest key not a string": (
+        "guests:\n" + DRIVER + "    1: 32\n",
+        4, "guests[0]: must be a string key, got 1"),
+    "guest name missing": (
+        "guests:\n  - driver: python\n",
+        2, "guests[0].name: is required"),
+    "guest name bad": (
+        "guests:\n  - name: 9lives\n    driver: python\n",
+        2, "guests[0].name: must be a name matching [a-z][a-z0-9_-]{0,30}, got '9lives'"),
+    "guest name too long": (
+        "guests:\n  - name: %s\n    driver: python\n" % ("a" * 32),
+        2, "guests[0].name: must be a name matching [a-z][a-z0-9_-]{0,30}, got '%s'" % ("a" * 32)),
+    "duplicate guest names": (
+        "guests:\n" + DRIVER + DRIVER,
+        4, "guests[1].name: duplicate guest name 'a' (first at line 2)"),
+    "mem a word": (
+        "guests:\n" + DRIVER + "    mem: lots\n",
+        4, "guests[0].mem: must be a whole number of megabytes between 1 and 1024, got 'lots'"),
+    "mem too big": (
+        "guests:\n" + DRIVER + "    mem: 2048\n",
+        4, "guests[0].mem: must be a whole number of megabytes between 1 and 1024, got 2048"),
+    "mem zero": (
+        "guests:\n" + DRIVER + "    mem: 0\n",
+        4, "guests[0].mem: must be a whole number of megabytes between 1 and 1024, got 0"),
+    "mem fractional": (
+        "guests:\n" + DRIVER + "    mem: 1.5\n",
+        4, "guests[0].mem: must be a whole number of megabytes between 1 and 1024, got 1.5"),
+    "mem boolean": (
+        "guests:\n" + DRIVER + "    mem: yes\n",
+        4, "guests[0].mem: must be a whole number of megabytes between 1 and 1024, got True"),
+    "neither kernel nor driver": (
+        "guests:\n  - name: a\n    mem: 32\n",
+        2, "guests[0]: needs 'kernel' or 'driver'"),
+    "both kernel and driver": (
+        "guests:\n  - name: a\n    kernel: vmlinux\n    driver: python\n",
+        4, "guests[0].driver: cannot be combined with 'kernel' (line 3)"),
+    "unknown driver": (
+        "guests:\n  - name: a\n    driver: c\n",
+        3, "guests[0].driver: must be one of 'python', got 'c'"),
+    "kernel missing": (
+        "guests:\n  - name: a\n    kernel: bzImage\n",
+        3, "guests[0].kernel: no such file: {lab}/bzImage"),
+    "kernel is a directory": (
+        "guests:\n  - name: a\n    kernel: .\n",
+        3, "guests[0].kernel: no such file: {lab}"),
+    "block missing": (
+        "guests:\n" + DRIVER + "    block: nodisk.img\n",
+        4, "guests[0].block: no such file: {lab}/nodisk.img"),
+    "initrd missing": (
+        "guests:\n  - name: a\n    kernel: vmlinux\n    initrd: none.img\n",
+        4, "guests[0].initrd: no such file: {lab}/none.img"),
+    "initrd with driver": (
+        "guests:\n" + DRIVER + "    initrd: initrd.img\n",
+        4, "guests[0].initrd: only allowed with 'kernel'"),
+    "script with kernel": (
+        "guests:\n  - name: a\n    kernel: vmlinux\n    script: []\n",
+        4, "guests[0].script: only allowed with 'driver'"),
+    "promisc with kernel": (
+        "guests:\n  - name: a\n    kernel: vmlinux\n    promisc: true\n",
+        4, "guests[0].promisc: only allowed with 'driver'"),
+    "promisc not a boolean": (
+        "guests:\n" + DRIVER + "    promisc: maybe\n",
+        4, "guests[0].promisc: must be true or false, got 'maybe'"),
+    "nets not a list": (
+        "networks: {lan0: {}}\nguests:\n" + DRIVER + "    nets: lan0\n",
+        5, "guests[0].nets: must be a list of network names, got 'lan0'"),
+    "unknown network": (
+        "networks: {lan0: {}, lan1: {}}\nguests:\n" + DRIVER + "    nets: [lan0, lan9]\n",
+        5, "guests[0].nets[1]: must be one of the networks ('lan0', 'lan1'), got 'lan9'"),
+    "network with no networks defined": (
+        "guests:\n" + DRIVER + "    nets: [lan0]\n",
+        4, "guests[0].nets[0]: must be one of the networks (none), got 'lan0'"),
+    "network listed twice": (
+        "networks: {lan0: {}}\nguests:\n" + DRIVER + "    nets:\n      - lan0\n      - lan0\n",
+        7, "guests[0].nets[1]: duplicate network 'lan0' (first at line 6)"),
+    "cmdline and args": (
+        "guests:\n" + DRIVER + "    cmdline: a b\n    args: [a, b]\n",
+        5, "guests[0].args: cannot be combined with 'cmdline' (line 4)"),
+    "cmdline not a string": (
+        "guests:\n" + DRIVER + "    cmdline: [a]\n",
+        4, "guests[0].cmdline: must be a string, got a list"),
+    "args item not a string": (
+        "guests:\n" + DRIVER + "    args: [a, 3]\n",
+        4, "guests[0].args[1]: must be a string, got 3"),
+    "script not a list": (
+        "guests:\n" + DRIVER + "    script: {wait: 1}\n",
+        4, "guests[0].script: must be a list of steps, got a mapping"),
+    "step unknown key": (
+        "guests:\n" + DRIVER + "    script:\n      - {sleep: 1}\n",
+        5, "guests[0].script[0].sleep: unknown key (allowed: send, net, count, wait)"),
+    "step with neither send nor wait": (
+        "guests:\n" + DRIVER + "    script:\n      - {}\n",
+        5, "guests[0].script[0]: needs 'send' or 'wait'"),
+    "step with send and wait": (
+        "guests:\n" + DRIVER + "    script:\n      - {send: peers, wait: 1}\n",
+        5, "guests[0].script[0].wait: cannot be combined with 'send' (line 5)"),
+    "step bad send": (
+        "networks: {lan0: {}}\nguests:\n" + DRIVER + "    nets: [lan0]\n"
+        "    script:\n      - {send: everyone, net: lan0}\n",
+        7, "guests[0].script[0].send: must be one of 'broadcast', 'peers', got 'everyone'"),
+    "step without net": (
+        "guests:\n" + DRIVER + "    script:\n      - {send: peers}\n",
+        5, "guests[0].script[0].net: is required"),
+    "step on a net the guest is not on": (
+        "networks: {lan0: {}, lan1: {}}\nguests:\n" + DRIVER + "    nets: [lan0]\n"
+        "    script:\n      - {send: peers, net: lan1}\n",
+        7, "guests[0].script[0].net: must be one of this guest's nets ('lan0'), got 'lan1'"),
+    "step count zero": (
+        "networks: {lan0: {}}\nguests:\n" + DRIVER + "    nets: [lan0]\n"
+        "    script:\n      - {send: peers, net: lan0, count: 0}\n",
+        7, "guests[0].script[0].count: "
+           "must be a whole number of frames between 1 and 65536, got 0"),
+    "count with wait": (
+        "guests:\n" + DRIVER + "    script:\n      - {wait: 1, count: 2}\n",
+        5, "guests[0].script[0].count: only allowed with 'send'"),
+    "wait negative": (
+        "guests:\n" + DRIVER + "    script:\n      - wait: -1\n",
+        5, "guests[0].script[0].wait: "
+           "must be a number of seconds above 0 and at most 86400, got -1"),
+    "expect not a list": (
+        "guests:\n" + DRIVER + "expect: all good\n",
+        4, "expect: must be a list of expectations, got 'all good'"),
+    "expect item not a string or mapping": (
+        "guests:\n" + DRIVER + "expect:\n  - 42\n",
+        5, "expect[0]: must be a string or a mapping, got 42"),
+}
+
+
+@pytest.mark.parametrize("text, line, message", BAD.values(), ids=BAD.keys())
+def test_bad_scenario(lab, text, line, message):
+    path = write(lab, text)
+    assert error_of(path) == "%s:%d: %s" % (path, line, message.replace("{lab}", str(lab)))
