@@ -35,6 +35,14 @@ RESTOCK_SECONDS = 0.0005             # how long "one chance to restock" waits fo
 LISTEN_BACKLOG = 256
 
 
+class BrokerStop(Exception):
+    """SIGTERM or SIGINT: leave the loop, close every guest, remove the socket."""
+
+
+def _stop(*_) -> None:
+    raise BrokerStop()
+
+
 class Connection:
     """One launcher's open /dev/lguest, and everything the broker mapped for it."""
 
@@ -106,9 +114,8 @@ class Broker:
         return listener
 
     def serve_forever(self) -> None:
-        stop = lambda *_: setattr(self, "running", False)
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
         try:
             while self.running:
                 timeout = None
@@ -117,6 +124,8 @@ class Broker:
                 for key, _ in self.selector.select(timeout):
                     key.data(key.fileobj)
                 self._fire_timers()
+        except BrokerStop:
+            pass
         finally:
             self.shutdown()
 
@@ -225,13 +234,9 @@ class Broker:
 
     def _initialize(self, conn: Connection, pfn_limit: int, pgdir: int, start: int,
                     page_offset: int, tail: bytes, fds: list[int]) -> None:
-        try:
-            regions, control_fd, control_offset = wire.decode_layout(tail)
-        except (ValueError, struct.error):
-            conn.reply(-errno.EINVAL)
-            return
-
         def make_memory() -> GuestMemory:
+            # Only reached once lguest_user.c's checks (EPERM, EBUSY, ...) have passed.
+            regions, control_fd, control_offset = wire.decode_layout(tail)
             memory = GuestMemory(pfn_limit)
             for region in regions:
                 fd = fds[region.fd_index]
@@ -250,7 +255,7 @@ class Broker:
 
         try:
             result = conn.file.initialize(pfn_limit, pgdir, start, page_offset, make_memory)
-        except (ValueError, OSError, IndexError):
+        except (ValueError, OSError, IndexError, struct.error):
             conn.release()
             result = -errno.EINVAL
         if result >= 0:
