@@ -1,7 +1,13 @@
 """lgnet: lguest's inter-guest networking (Linux 2.6.23), rebuilt as a multi-process simulator."""
-from importlib.metadata import PackageNotFoundError, version
 
-try:
-    __version__ = version("lgnet")
-except PackageNotFoundError:        # running from a source tree that was never installed
-    __version__ = "0+unknown"
+
+def __getattr__(name: str):
+    # Looked up lazily: importlib.metadata pulls in email and socket, and importing the
+    # sans-IO engine must not import any I/O module.
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            return version("lgnet")
+        except PackageNotFoundError:        # a source tree that was never installed
+            return "0+unknown"
+    raise AttributeError(name)
