@@ -1,0 +1,710 @@
+"""The guest's CPU: real i386 code under Unicorn, in ring 1, with lguest's hypercalls.
+
+What this room is for: lguest ran a guest kernel on the real CPU, in ring 1, and caught it
+with the Switcher whenever it made a hypercall, took a trap or was due an interrupt. Here the
+CPU is Unicorn's (QEMU's TCG) and the Switcher is this file: it builds the guest's CPU state
+the way lguest's Host did, serves the hypercalls that only change CPU state, forwards the rest
+to the Host through a HostLink, and delivers the interrupts the Host raised.
+
+Rules of this file:
+
+* The CPU serves itself the calls that change nothing but CPU state — LOAD_GDT, NEW_PGTABLE,
+  FLUSH_TLB, LOAD_IDT_ENTRY, SET_STACK, TS, SET_PTE, SET_PMD, LOAD_TLS — inside Unicorn's
+  interrupt hook, without stopping the emulator (a stop and restart costs about four times
+  as much). Everything else (FLUSH_ASYNC, LGUEST_INIT, CRASH, SET_CLOCKEVENT, HALT, BIND_DMA,
+  SEND_DMA, and any unknown number, which the Host kills for) goes to ``host.hypercall``.
+* The CPU writes only its own guest: lguest_data (time, irq_enabled, reserve_mem), the
+  interrupt frame on the guest's stack, and the Switcher's entry in the guest's page
+  directories. The Host's memory objects never see this file, nor it theirs.
+* A guest's misbehaviour ends the guest with a reason (``host.kill``), a bug in lgnet stays a
+  traceback. lguest reflected the guest's own traps (page faults, GP, int $0x80) into the
+  guest's IDT; lgnet's guests have no user mode and no fault handlers worth having, so any
+  CPU exception kills the guest: "guest fault at EIP 0x...: what".
+
+Theory of operation.
+
+1. Memory. Each (guest-physical base, buffer) pair is mapped with ``mem_map_ptr`` onto the
+   very same memory, no copy: the broker's writes into guest RAM (DMA, used_len) are visible
+   to the running guest at once, and the guest's writes to the broker. Unicorn honours the
+   guest's own i386 page tables (CR0.PG, CR3) and raises #PF with CR2 like a real CPU.
+
+2. The Switcher. lguest mapped its Switcher at the top of every guest address space. So do we:
+   two private pages at physical SWITCHER_ADDR (0xFFC00000, far above anything the guest may
+   own, which ends at LGUEST_GUEST_TOP). The first page holds the GDT, the one-byte ``iret``
+   we enter the guest through, and the ring-0 stack it pops from; the second is a page table
+   mapping that first page at the same virtual address, read-only and supervisor-only.
+   Page-directory entry 1023 (SWITCHER_PGD_INDEX) of every page directory the guest runs on
+   points at that page table: the Launcher's initial one, each NEW_PGTABLE, and again
+   whenever SET_PMD touches index 1023, so the guest cannot lose it. CR0.WP makes the
+   read-only mapping hold against ring 1, and lguest_data.reserve_mem (4 MiB) tells the
+   guest to keep out. (A guest could still map physical 0xFFC00000 through its own page
+   tables, which lguest's shadow page tables forbade; it would only damage itself.)
+
+3. The GDT. 32 entries, as Linux i386: 10/11 are the Host's ring-0 segments (LGUEST_CS/DS,
+   used only for the first ``iret``), 12/13 the guest kernel's flat 4 GiB segments with
+   DPL 1, so its selectors are 0x61 and 0x69. LOAD_GDT and LOAD_TLS copy the guest's
+   descriptors in as lguest's fixup_gdt_table() did: a DPL of 0 becomes 1, the accessed bit
+   is preset (the GDT page is read-only, so the CPU must never need to write it), and the
+   Host's entries (10, 11, 16, 31) are never taken from the guest.
+
+4. Ring 1. Unicorn will not start a CPU in ring 1, so we start it in ring 0 on the Switcher's
+   ``iret`` with a frame {eip=start, cs=0x61, eflags=0x202, esp=0, ss=0x69} on the ring-0
+   stack, exactly the registers lguest's Launcher asked for (esi = 0: the boot header).
+   From then on the guest is in ring 1 and privileged instructions (cli, hlt, mov to cr3)
+   fault, as they did under lguest. Unicorn's interrupt hook sees every ``int`` and every
+   exception before the IDT would, so there is no IDT and no TSS: the hook is the Switcher.
+
+5. Hypercalls. ``int $0x1f``: eax = call, edx/ebx/ecx = arguments; a forwarded call's result
+   goes back in eax (served calls leave eax alone, as lguest did). A served call before
+   LGUEST_INIT kills, as in lguest; forwarded ones are the Host's to judge. The async ring:
+   the Host drains it before every synchronous call and ignores the CPU-state calls in it;
+   so just before forwarding a call, the CPU applies those calls itself, in ring order, from
+   the same cursor the Host will drain from. Since a forwarded call returns only once the
+   Host has drained that run, every queued call is applied exactly once. (A served call made
+   while entries wait also drops the TLB, for the SET_PTEs among them.)
+
+6. Interrupts (lguest's maybe_do_interrupt). Before the guest resumes — after each hypercall,
+   and between run slices — take the lowest bit of ``host.pending_irqs()`` & ~blocked;
+   skip while EIP is in [noirq_start, noirq_end) or irq_enabled is 0 (a guest halted in
+   HALT is woken with irq_enabled forced to 0x200); if the guest gave a gate for vector
+   32+irq, ack it, push eflags (IF = irq_enabled), cs and eip on the guest's own stack and
+   jump to the handler; an interrupt gate (type 0xE) also clears irq_enabled. One interrupt
+   per entry, and only in ring 1 (lgnet guests have no user mode, so the SET_STACK switch
+   lguest made for ring 3 is recorded, not used). A HALT that returns with nothing the guest
+   may take sleeps again, as lguest's halted guest did. The guest runs in slices of
+   ``slice_us`` (a ticker thread calls emu_stop), so a guest that computes without
+   hypercalls still gets its timer and its packets.
+
+7. Time. lguest_data.time (CLOCK_REALTIME) is rewritten each time the guest resumes.
+
+run() is one-shot: it returns the reason the guest stopped and lets go of its memory.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_HOOK_MEM_FETCH_UNMAPPED,
+                     UC_HOOK_MEM_READ_UNMAPPED, UC_HOOK_MEM_WRITE_UNMAPPED, UC_MODE_32,
+                     UC_PROT_ALL, Uc, UcError)
+from unicorn import unicorn_const as ucc
+from unicorn import x86_const as x86
+
+from lgnet import abi
+from lgnet.guest.host import GuestStopped, HostLink
+
+try:    # Unicorn's C library, as its own binding loaded it (see _Registers)
+    from unicorn.unicorn_py3.unicorn import uclib as _uclib
+except ImportError:     # pragma: no cover - another binding layout: the slow, public path
+    _uclib = None
+
+__all__ = ["GuestCpu", "GuestStopped", "HostLink", "STOPPED"]
+
+STOPPED = "stopped by the Launcher"      # what run() returns after stop()
+
+_U32 = struct.Struct("<I")
+_FRAME = struct.Struct("<5I")            # the iret frame: eip, cs, eflags, esp, ss
+_DESC = struct.Struct("<II")             # a segment descriptor: low word, high word
+
+# Where things sit in the Switcher's first page (see the module docstring, §2).
+_GDT_OFFSET = 0x000
+_IRET_OFFSET = 0x800                     # one byte: 0xCF, iret
+_EXIT_OFFSET = 0x900                     # Unicorn's "until": never executed
+_STACK_TOP = abi.PAGE_SIZE               # the ring-0 stack holding the entry frame
+_SWITCHER_PAGES = 2                      # [GDT, iret, stack] [page table for PDE 1023]
+_IRET = 0xCF
+
+_PTE_PRESENT = 0x1
+_PTE_WRITABLE = 0x2
+_PAGE_MASK = ~(abi.PAGE_SIZE - 1) & abi.U32_MASK
+_IRQ_MASK = (1 << abi.LGUEST_IRQS) - 1
+_EMPTY_RING = bytes([abi.HCALL_STATUS_EMPTY]) * abi.LHCALL_RING_SIZE
+_NSEC = 1_000_000_000
+_HALT_RETRY_SECONDS = 0.0005             # halted with only blocked interrupts pending
+
+# Descriptor bits (the high word of a segment descriptor or gate).
+_DESC_DPL_MASK = 0x6000
+_DESC_DPL_SHIFT = 13
+_DESC_ACCESSED = 0x100
+_GATE_PRESENT = 0x8000
+_GATE_TYPE_SHIFT = 8
+_GATE_KEEP_HIGH = 0xFFFFEF00             # lguest kept offset, present, DPL and type
+
+_HOST_GDT_ENTRIES = frozenset({abi.GDT_ENTRY_LGUEST_CS, abi.GDT_ENTRY_LGUEST_DS,
+                               abi.GDT_ENTRY_TSS, abi.GDT_ENTRY_DOUBLEFAULT_TSS})
+
+# What a fault is called in a kill reason; 14 adds CR2.
+_TRAP_NAMES = {
+    0: "divide error", 1: "debug trap", 3: "breakpoint", 4: "overflow",
+    5: "bound range exceeded", 6: "invalid opcode", 7: "device not available",
+    8: "double fault", 10: "invalid TSS", 11: "segment not present", 12: "stack fault",
+    13: "general protection fault", 16: "x87 floating-point error", 17: "alignment check",
+    18: "machine check", 19: "SIMD floating-point exception",
+}
+_PAGE_FAULT = 14
+_ACCESS_NAMES = {ucc.UC_MEM_READ_UNMAPPED: "read", ucc.UC_MEM_WRITE_UNMAPPED: "write",
+                 ucc.UC_MEM_FETCH_UNMAPPED: "fetch"}
+
+
+def _flat_segment(type_: int, dpl: int) -> bytes:
+    """A flat 4 GiB, 32-bit, page-granular, present segment descriptor (accessed preset)."""
+    low = 0x0000FFFF
+    high = (type_ << 8) | 0x1000 | (dpl << _DESC_DPL_SHIFT) | 0x8000 | 0x000F0000 | 0x00C00000
+    return _DESC.pack(low, high)
+
+
+def _fix_descriptor(low: int, high: int) -> tuple[int, int]:
+    """lguest's fixup_gdt_table(): the guest runs in ring 1, and the GDT is read-only."""
+    if high & _DESC_DPL_MASK == 0:
+        high |= abi.GUEST_PL << _DESC_DPL_SHIFT
+    return low, high | _DESC_ACCESSED
+
+
+class _Registers:
+    """Register access at the C library's speed.
+
+    Unicorn's Python binding works out the type of a register on every access, about 3.5 µs
+    each; a hypercall reads four and writes one. So the hot paths call uc_reg_read_batch and
+    uc_reg_write directly with buffers made once (about 0.6 µs a call). Values are u32; the
+    buffers are zeroed first because segment registers come back as only 16 bits.
+    """
+
+    def __init__(self, uc: Uc, reads: tuple[int, ...]):
+        self._uc = uc
+        self._reads = reads
+        self._one = ctypes.c_uint64()
+        if _uclib is not None:
+            self._handle = uc._uch
+            self._ids = (ctypes.c_int * len(reads))(*reads)
+            self._values = (ctypes.c_uint64 * len(reads))()
+            base = ctypes.addressof(self._values)
+            self._pointers = (ctypes.c_void_p * len(reads))(
+                *[base + 8 * i for i in range(len(reads))])
+            self._ref = ctypes.byref(self._one)
+
+    def read(self) -> tuple[int, ...]:
+        """The registers named at construction, in that order."""
+        if _uclib is None:
+            return tuple(self._uc.reg_read(r) & abi.U32_MASK for r in self._reads)
+        ctypes.memset(self._values, 0, ctypes.sizeof(self._values))
+        status = _uclib.uc_reg_read_batch(self._handle, self._ids, self._pointers,
+                                          len(self._reads))
+        if status:
+            raise UcError(status)
+        return tuple(value & abi.U32_MASK for value in self._values)
+
+    def write(self, reg: int, value: int) -> None:
+        if _uclib is None:
+            self._uc.reg_write(reg, value & abi.U32_MASK)
+            return
+        self._one.value = value & abi.U32_MASK
+        status = _uclib.uc_reg_write(self._handle, reg, self._ref)
+        if status:
+            raise UcError(status, reg)
+
+
+class _Ticker:
+    """Ends each run slice: emu_stop() every slice_us, from its own thread.
+
+    Unicorn's own emu_start(timeout=) polls with usleep() and, measured on a loaded two-CPU
+    box, ended 0.5-2 ms slices only after about 4 ms; a thread that sleeps a whole slice on a
+    condition variable wakes within about 0.1 ms of it. A tick that falls between two slices
+    is simply lost: the next one comes a slice later."""
+
+    def __init__(self, uc: Uc, slice_us: int):
+        self._uc = uc
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._tick, args=(slice_us / 1e6,),
+                                        name="lgnet-cpu-ticker", daemon=True)
+        self._thread.start()
+
+    def _tick(self, seconds: float) -> None:
+        while not self._done.wait(seconds):
+            self._uc.emu_stop()
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One IDT entry as lguest kept it: the handler's address and the gate type."""
+    offset: int
+    type: int
+
+
+class GuestCpu:
+    """One guest's CPU.
+
+    memory_map: (guest-physical base, writable buffer) pairs, whole pages, all below
+    LGUEST_GUEST_TOP: RAM and device pages, mapped in place. start: the virtual entry point
+    (page_offset + physical). pgdir: the physical address of the Launcher's page directory.
+    page_offset is kept for reference only: the CPU walks the guest's page tables instead.
+    """
+
+    def __init__(self, memory_map: list[tuple[int, object]], start: int, pgdir: int,
+                 page_offset: int, host: HostLink, slice_us: int = 2000):
+        self.host = host
+        self.start = start
+        self.page_offset = page_offset
+        self.slice_us = slice_us
+        self._reason: str | None = None
+        self._stop_requested = False
+        self._lock = threading.Lock()          # stop() against close()
+
+        # The Host-side state lguest kept per guest.
+        self._data: memoryview | None = None   # struct lguest_data, once LGUEST_INIT named it
+        self._noirq = (0, 0)
+        self._halted = False
+        self._ring_next = 0                    # the async ring cursor, mirroring the Host's
+        self._idt: list[Gate | None] = [None] * abi.IDT_ENTRIES
+        self._syscall_gate: Gate | None = None
+        self._gdt = [(0, 0)] * abi.GDT_ENTRIES
+        self.stack = (0, 0, 0)                 # SET_STACK: ss, esp, pages
+        self.ts = 0                            # TS: the guest's CR0.TS wish
+        self.tls = 0                           # LOAD_TLS: where the TLS descriptors came from
+
+        self._uc = Uc(UC_ARCH_X86, UC_MODE_32)
+        self._hooks: list[int] = []
+        self._args = self._frame = self._pc_reg = None
+        self._exports: list[ctypes.Array] = []         # keep the buffers' pointers valid
+        self._regions: list[tuple[int, int, memoryview]] = []
+        self._switcher = bytearray(_SWITCHER_PAGES * abi.PAGE_SIZE)
+        self._switcher_view = memoryview(self._switcher)
+        try:
+            for base, buffer in memory_map:
+                self._map(base, buffer)
+            self._map(abi.SWITCHER_ADDR, self._switcher, guest=False)
+            self._build_switcher()
+            self._cr3 = self._checked_pgdir(pgdir)
+            if self._cr3 is None:
+                raise ValueError("the page directory %#x is not in guest memory" % pgdir)
+            self._install_switcher_pde(self._cr3)
+            self._enter_ring1()
+        except BaseException:
+            self.close()
+            raise
+
+        self._hcalls = {
+            abi.LHCALL_LOAD_GDT: self._load_gdt,
+            abi.LHCALL_NEW_PGTABLE: self._new_pgtable,
+            abi.LHCALL_FLUSH_TLB: self._flush_tlb_call,
+            abi.LHCALL_LOAD_IDT_ENTRY: self._load_idt_entry,
+            abi.LHCALL_SET_STACK: self._set_stack,
+            abi.LHCALL_TS: self._set_ts,
+            abi.LHCALL_SET_PTE: self._set_pte,
+            abi.LHCALL_SET_PMD: self._set_pmd,
+            abi.LHCALL_LOAD_TLS: self._load_tls,
+        }
+        uc = self._uc
+        self._args = _Registers(uc, (x86.UC_X86_REG_EAX, x86.UC_X86_REG_EDX,
+                                     x86.UC_X86_REG_EBX, x86.UC_X86_REG_ECX))
+        self._frame = _Registers(uc, (x86.UC_X86_REG_EIP, x86.UC_X86_REG_CS,
+                                      x86.UC_X86_REG_ESP, x86.UC_X86_REG_EFLAGS))
+        self._pc_reg = _Registers(uc, (x86.UC_X86_REG_EIP,))
+        self._hooks = [
+            uc.hook_add(UC_HOOK_INTR, self._on_trap),
+            uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED
+                        | UC_HOOK_MEM_FETCH_UNMAPPED, self._on_unmapped),
+        ]
+
+    # --- memory ---------------------------------------------------------------------------
+
+    def _map(self, base: int, buffer, guest: bool = True) -> None:
+        """Map a buffer at guest-physical base, sharing its memory with Unicorn."""
+        view = memoryview(buffer).cast("B")
+        size = view.nbytes
+        if base % abi.PAGE_SIZE or size % abi.PAGE_SIZE or size == 0:
+            raise ValueError("memory at %#x (%d bytes) is not whole pages" % (base, size))
+        if guest and base + size > abi.LGUEST_GUEST_TOP:
+            raise ValueError("guest memory at %#x runs past LGUEST_GUEST_TOP" % base)
+        if view.readonly:
+            raise ValueError("guest memory at %#x is read-only" % base)
+        export = (ctypes.c_char * size).from_buffer(view)
+        self._exports.append(export)
+        self._uc.mem_map_ptr(base, size, UC_PROT_ALL, ctypes.addressof(export))
+        if guest:
+            self._regions.append((base, base + size, view))
+
+    def _phys(self, addr: int, length: int) -> memoryview | None:
+        """The guest's physical memory [addr, addr+length), or None if nothing backs it."""
+        for base, end, view in self._regions:
+            if base <= addr and addr + length <= end:
+                return view[addr - base:addr - base + length]
+        return None
+
+    def _read_u32(self, addr: int) -> int | None:
+        for base, end, view in self._regions:
+            if base <= addr and addr + 4 <= end:
+                return _U32.unpack_from(view, addr - base)[0]
+        return None
+
+    def _checked_pgdir(self, pgdir: int) -> int | None:
+        pgdir &= _PAGE_MASK
+        return pgdir if self._phys(pgdir, abi.PAGE_SIZE) is not None else None
+
+    def _virt_to_phys(self, vaddr: int) -> int | None:
+        """Walk the guest's two-level page tables for a supervisor write (CR0.WP is on)."""
+        pde = self._read_u32(self._cr3 + (vaddr >> abi.PGDIR_SHIFT) * 4)
+        if pde is None or not pde & _PTE_PRESENT:
+            return None
+        pte = self._read_u32((pde & _PAGE_MASK) + ((vaddr >> 12) & 0x3FF) * 4)
+        if pte is None or not pte & _PTE_PRESENT or not pde & pte & _PTE_WRITABLE:
+            return None
+        return (pte & _PAGE_MASK) | (vaddr & (abi.PAGE_SIZE - 1))
+
+    # --- the Switcher, the GDT and ring 1 -------------------------------------------------
+
+    def _build_switcher(self) -> None:
+        page = self._switcher_view
+        self._gdt[abi.GDT_ENTRY_LGUEST_CS] = _DESC.unpack(_flat_segment(0xB, 0))
+        self._gdt[abi.GDT_ENTRY_LGUEST_DS] = _DESC.unpack(_flat_segment(0x3, 0))
+        self._gdt[abi.GDT_ENTRY_KERNEL_CS] = _DESC.unpack(_flat_segment(0xB, abi.GUEST_PL))
+        self._gdt[abi.GDT_ENTRY_KERNEL_DS] = _DESC.unpack(_flat_segment(0x3, abi.GUEST_PL))
+        self._write_gdt(range(abi.GDT_ENTRIES), host_entries_too=True)
+        page[_IRET_OFFSET] = _IRET
+        # The Host's page table: its first entry maps the first Switcher page, read-only.
+        _U32.pack_into(page, abi.PAGE_SIZE, abi.SWITCHER_ADDR | _PTE_PRESENT)
+
+    def _write_gdt(self, entries, host_entries_too: bool = False) -> None:
+        for i in entries:
+            if i in _HOST_GDT_ENTRIES and not host_entries_too:
+                continue
+            _DESC.pack_into(self._switcher_view, _GDT_OFFSET + 8 * i, *self._gdt[i])
+
+    def _install_switcher_pde(self, pgdir: int) -> None:
+        """Page-directory entry 1023 of this page directory maps the Switcher."""
+        entry = self._phys(pgdir + abi.SWITCHER_PGD_INDEX * 4, 4)
+        _U32.pack_into(entry, 0, (abi.SWITCHER_ADDR + abi.PAGE_SIZE) | _PTE_PRESENT)
+
+    def _enter_ring1(self) -> None:
+        """Ring 0 on the Switcher's iret, with a frame that lands the guest in ring 1."""
+        uc = self._uc
+        _FRAME.pack_into(self._switcher_view, _STACK_TOP - _FRAME.size, self.start,
+                         abi.LGUEST_KERNEL_CS, abi.BOOT_EFLAGS, 0, abi.LGUEST_KERNEL_DS)
+        uc.reg_write(x86.UC_X86_REG_GDTR,
+                     (0, abi.SWITCHER_ADDR + _GDT_OFFSET, 8 * abi.GDT_ENTRIES - 1, 0))
+        uc.reg_write(x86.UC_X86_REG_CR3, self._cr3)
+        uc.reg_write(x86.UC_X86_REG_CR0, abi.X86_CR0_PE | abi.X86_CR0_WP | abi.X86_CR0_PG)
+        uc.reg_write(x86.UC_X86_REG_CS, abi.LGUEST_CS)
+        uc.reg_write(x86.UC_X86_REG_SS, abi.LGUEST_DS)
+        for seg in (x86.UC_X86_REG_DS, x86.UC_X86_REG_ES):
+            uc.reg_write(seg, abi.LGUEST_KERNEL_DS)
+        for seg in (x86.UC_X86_REG_FS, x86.UC_X86_REG_GS):
+            uc.reg_write(seg, 0)
+        uc.reg_write(x86.UC_X86_REG_ESP, abi.SWITCHER_ADDR + _STACK_TOP - _FRAME.size)
+        uc.reg_write(x86.UC_X86_REG_ESI, 0)
+        self._pc = abi.SWITCHER_ADDR + _IRET_OFFSET
+
+    # --- running --------------------------------------------------------------------------
+
+    def run(self) -> str:
+        """Run the guest until it stops; the reason (a kill reason, or STOPPED).
+
+        One-shot: when it returns, the CPU has let go of the guest's memory (close()).
+        """
+        uc = self._uc
+        if uc is None:
+            raise RuntimeError("a GuestCpu runs once")
+        exit_pc = abi.SWITCHER_ADDR + _EXIT_OFFSET
+        ticker = _Ticker(uc, self.slice_us)
+        try:
+            while self._reason is None:
+                if self._stop_requested:
+                    self._reason = STOPPED
+                    break
+                try:
+                    uc.emu_start(self._pc, exit_pc)
+                except UcError as error:
+                    if self._reason is None:
+                        self._kill(self._eip(), "%s" % error)
+                    break
+                if self._reason is not None:
+                    break
+                self._pc = self._eip()
+                if self._pc == exit_pc:
+                    self._kill(self._pc, "jumped into the Switcher")
+                    break
+                try:
+                    self._resume()
+                except GuestStopped as stopped:
+                    self._finish(stopped.reason)
+                    break
+                self._pc = self._eip()
+            return self._reason
+        finally:
+            ticker.close()
+            self.close()
+
+    def stop(self) -> None:
+        """Ask run() to return soon (thread-safe). A HALT blocked in the Host is the
+        HostLink's to end: make its hypercall return or raise GuestStopped."""
+        with self._lock:
+            self._stop_requested = True
+            if self._uc is not None:
+                self._uc.emu_stop()
+
+    def close(self) -> None:
+        """Let go of Unicorn and of every buffer the guest's memory was mapped from, so the
+        Launcher can close its mappings. Idempotent."""
+        with self._lock:
+            uc, self._uc = self._uc, None
+        if uc is None:
+            return
+        for hook in self._hooks:          # the hooks and uc refer to each other: untie them
+            uc.hook_del(hook)
+        self._hooks.clear()
+        self._args = self._frame = self._pc_reg = None
+        self._data = None
+        self._exports.clear()
+        for _, _, view in self._regions:
+            view.release()
+        self._regions.clear()
+        self._switcher_view.release()
+
+    def _eip(self) -> int:
+        return self._pc_reg.read()[0]
+
+    def _finish(self, reason: str) -> None:
+        if self._reason is None:
+            self._reason = reason
+        self._uc.emu_stop()
+
+    def _kill(self, eip: int, what: str) -> None:
+        """The guest did something no CPU lets it do: it dies with where and what."""
+        reason = abi.MSG_GUEST_FAULT % (eip, what)
+        if self._reason is None:
+            self.host.kill(reason)
+        self._finish(reason)
+
+    def _kill_guest(self, reason: str) -> None:
+        """lguest's kill_guest() for the calls served here: the Host records the reason."""
+        if self._reason is None:
+            self.host.kill(reason)
+        self._finish(reason)
+
+    # --- the hooks: hypercalls and faults ---------------------------------------------------
+
+    def _on_trap(self, uc: Uc, intno: int, _user) -> None:
+        if intno != abi.LGUEST_TRAP_ENTRY:
+            what = _TRAP_NAMES.get(intno, "trap %d" % intno)
+            if intno == _PAGE_FAULT:
+                what = "page fault at %#010x" % uc.reg_read(x86.UC_X86_REG_CR2)
+            self._kill(self._eip(), what)
+            return
+        call, arg1, arg2, arg3 = self._args.read()
+        try:
+            serve = self._hcalls.get(call)
+            if serve is not None:
+                if self._data is None:
+                    self._kill_guest(abi.MSG_NO_INIT % call)
+                    return
+                if self._data[abi.LGUEST_DATA_HCALL_STATUS:abi.LGUEST_DATA_HCALLS] != _EMPTY_RING:
+                    self._flush_tlb()    # queued SET_PTEs must be seen; the Host drains later
+                serve(arg1, arg2, arg3)
+            else:
+                if self._data is not None:
+                    self._apply_async_ring()
+                    if self._reason is not None:
+                        return
+                result = self.host.hypercall(call, arg1, arg2, arg3)
+                self._args.write(x86.UC_X86_REG_EAX, result)
+                if call == abi.LHCALL_LGUEST_INIT and self._data is None:
+                    self._lguest_init(arg1)
+                elif call == abi.LHCALL_HALT:
+                    self._halted = True
+            if self._reason is None:
+                self._resume()
+        except GuestStopped as stopped:
+            self._finish(stopped.reason)
+
+    def _on_unmapped(self, uc: Uc, access: int, address: int, size: int, value: int,
+                     _user) -> bool:
+        what = "%s of unmapped physical memory at %#010x" % (
+            _ACCESS_NAMES.get(access, "access"), address)
+        self._kill(self._eip(), what)
+        return False
+
+    # --- the calls served here ----------------------------------------------------------------
+
+    def _lguest_init(self, addr: int) -> None:
+        """The Host accepted LGUEST_INIT: remember lguest_data, tell the guest the Switcher's
+        size, and read the window where it must not be interrupted (set before the call)."""
+        data = self._phys(addr, abi.LGUEST_DATA_SIZE)
+        if data is None:
+            self._kill_guest(abi.MSG_BAD_LGUEST_DATA % addr)
+            return
+        self._data = data
+        _U32.pack_into(data, abi.LGUEST_DATA_RESERVE_MEM, abi.SWITCHER_RESERVE)
+        self._noirq = (_U32.unpack_from(data, abi.LGUEST_DATA_NOIRQ_START)[0],
+                       _U32.unpack_from(data, abi.LGUEST_DATA_NOIRQ_END)[0])
+
+    def _load_gdt(self, table: int, num: int, _unused: int) -> None:
+        if num > abi.GDT_ENTRIES:
+            self._kill_guest(abi.MSG_TOO_MANY_GDT % num)
+            return
+        raw = self._phys(table, 8 * num)
+        if raw is None:
+            self._kill_guest(abi.MSG_BAD_READ % table)
+            return
+        for i in range(num):
+            self._gdt[i] = _DESC.unpack_from(raw, 8 * i)
+        self._fixup_gdt(range(abi.GDT_ENTRIES))
+
+    def _load_tls(self, table: int, _cpu: int, _unused: int) -> None:
+        first, count = abi.GDT_ENTRY_TLS_MIN, abi.GDT_ENTRY_TLS_ENTRIES
+        raw = self._phys(table, 8 * count)
+        if raw is None:
+            self._kill_guest(abi.MSG_BAD_READ % table)
+            return
+        self.tls = table
+        for i in range(count):
+            self._gdt[first + i] = _DESC.unpack_from(raw, 8 * i)
+        self._fixup_gdt(range(first, first + count))
+
+    def _fixup_gdt(self, entries: range) -> None:
+        entries = [i for i in entries if i not in _HOST_GDT_ENTRIES]
+        for i in entries:
+            self._gdt[i] = _fix_descriptor(*self._gdt[i])
+        self._write_gdt(entries)
+
+    def _new_pgtable(self, pgdir: int, _a2: int, _a3: int) -> None:
+        checked = self._checked_pgdir(pgdir)
+        if checked is None:
+            self._kill_guest(abi.MSG_BAD_PGDIR % pgdir)
+            return
+        self._install_switcher_pde(checked)
+        self._cr3 = checked
+        self._uc.reg_write(x86.UC_X86_REG_CR3, checked)     # also flushes the TLB
+
+    def _flush_tlb(self) -> None:
+        self._uc.ctl(ucc.UC_CTL_TLB_FLUSH, ucc.UC_CTL_IO_WRITE)
+
+    def _flush_tlb_call(self, _all: int, _a2: int, _a3: int) -> None:
+        self._flush_tlb()
+
+    def _set_pte(self, _pgdir: int, _vaddr: int, _pte: int) -> None:
+        """The guest wrote its PTE itself; lguest updated its shadow, we drop the TLB."""
+        self._flush_tlb()
+
+    def _set_pmd(self, pgdir: int, index: int, _unused: int) -> None:
+        if index == abi.SWITCHER_PGD_INDEX:
+            checked = self._checked_pgdir(pgdir)
+            if checked is not None:
+                self._install_switcher_pde(checked)     # the Switcher's entry is ours
+        self._flush_tlb()
+
+    def _load_idt_entry(self, num: int, low: int, high: int) -> None:
+        """lguest's load_guest_idt_entry()/set_trap(): only the handler and type matter."""
+        if num in abi.IDT_IGNORED_VECTORS:
+            return
+        gate = None
+        if high & _GATE_PRESENT:
+            type_ = (high >> _GATE_TYPE_SHIFT) & 0xF
+            if type_ not in (abi.IDT_INTERRUPT_GATE, abi.IDT_TRAP_GATE):
+                self._kill_guest(abi.MSG_BAD_IDT_TYPE % type_)
+                return
+            high &= _GATE_KEEP_HIGH
+            gate = Gate((low & 0xFFFF) | (high & 0xFFFF0000), type_)
+        if num < abi.IDT_ENTRIES:
+            self._idt[num] = gate
+        elif num == abi.SYSCALL_VECTOR:
+            self._syscall_gate = gate
+
+    def _set_stack(self, ss: int, esp: int, pages: int) -> None:
+        if ss & 3 != abi.GUEST_PL:
+            self._kill_guest(abi.MSG_BAD_STACK_SEGMENT % ss)
+            return
+        if pages > abi.STACK_PAGES_MAX:
+            self._kill_guest(abi.MSG_BAD_STACK_PAGES % pages)
+            return
+        self.stack = (ss, esp, pages)
+
+    def _set_ts(self, ts: int, _a2: int, _a3: int) -> None:
+        self.ts = ts
+
+    def _apply_async_ring(self) -> None:
+        """Apply the CPU-state calls queued in the async ring, from the Host's cursor.
+
+        The Host drains the same run right after (ignoring these calls), so the cursor moves
+        past every queued entry, whatever its kind."""
+        data = self._data
+        n = self._ring_next
+        for _ in range(abi.LHCALL_RING_SIZE):
+            if data[abi.LGUEST_DATA_HCALL_STATUS + n] == abi.HCALL_STATUS_EMPTY:
+                break
+            call, arg1, arg2, arg3 = abi.ASYNC_HCALL.unpack_from(
+                data, abi.LGUEST_DATA_HCALLS + n * abi.ASYNC_HCALL.size)
+            n = (n + 1) % abi.LHCALL_RING_SIZE
+            serve = self._hcalls.get(call)
+            if serve is not None:
+                serve(arg1, arg2, arg3)
+                if self._reason is not None:
+                    break
+        self._ring_next = n
+
+    # --- resuming the guest: time and interrupts -------------------------------------------
+
+    def _resume(self) -> None:
+        """What lguest did on every way back into the guest."""
+        data = self._data
+        if data is None:
+            return
+        while True:
+            now = time.time_ns()
+            abi.TIMESPEC.pack_into(data, abi.LGUEST_DATA_TIME,
+                                   (now // _NSEC) & abi.U32_MASK, now % _NSEC)
+            self._maybe_interrupt(data)
+            if not self._halted or self._reason is not None:
+                return
+            # Halted, and nothing it may take is pending: lguest slept again. If what is
+            # pending is only what the guest blocked, the Host's HALT would return at once:
+            # pause a little rather than spin on it.
+            if self._stop_requested:
+                self._finish(STOPPED)
+                return
+            if self.host.pending_irqs():
+                time.sleep(_HALT_RETRY_SECONDS)
+            self.host.hypercall(abi.LHCALL_HALT, 0, 0, 0)
+
+    def _maybe_interrupt(self, data: memoryview) -> None:
+        pending = self.host.pending_irqs()
+        if not pending:
+            return
+        blocked = _U32.unpack_from(data, abi.LGUEST_DATA_BLOCKED_INTERRUPTS)[0]
+        ready = pending & ~blocked & _IRQ_MASK
+        if not ready:
+            return
+        irq = (ready & -ready).bit_length() - 1
+        eip, cs, esp, eflags = self._frame.read()
+        if self._noirq[0] <= eip < self._noirq[1]:
+            return
+        if self._halted:
+            _U32.pack_into(data, abi.LGUEST_DATA_IRQ_ENABLED, abi.IRQ_ENABLED_ON)
+            self._halted = False
+        irq_enabled = _U32.unpack_from(data, abi.LGUEST_DATA_IRQ_ENABLED)[0]
+        if not irq_enabled:
+            return
+        gate = self._idt[abi.FIRST_EXTERNAL_VECTOR + irq]
+        if gate is None or cs & 3 != abi.GUEST_PL:
+            return      # no handler yet (it stays pending); lgnet guests have no user mode
+        if not irq_enabled & abi.IRQ_ENABLED_ON:
+            eflags &= ~abi.IRQ_ENABLED_ON
+        frame_esp = (esp - 12) & abi.U32_MASK
+        for i, word in enumerate((eip, cs, eflags)):
+            phys = self._virt_to_phys((frame_esp + 4 * i) & abi.U32_MASK)
+            target = None if phys is None else self._phys(phys, 4)
+            if target is None:
+                self._kill(eip, "page fault at %#010x pushing interrupt %d"
+                           % ((frame_esp + 4 * i) & abi.U32_MASK, irq))
+                return
+            _U32.pack_into(target, 0, word)
+        self.host.ack_irq(irq)
+        self._frame.write(x86.UC_X86_REG_ESP, frame_esp)
+        self._frame.write(x86.UC_X86_REG_EIP, gate.offset)
+        if gate.type == abi.IDT_INTERRUPT_GATE:
+            _U32.pack_into(data, abi.LGUEST_DATA_IRQ_ENABLED, 0)

@@ -1,0 +1,671 @@
+"""The guest's CPU (lgnet/guest/cpu.py): real i386 code under Unicorn, against a Python Host.
+
+This is a unit test of the CPU, so the Host is a FakeHost in this process that records every
+call. The guests are a few lines of assembly each, built at test time with ``gcc -m32 -c``,
+``ld -m elf_i386`` and ``objcopy -O binary``, loaded at physical 1 MiB and mapped at
+0xC0000000 as the Launcher does (a page directory and linear PTEs, flags 0x7). Without a
+32-bit toolchain these tests skip and say so.
+"""
+from __future__ import annotations
+
+import hashlib
+import mmap
+import shutil
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lgnet import abi
+from lgnet.guest.cpu import STOPPED, GuestCpu, GuestStopped
+
+RAM_SIZE = 4 * abi.MiB
+PAGE_OFFSET = abi.DEFAULT_PAGE_OFFSET
+PGDIR = RAM_SIZE - abi.PAGE_SIZE                 # the Launcher's pgdir, at the top of RAM
+PTES = PGDIR - abi.PAGE_SIZE                     # one page of PTEs maps all 4 MiB
+LGUEST_DATA = 0x80000                            # guest-physical
+MARK = 0x90000                                   # guest-physical: the guests' results
+START = PAGE_OFFSET + abi.KERNEL_LOAD_ADDRESS
+RUN_TIMEOUT = 5.0
+
+U32 = struct.Struct("<I")
+
+# Every guest starts with this: constants, a stack, and macros for the calls it makes.
+PRELUDE = r"""
+.code32
+.equ PAGE_OFFSET, %(page_offset)#x
+.equ LGUEST_DATA, PAGE_OFFSET + %(lguest_data)#x
+.equ MARK, PAGE_OFFSET + %(mark)#x
+.equ IRQ_ENABLED, LGUEST_DATA + %(irq_enabled)d
+.equ BLOCKED, LGUEST_DATA + %(blocked)d
+.equ NOIRQ_START, LGUEST_DATA + %(noirq_start)d
+.equ NOIRQ_END, LGUEST_DATA + %(noirq_end)d
+.equ HCALL_STATUS, LGUEST_DATA + %(hcall_status)d
+.equ HCALLS, LGUEST_DATA + %(hcalls)d
+
+/* (macro arguments must not contain spaces) */
+.macro HCALL call, a1=0, a2=0, a3=0
+    movl $\call, %%eax
+    movl $\a1, %%edx
+    movl $\a2, %%ebx
+    movl $\a3, %%ecx
+    int $0x1f
+.endm
+
+.macro INIT
+    HCALL 1, LGUEST_DATA-PAGE_OFFSET
+.endm
+
+/* LOAD_IDT_ENTRY(vector, low word, high word) of a gate to handler, type 0xE or 0xF. */
+.macro IDT vec, handler, type
+    movl $\handler, %%ebx
+    andl $0xffff, %%ebx
+    orl $0x00610000, %%ebx
+    movl $\handler, %%ecx
+    andl $0xffff0000, %%ecx
+    orl $(0x8000 | (\type << 8)), %%ecx
+    movl $\vec, %%edx
+    movl $6, %%eax
+    int $0x1f
+.endm
+
+.macro CRASH msg
+    movl $2, %%eax
+    movl $9f - PAGE_OFFSET, %%edx
+    int $0x1f
+    jmp .
+9:  .asciz "\msg"
+.endm
+
+/* An interrupt handler's first words: its frame and irq_enabled into MARK+4.. */
+.macro SAVE_FRAME
+    movl (%%esp), %%eax
+    movl %%eax, MARK + 4
+    movl 4(%%esp), %%eax
+    movl %%eax, MARK + 8
+    movl 8(%%esp), %%eax
+    movl %%eax, MARK + 12
+    movl IRQ_ENABLED, %%eax
+    movl %%eax, MARK + 16
+.endm
+
+.text
+.globl _start
+_start:
+    movl $PAGE_OFFSET + 0x70000, %%esp
+""" % dict(page_offset=PAGE_OFFSET, lguest_data=LGUEST_DATA, mark=MARK,
+           irq_enabled=abi.LGUEST_DATA_IRQ_ENABLED, blocked=abi.LGUEST_DATA_BLOCKED_INTERRUPTS,
+           noirq_start=abi.LGUEST_DATA_NOIRQ_START, noirq_end=abi.LGUEST_DATA_NOIRQ_END,
+           hcall_status=abi.LGUEST_DATA_HCALL_STATUS, hcalls=abi.LGUEST_DATA_HCALLS)
+
+
+# --- building and running guests ---------------------------------------------------------
+
+class Image:
+    def __init__(self, code: bytes, symbols: dict[str, int]):
+        self.code = code
+        self.symbols = symbols
+
+    def __getitem__(self, name: str) -> int:
+        return self.symbols[name]
+
+
+@pytest.fixture(scope="session")
+def assemble(tmp_path_factory):
+    """assemble(body) -> Image: the prelude plus body, linked at START."""
+    missing = [tool for tool in ("gcc", "ld", "objcopy", "nm") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip("building the test guests needs %s" % ", ".join(missing))
+    workdir = tmp_path_factory.mktemp("cpu_images")
+    cache: dict[str, Image] = {}
+
+    def build(body: str) -> Image:
+        source = PRELUDE + body
+        digest = hashlib.sha1(source.encode()).hexdigest()[:16]
+        if digest in cache:
+            return cache[digest]
+        base = workdir / digest
+        Path("%s.S" % base).write_text(source)
+        steps = [
+            ["gcc", "-m32", "-c", "%s.S" % base, "-o", "%s.o" % base],
+            ["ld", "-m", "elf_i386", "-e", "_start", "-Ttext=%#x" % START,
+             "%s.o" % base, "-o", "%s.elf" % base],
+            ["objcopy", "-O", "binary", "-j", ".text", "%s.elf" % base, "%s.bin" % base],
+        ]
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode != 0:
+                if step[0] == "gcc" and "-m32" in done.stderr + done.stdout or \
+                        step[0] == "ld" and "elf_i386" in done.stderr:
+                    pytest.skip("gcc -m32 cannot build 32-bit code here: %s" % done.stderr)
+                raise AssertionError("%s failed:\n%s" % (" ".join(step), done.stderr))
+        nm = subprocess.run(["nm", "%s.elf" % base], capture_output=True, text=True,
+                            check=True).stdout
+        symbols = {}
+        for line in nm.splitlines():
+            value, _kind, name = line.split()
+            symbols[name] = int(value, 16)
+        image = Image(Path("%s.bin" % base).read_bytes(), symbols)
+        cache[digest] = image
+        return image
+
+    try:
+        build("nop\n")
+    except AssertionError as error:
+        pytest.skip("gcc -m32 cannot build 32-bit code here: %s" % error)
+    return build
+
+
+class FakeHost:
+    """HostLink in this process: records calls, raises interrupts when told."""
+
+    def __init__(self, ram, raise_irqs: int = 0, after_polls: int = 0, on_halt=None,
+                 results=None):
+        self.ram = ram
+        self.calls: list[tuple[int, int, int, int]] = []
+        self.kills: list[str] = []
+        self.acks: list[int] = []
+        self.polls = 0
+        self.pending = 0
+        self.raise_irqs = raise_irqs
+        self.after_polls = after_polls
+        self.raised_at: float | None = None
+        self.acked_at: float | None = None
+        self.on_halt = on_halt
+        self.results = results or {}
+        self.ring_seen: list[bytes] = []
+
+    def hypercall(self, call: int, arg1: int, arg2: int, arg3: int) -> int:
+        self.calls.append((call, arg1, arg2, arg3))
+        if call == abi.LHCALL_CRASH:
+            message = bytes(self.ram[arg1:arg1 + abi.CRASH_MESSAGE_MAX]).split(b"\0")[0]
+            raise GuestStopped(abi.MSG_CRASH % message.decode())
+        if call == abi.LHCALL_HALT and self.on_halt is not None:
+            self.on_halt(self)
+        if call == abi.LHCALL_FLUSH_ASYNC:
+            self.drain_ring()
+        if call not in abi.HYPERCALL_NAMES:
+            raise GuestStopped(abi.MSG_BAD_HYPERCALL % call)
+        return self.results.get(call, 0)
+
+    def drain_ring(self) -> None:
+        """As the broker does: take every queued entry, in order, and mark it empty."""
+        status = LGUEST_DATA + abi.LGUEST_DATA_HCALL_STATUS
+        self.ring_seen.append(bytes(self.ram[status:status + abi.LHCALL_RING_SIZE]))
+        for n in range(abi.LHCALL_RING_SIZE):
+            self.ram[status + n] = abi.HCALL_STATUS_EMPTY
+
+    def pending_irqs(self) -> int:
+        self.polls += 1
+        if self.raise_irqs and self.polls >= self.after_polls and self.raised_at is None:
+            self.pending |= self.raise_irqs
+            self.raised_at = time.perf_counter()
+        return self.pending
+
+    def ack_irq(self, irq: int) -> None:
+        self.acks.append(irq)
+        self.acked_at = time.perf_counter()
+        self.pending &= ~(1 << irq)
+
+    def kill(self, reason: str) -> None:
+        self.kills.append(reason)
+
+
+class Machine:
+    """4 MiB of guest RAM with the Launcher's page tables and the image at 1 MiB."""
+
+    def __init__(self, image: Image):
+        self.ram = mmap.mmap(-1, RAM_SIZE)
+        self.ram[abi.KERNEL_LOAD_ADDRESS:abi.KERNEL_LOAD_ADDRESS + len(image.code)] = image.code
+        for pfn in range(RAM_SIZE // abi.PAGE_SIZE):
+            U32.pack_into(self.ram, PTES + 4 * pfn, (pfn * abi.PAGE_SIZE) | abi.PAGE_PRESENT)
+        U32.pack_into(self.ram, PGDIR + 4 * (PAGE_OFFSET >> abi.PGDIR_SHIFT),
+                      PTES | abi.PAGE_PRESENT)
+        status = LGUEST_DATA + abi.LGUEST_DATA_HCALL_STATUS
+        self.ram[status:status + abi.LHCALL_RING_SIZE] = \
+            bytes([abi.HCALL_STATUS_EMPTY]) * abi.LHCALL_RING_SIZE
+
+    def u32(self, phys: int) -> int:
+        return U32.unpack_from(self.ram, phys)[0]
+
+    def mark(self, n: int) -> int:
+        return self.u32(MARK + 4 * n)
+
+    def cpu(self, host: FakeHost, **kwargs) -> GuestCpu:
+        return GuestCpu([(0, self.ram)], START, PGDIR, PAGE_OFFSET, host, **kwargs)
+
+
+@pytest.fixture
+def machine_for(assemble):
+    made: list[Machine] = []
+
+    def make(body: str) -> tuple[Machine, Image]:
+        image = assemble(body)
+        machine = Machine(image)
+        made.append(machine)
+        return machine, image
+
+    yield make
+    for machine in made:
+        machine.ram.close()      # fails (BufferError) if the CPU still held the memory
+
+
+def run(cpu: GuestCpu, timeout: float = RUN_TIMEOUT, until=None) -> str:
+    """cpu.run() in a thread; stop it once until() holds; fail if it hangs."""
+    result: list[str] = []
+    thread = threading.Thread(target=lambda: result.append(cpu.run()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    if until is not None:
+        while not until() and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.001)
+        cpu.stop()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if thread.is_alive():
+        cpu.stop()
+        thread.join(2)
+        pytest.fail("the guest did not stop within %.0f s" % timeout)
+    return result[0]
+
+
+# --- hypercalls ---------------------------------------------------------------------------
+
+def test_forwarded_hypercall_round_trip(machine_for):
+    machine, _ = machine_for(r"""
+    INIT
+    HCALL 12, 0x1000, 0x2000, 0x801
+    movl %eax, MARK
+    CRASH "done"
+""")
+    host = FakeHost(machine.ram, results={abi.LHCALL_BIND_DMA: 0x1234})
+    assert run(machine.cpu(host)) == "CRASH: done"
+    assert machine.mark(0) == 0x1234
+    assert host.calls[0] == (abi.LHCALL_LGUEST_INIT, LGUEST_DATA, 0, 0)
+    assert host.calls[1] == (abi.LHCALL_BIND_DMA, 0x1000, 0x2000, 0x801)
+    assert host.kills == []
+
+
+def test_init_then_crash_and_lguest_data(machine_for):
+    machine, _ = machine_for(r"""
+    INIT
+    HCALL 0
+    CRASH "bye"
+""")
+    host = FakeHost(machine.ram)
+    before = time.time()
+    assert run(machine.cpu(host)) == "CRASH: bye"
+    assert [c[0] for c in host.calls] == [abi.LHCALL_LGUEST_INIT, abi.LHCALL_FLUSH_ASYNC,
+                                         abi.LHCALL_CRASH]
+    # The CPU told the guest to keep clear of the Switcher, and keeps its clock.
+    assert machine.u32(LGUEST_DATA + abi.LGUEST_DATA_RESERVE_MEM) == abi.SWITCHER_RESERVE
+    tv_sec, tv_nsec = abi.TIMESPEC.unpack_from(machine.ram, LGUEST_DATA + abi.LGUEST_DATA_TIME)
+    assert before - 2 <= tv_sec <= time.time() + 1 and tv_nsec < 1_000_000_000
+
+
+def test_unknown_hypercall_is_forwarded(machine_for):
+    machine, _ = machine_for(r"""
+    INIT
+    HCALL 99, 1, 2, 3
+""")
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host)) == abi.MSG_BAD_HYPERCALL % 99
+    assert host.calls[-1] == (99, 1, 2, 3)
+
+
+def test_cpu_state_call_before_init_kills(machine_for):
+    machine, _ = machine_for(r"""
+    HCALL 5
+    CRASH "not reached"
+""")
+    host = FakeHost(machine.ram)
+    reason = run(machine.cpu(host))
+    assert reason == abi.MSG_NO_INIT % abi.LHCALL_FLUSH_TLB
+    assert host.kills == [reason] and host.calls == []
+
+
+def test_ring1_segments_and_read_only_switcher(machine_for):
+    machine, image = machine_for(r"""
+    movl %cs, %eax
+    movl %eax, MARK
+    movl %ss, %eax
+    movl %eax, MARK + 4
+    movl %ds, %eax
+    movl %eax, MARK + 8
+    movl 0xFFC00000 + 8 * 12 + 4, %eax      /* the kernel CS descriptor, readable */
+    movl %eax, MARK + 12
+poke:
+    movl $0, 0xFFC00000                     /* but the GDT is not writable */
+    CRASH "not reached"
+""")
+    host = FakeHost(machine.ram)
+    reason = run(machine.cpu(host))
+    assert (machine.mark(0), machine.mark(1), machine.mark(2)) == (0x61, 0x69, 0x69)
+    assert (machine.mark(3) >> 13) & 3 == abi.GUEST_PL
+    assert reason == abi.MSG_GUEST_FAULT % (image["poke"], "page fault at 0xffc00000")
+
+
+def test_load_gdt_fixes_dpl_and_keeps_host_entries(machine_for):
+    machine, _ = machine_for(r"""
+    INIT
+    HCALL 3, gdt-PAGE_OFFSET, 14
+    movl $0x69, %eax
+    movl %eax, %ds                          /* entry 13 now comes from our table */
+    movl 0xFFC00000 + 8 * 13 + 4, %eax
+    movl %eax, MARK
+    movl 0xFFC00000 + 8 * 10 + 4, %eax
+    movl %eax, MARK + 4
+    CRASH "gdt"
+.balign 8
+gdt:
+    .fill 10, 8, 0
+    .long 0, 0                              /* 10: the Host's, ignored */
+    .long 0, 0
+    .long 0x0000ffff, 0x00cf9a00            /* 12: flat code, DPL 0 */
+    .long 0x0000ffff, 0x00cf9200            /* 13: flat data, DPL 0 */
+""")
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host)) == "CRASH: gdt"
+    assert machine.mark(0) == 0x00cf9200 | (abi.GUEST_PL << 13) | 0x100
+    assert machine.mark(1) & 0x8000 and (machine.mark(1) >> 13) & 3 == 0   # still the Host's
+
+
+def test_bad_idt_type_kills(machine_for):
+    machine, _ = machine_for(r"""
+    INIT
+    HCALL 6, 40, 0x00610000, 0x8500         /* a task gate */
+    CRASH "not reached"
+""")
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host)) == abi.MSG_BAD_IDT_TYPE % 5
+    assert host.kills == [abi.MSG_BAD_IDT_TYPE % 5]
+
+
+def test_new_pgtable_installs_the_switcher(machine_for):
+    machine, _ = machine_for(r"""
+    INIT
+    movl $PAGE_OFFSET + %(pgdir)#x, %%esi    /* copy the Launcher's pgdir to 0xA0000 */
+    movl $PAGE_OFFSET + 0xA0000, %%edi
+    movl $1024, %%ecx
+    rep movsl
+    movl $0, PAGE_OFFSET + 0xA0000 + 4092   /* without the Switcher's entry */
+    HCALL 4, 0xA0000
+    movl $0x69, %%eax
+    movl %%eax, %%ds                          /* reads the GDT through the new pgdir */
+    movl 0xFFC00000 + 8 * 12, %%eax
+    movl %%eax, MARK
+    CRASH "switched"
+""" % dict(pgdir=PGDIR))
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host)) == "CRASH: switched"
+    assert machine.mark(0) == 0x0000ffff
+    assert machine.u32(0xA0000 + 4 * abi.SWITCHER_PGD_INDEX) & 1
+
+
+def test_set_pte_flushes_the_tlb(machine_for):
+    machine, _ = machine_for(r"""
+    INIT
+    movl $0x11111111, PAGE_OFFSET + 0xB0000
+    movl $0x22222222, PAGE_OFFSET + 0xB1000
+    movl PAGE_OFFSET + 0xB0000, %%eax        /* the TLB now maps page 0xB0 */
+    movl %%eax, MARK
+    movl $0xB1000 | 7, PAGE_OFFSET + %(pte)#x
+    HCALL 14, %(pgdir)#x, PAGE_OFFSET+0xB0000, 0xB1007
+    movl PAGE_OFFSET + 0xB0000, %%eax
+    movl %%eax, MARK + 4
+    CRASH "pte"
+""" % dict(pgdir=PGDIR, pte=PTES + 4 * 0xB0))
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host)) == "CRASH: pte"
+    assert (machine.mark(0), machine.mark(1)) == (0x11111111, 0x22222222)
+
+
+QUEUE_SET_STACK = r"""
+    movl $7, HCALLS                         /* queue SET_STACK(%(ss)#x, 0xC0070000, 2) */
+    movl $%(ss)#x, HCALLS + 4
+    movl $0xC0070000, HCALLS + 8
+    movl $2, HCALLS + 12
+    movb $0, HCALL_STATUS
+"""
+
+
+def test_async_ring_cpu_calls_are_applied_before_forwarding(machine_for):
+    machine, _ = machine_for(r"""
+    INIT
+""" + QUEUE_SET_STACK % dict(ss=0x69) + r"""
+    HCALL 0                                 /* FLUSH_ASYNC: applied, then drained */
+    HCALL 7, 0x69, 0xC0060000, 1            /* a newer stack, served at once */
+    HCALL 0
+    CRASH "ring"
+""")
+    stacks = []
+
+    class Host(FakeHost):
+        def hypercall(self, call, arg1, arg2, arg3):
+            if call == abi.LHCALL_FLUSH_ASYNC:
+                stacks.append(cpu.stack)
+            return super().hypercall(call, arg1, arg2, arg3)
+
+    host = Host(machine.ram)
+    cpu = machine.cpu(host)
+    assert run(cpu) == "CRASH: ring"
+    assert host.ring_seen[0][0] == abi.HCALL_STATUS_PENDING     # the Host drains it too
+    assert stacks == [(0x69, 0xC0070000, 2), (0x69, 0xC0060000, 1)]
+    assert cpu.stack == (0x69, 0xC0060000, 1)                   # and it was applied once
+
+
+def test_async_ring_bad_call_kills_before_forwarding(machine_for):
+    machine, _ = machine_for(r"""
+    INIT
+""" + QUEUE_SET_STACK % dict(ss=0x68) + r"""
+    HCALL 0
+    CRASH "not reached"
+""")
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host)) == abi.MSG_BAD_STACK_SEGMENT % 0x68
+    assert [c[0] for c in host.calls] == [abi.LHCALL_LGUEST_INIT]
+
+
+# --- faults and ring 1 --------------------------------------------------------------------
+
+def test_page_fault_kills_with_eip(machine_for):
+    machine, image = machine_for(r"""
+    INIT
+fault:
+    movl 0x00000000, %eax
+    CRASH "not reached"
+""")
+    host = FakeHost(machine.ram)
+    reason = run(machine.cpu(host))
+    assert reason == "guest fault at EIP %#x: page fault at 0x00000000" % image["fault"]
+    assert host.kills == [reason]
+
+
+def test_unmapped_physical_memory_kills(machine_for):
+    machine, image = machine_for(r"""
+    movl $0x09000000 | 7, PAGE_OFFSET + %(pte)#x   /* page 0xB0 -> beyond all memory */
+fault:
+    movl PAGE_OFFSET + 0xB0010, %%eax
+    CRASH "not reached"
+""" % dict(pte=PTES + 4 * 0xB0))
+    host = FakeHost(machine.ram)
+    reason = run(machine.cpu(host))
+    assert reason == abi.MSG_GUEST_FAULT % (
+        image["fault"], "read of unmapped physical memory at 0x09000010")
+    assert host.kills == [reason]
+
+
+@pytest.mark.parametrize("instruction", ["cli", "hlt", "movl %eax, %cr3", "lgdt (%eax)"])
+def test_privileged_instructions_fault_in_ring1(machine_for, instruction):
+    machine, image = machine_for(r"""
+fault:
+    %s
+    CRASH "ring 0?"
+""" % instruction)
+    host = FakeHost(machine.ram)
+    reason = run(machine.cpu(host))
+    assert reason == abi.MSG_GUEST_FAULT % (image["fault"], "general protection fault")
+
+
+# --- interrupts ---------------------------------------------------------------------------
+
+HANDLER_SPIN = r"""
+handler:
+    SAVE_FRAME
+    movl $1, MARK
+    jmp .
+"""
+
+
+def test_interrupt_delivered_while_spinning(machine_for):
+    machine, image = machine_for(r"""
+    INIT
+    IDT 32, handler, 0xE
+    movl $0x200, IRQ_ENABLED
+spin:
+    incl MARK + 20
+    jmp spin
+""" + HANDLER_SPIN)
+    host = FakeHost(machine.ram, raise_irqs=1 << abi.TIMER_IRQ, after_polls=5)
+    cpu = machine.cpu(host)
+    assert run(cpu, until=lambda: machine.mark(0) == 1) == STOPPED
+    assert machine.mark(0) == 1 and host.acks == [abi.TIMER_IRQ]
+    eip, cs, eflags, irq_enabled = (machine.mark(n) for n in (1, 2, 3, 4))
+    assert image["spin"] <= eip < image["handler"]
+    assert cs == abi.LGUEST_KERNEL_CS and eflags & abi.IRQ_ENABLED_ON
+    assert irq_enabled == 0                  # an interrupt gate turned them off
+    assert machine.mark(5) > 0               # it really was computing
+    assert host.kills == []
+
+
+def test_halt_wakes_on_interrupt_with_interrupts_forced_on(machine_for):
+    machine, image = machine_for(r"""
+    INIT
+    IDT 33, handler, 0xF                    /* a trap gate: irq_enabled stays as it is */
+    movl $0, IRQ_ENABLED
+    HCALL 10
+after_halt:
+    CRASH "no interrupt"
+handler:
+    SAVE_FRAME
+    CRASH "woken"
+""")
+
+    def on_halt(host):
+        host.pending |= 1 << 1
+
+    host = FakeHost(machine.ram, on_halt=on_halt)
+    assert run(machine.cpu(host)) == "CRASH: woken"
+    assert host.acks == [1]
+    assert machine.mark(1) == image["after_halt"]
+    assert machine.mark(3) & abi.IRQ_ENABLED_ON and machine.mark(4) == abi.IRQ_ENABLED_ON
+
+
+def test_halted_guest_sleeps_again_while_only_blocked_irqs_are_pending(machine_for):
+    machine, _ = machine_for(r"""
+    INIT
+    IDT 33, handler, 0xE
+    IDT 34, handler, 0xE
+    movl $1 << 2, BLOCKED
+    HCALL 10
+    CRASH "no interrupt"
+handler:
+    SAVE_FRAME
+    CRASH "woken"
+""")
+    halts = []
+
+    def on_halt(host):
+        halts.append(host.pending)
+        host.pending |= (1 << 2) if len(halts) == 1 else (1 << 1)
+
+    host = FakeHost(machine.ram, on_halt=on_halt)
+    assert run(machine.cpu(host)) == "CRASH: woken"
+    assert halts == [0, 1 << 2]              # the blocked irq did not wake it
+    assert host.acks == [1] and host.pending == 1 << 2
+
+
+def test_blocked_and_disabled_interrupts_wait(machine_for):
+    machine, image = machine_for(r"""
+    INIT
+    IDT 34, handler, 0xE
+    movl $0, %esi                           /* irq_enabled == 0 (RAM starts zeroed) */
+1:  HCALL 0
+    incl %esi
+    cmpl $50, %esi
+    jb 1b
+    movl %esi, MARK + 20
+    movl $1 << 2, BLOCKED                   /* enabled, but irq 2 blocked */
+    movl $0x200, IRQ_ENABLED
+    movl $0, %esi
+2:  HCALL 0
+    incl %esi
+    cmpl $50, %esi
+    jb 2b
+    movl %esi, MARK + 24
+    movl $0, BLOCKED
+spin:
+    jmp spin
+handler:
+    SAVE_FRAME
+    CRASH "irq"
+""")
+    host = FakeHost(machine.ram, raise_irqs=1 << 2, after_polls=0)
+    assert run(machine.cpu(host)) == "CRASH: irq"
+    assert (machine.mark(5), machine.mark(6)) == (50, 50)
+    assert machine.mark(1) == image["spin"] and host.acks == [2]
+
+
+def test_interrupt_without_a_gate_stays_pending(machine_for):
+    machine, _ = machine_for(r"""
+    INIT
+    movl $0x200, IRQ_ENABLED
+    HCALL 0
+    HCALL 0
+    CRASH "no gate"
+""")
+    host = FakeHost(machine.ram, raise_irqs=1 << 3, after_polls=0)
+    assert run(machine.cpu(host)) == "CRASH: no gate"
+    assert host.acks == [] and host.pending == 1 << 3
+
+
+def test_noirq_window_is_respected(machine_for):
+    machine, image = machine_for(r"""
+    movl $noirq_start, NOIRQ_START
+    movl $noirq_end, NOIRQ_END
+    INIT
+    IDT 32, handler, 0xE
+    movl $0, %esi
+noirq_start:
+    movl $0x200, IRQ_ENABLED
+1:  HCALL 0
+    incl %esi
+    cmpl $100, %esi
+    jb 1b
+noirq_end:
+    movl %esi, MARK + 20
+spin:
+    jmp spin
+handler:
+    SAVE_FRAME
+    CRASH "irq"
+""")
+    host = FakeHost(machine.ram, raise_irqs=1, after_polls=0)
+    assert run(machine.cpu(host)) == "CRASH: irq"
+    assert machine.mark(5) == 100
+    assert image["noirq_end"] <= machine.mark(1) <= image["spin"]
+
+
+def test_stop_from_another_thread(machine_for):
+    machine, _ = machine_for(r"""
+spin:
+    jmp spin
+""")
+    host = FakeHost(machine.ram)
+    cpu = machine.cpu(host)
+    started = time.monotonic()
+    assert run(cpu, until=lambda: time.monotonic() - started > 0.05) == STOPPED
+    assert time.monotonic() - started < 1.0
+    cpu.stop()                               # harmless once it has stopped
