@@ -558,6 +558,18 @@ def test_getdma_uses_the_first_binding_of_this_guest_on_the_chain():
     assert kit.engine.user_get_dma(b, key) == free[0] and kit.used_len(b, free[0]) == 2
 
 
+def test_getdma_unreadable_entry_kills_and_is_enoent():
+    """lgread on the array kills the guest; lgnet does not hand the bad address back."""
+    kit, a, b = pair()
+    array = RAM_SIZE - abi.LGUEST_DMA_SIZE
+    [entry] = kit.put_array(b, array, [[(BUF, 100)]])
+    kit.set_used_len(b, entry, 1)
+    assert kit.bind(b, 0x300, array, 2, IRQ) == 1       # entry 1 lies past the end of RAM
+    assert kit.engine.user_get_dma(b, 0x300) == -errno.ENOENT
+    assert b.dead == "bad read address 0x10000"
+    assert kit.used_len(b, entry) == 1
+
+
 def test_getdma_misaligned_key_kills():
     kit, a, b = pair()
     assert kit.engine.user_get_dma(b, 0x302) == -errno.ENOENT

@@ -341,7 +341,9 @@ class Engine:
     def get_dma_buffer(self, guest: Guest, key_addr: int) -> tuple[int, int] | None:
         """(address, irq) of the guest's first free buffer bound at key_addr, or None.
 
-        lgnet returns None when every buffer is used (2.6.23 returned the last one)."""
+        lgnet returns None when every buffer is used (2.6.23 returned the last one), and when
+        an entry cannot be read: lgread kills the guest, and 2.6.23 then took its zeros for a
+        free entry and handed the unreadable address to the Launcher."""
         with self.lock:
             key = keys.resolve(guest.memory, guest.id, key_addr)
             if key is None:
@@ -352,8 +354,10 @@ class Engine:
                     continue
                 for j in range(binding.num_dmas):
                     addr = binding.dmas + j * abi.LGUEST_DMA_SIZE
-                    used = abi.unpack_dma(guest.memory.read(addr, abi.LGUEST_DMA_SIZE)).used_len
-                    if used == 0:
+                    if guest.memory.view(addr, abi.LGUEST_DMA_SIZE) is None:
+                        guest.memory.fault(abi.MSG_BAD_READ % addr)
+                        return None
+                    if guest.memory.read_u32(addr + abi.DMA_USED_LEN_OFFSET) == 0:
                         return addr, binding.interrupt
                 return None
             return None
