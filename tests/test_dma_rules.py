@@ -175,9 +175,13 @@ def test_bind_the_33rd_binding_is_refused():
         assert kit.bind(b, KB, ARR + n * 0x100, 1, 1) == 1
     assert kit.bind(b, KB, 0x8000, 1, 1) == 0
     assert b.dead is None
-    # Freeing one entry makes room again.
+    # Freeing one entry makes room again: the first free entry is reused, cursor reset.
+    b.dma[0].next_dma = 7
     assert kit.bind(b, KB, ARR, 0, 0) == 1
-    assert kit.bind(b, KB, 0x8000, 1, 1) == 1
+    assert b.dma[0].interrupt == 0
+    assert kit.bind(b, KB, 0x8000, 3, 2) == 1
+    assert (b.dma[0].dmas, b.dma[0].num_dmas, b.dma[0].interrupt, b.dma[0].next_dma) == (
+        0x8000, 3, 2, 0)
     assert kit.bind(b, KB, 0x9000, 1, 1) == 0
 
 
@@ -202,6 +206,15 @@ def test_bind_duplicates_are_not_detected_and_arrays_are_checked_only_when_used(
     assert b.dead is None
     assert kit.bind(b, KB, HOLE, 0, 0) == 1            # unbind takes one of them
     assert sum(1 for bd in b.dma if bd.interrupt) == 1
+
+
+def test_bind_key_is_not_checked_against_pfn_limit():
+    """Keys are futex addresses, not DMA buffers: an aligned key anywhere binds (privately)."""
+    kit, a, b = pair()
+    entries = kit.put_array(b, ARR, [[(BUF, 100)]])
+    assert kit.bind(b, 0xB8000000, ARR, 1, IRQ) == 1
+    assert b.dead is None
+    assert kit.engine.user_get_dma(b, 0xB8000000) == entries[0]
 
 
 def test_bind_misaligned_key_kills():
