@@ -30,13 +30,15 @@ def cmd_broker(args) -> int:
 
 
 def cmd_launch(args) -> int:
+    from lgnet.guest.images import resolve_kernel
     from lgnet.guest.launcher import LaunchConfig, launch_main
-    config = LaunchConfig(mem_mb=parse_mem(args.mem), kernel=args.kernel, args=args.args,
+    kernel = resolve_kernel(args.kernel)
+    config = LaunchConfig(mem_mb=parse_mem(args.mem), kernel=kernel, args=args.args,
                           sharenets=args.sharenet, block=args.block, initrd=args.initrd,
                           tunnet=args.tunnet, verbose=args.verbose, broker=args.broker,
                           console_input=not args.no_console_input)
-    if not args.kernel.startswith("python:") and not os.path.exists(args.kernel):
-        raise LgnetError("kernel image '%s': no such file" % args.kernel)
+    if not kernel.startswith("python:") and not os.path.exists(kernel):
+        raise LgnetError("kernel image '%s': no such file" % kernel)
     return launch_main(config, args.die_with_parent)
 
 
@@ -89,7 +91,8 @@ def parser() -> argparse.ArgumentParser:
     launch.add_argument("--die-with-parent", action="store_true", help=argparse.SUPPRESS)
     launch.add_argument("mem", metavar="MEM_MB")
     launch.add_argument("kernel", metavar="KERNEL",
-                        help="a vmlinux/bzImage, or python:MODULE for a Python guest")
+                        help="a vmlinux/bzImage, `bundled` for lgnet's own guest kernel, "
+                        "or python:MODULE for a Python guest")
     launch.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
                         help="the guest kernel's command line")
     launch.set_defaults(func=cmd_launch)

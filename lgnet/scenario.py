@@ -27,6 +27,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from lgnet import abi
 from lgnet.errors import LgnetError
+from lgnet.guest.images import BUNDLED_KERNEL, BUNDLED_NAME
 
 NAME_PATTERN = r"[a-z][a-z0-9_-]{0,30}"
 DRIVERS = ("python",)
@@ -189,6 +190,12 @@ class _Node:
     def file_path(self, base: Path) -> Path:
         return base / self.text()
 
+    def kernel_file(self, base: Path) -> Path:
+        """A kernel image, or `bundled` for the one that ships with lgnet."""
+        if self.text() == BUNDLED_NAME:
+            return BUNDLED_KERNEL
+        return self.existing_file(base)
+
     def existing_file(self, base: Path) -> Path:
         path = self.file_path(base)
         if not path.is_file():
@@ -310,7 +317,7 @@ def _guest(fields: _Fields, networks: dict[str, Network], base: Path) -> GuestSp
     return GuestSpec(
         name=name,
         mem_mb=fields.get_or("mem", lambda n: n.whole(1, MAX_MEM_MB, "megabytes"), DEFAULT_MEM_MB),
-        kernel=fields.get_or("kernel", lambda n: n.existing_file(base), None),
+        kernel=fields.get_or("kernel", lambda n: n.kernel_file(base), None),
         driver=fields.get_or("driver", lambda n: n.choice(DRIVERS), None),
         nets=nets,
         promisc=fields.get_or("promisc", _Node.flag, False),

@@ -58,6 +58,10 @@ class PhysMap:
         dma = abi.unpack_dma(self.view(dma_addr, abi.LGUEST_DMA_SIZE))
         return [self.view(addr, length) for addr, length in dma.pieces()]
 
+    def regions_for_cpu(self) -> list[tuple[int, memoryview]]:
+        """(guest-physical base, live buffer) of every region, for the CPU to map in place."""
+        return [(base, view) for base, _end, view in self.regions]
+
     def release(self) -> None:
         for _, _, view in self.regions:
             view.release()

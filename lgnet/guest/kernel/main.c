@@ -1,0 +1,343 @@
+/*
+ * main.c - boot, the command line, and what this Guest does with its life.
+ *
+ * head.S calls start_kernel() with the physical address of the boot header
+ * the Launcher wrote (a Linux boot header: E820 memory map at 0x2D0, command
+ * line pointer at 0x228, initrd size at 0x21C).  We say hello, tell the Host
+ * where our lguest_data is, install our interrupt handlers, find our devices,
+ * and then do what the command line asks.  The command line is the
+ * Launcher's arguments after the kernel, joined by spaces; words we do not
+ * know are ignored (Linux would have passed them to init):
+ *
+ *   ip=A.B.C.D[/N][,...]   address of each net device, in order (default /24)
+ *   ping=A.B.C.D[,...]     ping each in turn, print statistics, power down
+ *   count=N                echo requests per target (default 3)
+ *   interval=MS            between two requests (default 1000)
+ *   timeout=MS             for ARP, and for the last replies (default 1000)
+ *   promisc                set the promiscuous bit in our net slots
+ *   block=test             write sector 1, read sectors 0-1 back, print them
+ *   hostile=WHAT           misbehave, for the Host's tests: baddma, badkey,
+ *                          crosspage, crash, spin or fault
+ *
+ * Without ping= the Guest stays up forever, answering pings and UDP echo.
+ */
+#include "kernel.h"
+
+#define MAX_TARGETS 16
+#define DEFAULT_PREFIX 24
+
+static char cmdline[1024];
+
+static struct {
+	u32 ip[MAX_NET_DEVS], netmask[MAX_NET_DEVS];
+	unsigned int num_ips;
+	u32 targets[MAX_TARGETS];
+	unsigned int num_targets;
+	u32 count, interval_ms, timeout_ms;
+	int promisc, block_test;
+	const char *hostile;
+} opt = { .count = 3, .interval_ms = 1000, .timeout_ms = 1000 };
+
+/* --- the command line ----------------------------------------------------- */
+
+static u32 prefix_mask(u32 bits)
+{
+	return bits == 0 ? 0 : 0xFFFFFFFFu << (32 - (bits > 32 ? 32 : bits));
+}
+
+/* "A.B.C.D[/N],..." into up to max addresses (and masks, if masks). */
+static unsigned int parse_ip_list(const char *s, u32 *ips, u32 *masks, unsigned int max,
+				  const char *name)
+{
+	unsigned int n = 0;
+
+	while (*s && n < max) {
+		u32 ip = parse_ip(&s), bits = DEFAULT_PREFIX;
+
+		if (masks && *s == '/') {
+			s++;
+			bits = parse_uint(&s);
+		}
+		if (!ip || (*s && *s != ',')) {
+			printk("lguest: bad address in %s=\n", name);
+			break;
+		}
+		ips[n] = ip;
+		if (masks)
+			masks[n] = prefix_mask(bits);
+		n++;
+		if (*s == ',')
+			s++;
+	}
+	return n;
+}
+
+/* If word is "name=value", the value; else NULL. */
+static const char *option(const char *word, const char *name)
+{
+	size_t n = strlen(name);
+
+	return strncmp(word, name, n) == 0 && word[n] == '=' ? word + n + 1 : NULL;
+}
+
+static void parse_cmdline(char *s)
+{
+	while (*s) {
+		const char *word, *v;
+
+		while (*s == ' ')
+			s++;
+		word = s;
+		while (*s && *s != ' ')
+			s++;
+		if (*s)
+			*s++ = '\0';	/* each word becomes a string of its own */
+
+		if ((v = option(word, "ip")))
+			opt.num_ips = parse_ip_list(v, opt.ip, opt.netmask, MAX_NET_DEVS, "ip");
+		else if ((v = option(word, "ping")))
+			opt.num_targets = parse_ip_list(v, opt.targets, NULL, MAX_TARGETS, "ping");
+		else if ((v = option(word, "count")))
+			opt.count = parse_uint(&v);
+		else if ((v = option(word, "interval")))
+			opt.interval_ms = parse_uint(&v);
+		else if ((v = option(word, "timeout")))
+			opt.timeout_ms = parse_uint(&v);
+		else if ((v = option(word, "block")))
+			opt.block_test = strcmp(v, "test") == 0;
+		else if ((v = option(word, "hostile")))
+			opt.hostile = v;
+		else if (strcmp(word, "promisc") == 0)
+			opt.promisc = 1;
+	}
+	if (opt.count > 0xFFFF)		/* icmp_seq is 16 bits */
+		opt.count = 0xFFFF;
+}
+
+/* --- ping ----------------------------------------------------------------- */
+
+static struct {
+	u32 target;
+	u32 transmitted, received;
+	u64 min, max, sum;
+	u32 seen[0x10000 / 32];		/* one bit per icmp_seq: duplicates */
+} ping;
+
+/* Print the replies the receive interrupt queued (called with irqs off). */
+static int ping_drain(void)
+{
+	struct ping_reply r;
+	char ms[24];
+
+	while (ping_take_reply(&r)) {
+		u32 bit = 1u << (r.seq % 32);
+
+		if (r.from != ping.target || r.seq == 0 || r.seq > ping.transmitted
+		    || (ping.seen[r.seq / 32] & bit))
+			continue;
+		ping.seen[r.seq / 32] |= bit;
+		ping.received++;
+		ping.sum += r.rtt_ns;
+		if (ping.received == 1 || r.rtt_ns < ping.min)
+			ping.min = r.rtt_ns;
+		if (r.rtt_ns > ping.max)
+			ping.max = r.rtt_ns;
+		print_ms(ms, sizeof(ms), r.rtt_ns);
+		printk("64 bytes from " IP_FMT ": icmp_seq=%u time=%s ms\n",
+		       IP_ARGS(r.from), r.seq, ms);
+	}
+	return 0;
+}
+
+static int ping_all_back(void)
+{
+	ping_drain();
+	return ping.received == ping.transmitted;
+}
+
+static void ping_one(u32 target, u16 id)
+{
+	struct net_dev *dev = route(target);
+	u64 interval = (u64)opt.interval_ms * NSEC_PER_MSEC;
+	u64 timeout = (u64)opt.timeout_ms * NSEC_PER_MSEC;
+	u64 start, avg;
+	char min[24], mean[24], max[24];
+	u32 seq;
+
+	printk("PING " IP_FMT " (" IP_FMT ") 56(84) bytes of data.\n",
+	       IP_ARGS(target), IP_ARGS(target));
+	if (!dev) {
+		printk("connect: Network is unreachable (no ip= for a net device)\n");
+		return;
+	}
+	memset(&ping, 0, sizeof(ping));
+	ping.target = target;
+	arp_resolve(dev, target, timeout);
+
+	start = now_ns();
+	for (seq = 1; seq <= opt.count; seq++) {
+		ping_send(dev, target, id, seq);
+		ping.transmitted++;
+		if (seq < opt.count)
+			wait_until(start + seq * interval, ping_drain);
+	}
+	wait_until(now_ns() + timeout, ping_all_back);
+
+	printk("--- " IP_FMT " ping statistics ---\n", IP_ARGS(target));
+	printk("%u packets transmitted, %u received, %u%% packet loss\n",
+	       ping.transmitted, ping.received,
+	       ping.transmitted ? (ping.transmitted - ping.received) * 100 / ping.transmitted : 0);
+	if (ping.received) {
+		avg = ping.sum;
+		do_div(&avg, ping.received);
+		print_ms(min, sizeof(min), ping.min);
+		print_ms(mean, sizeof(mean), avg);
+		print_ms(max, sizeof(max), ping.max);
+		printk("rtt min/avg/max = %s/%s/%s ms\n", min, mean, max);
+	}
+}
+
+/* --- block=test ----------------------------------------------------------- */
+
+static char block_out[SECTOR_SIZE] __attribute__((aligned(SECTOR_SIZE)));
+static char block_in[2 * SECTOR_SIZE] __attribute__((aligned(2 * SECTOR_SIZE)));
+
+static void show_sector(unsigned int n, const char *data)
+{
+	char text[65];
+	unsigned int i;
+
+	for (i = 0; i < sizeof(text) - 1 && data[i]; i++)
+		text[i] = data[i] >= ' ' && data[i] < 127 ? data[i] : '.';
+	text[i] = '\0';
+	printk("block: sector %u: %s\n", n, text);
+}
+
+static void block_test(void)
+{
+	if (!block_sectors()) {
+		printk("block: no block device\n");
+		return;
+	}
+	memset(block_out, 0, sizeof(block_out));
+	snprintf(block_out, sizeof(block_out), "lgnet block test: sector 1 written by guest %u",
+		 lguest_data.guestid);
+	if (block_io(1, 1, block_out, sizeof(block_out)) != 0)
+		printk("block: write of sector 1 failed\n");
+	if (block_io(0, 0, block_in, sizeof(block_in)) != 0) {
+		printk("block: read of sectors 0-1 failed\n");
+		return;
+	}
+	show_sector(0, block_in);
+	show_sector(1, block_in + SECTOR_SIZE);
+	printk("block: test %s\n",
+	       memcmp(block_in + SECTOR_SIZE, block_out, SECTOR_SIZE) ? "FAILED" : "passed");
+}
+
+/* --- hostile=... ---------------------------------------------------------- */
+
+/*
+ * Each of these breaks one of the Host's rules; the Host should kill us (only
+ * us) with a reason.  The DMA ones need somebody's key: the first other Guest
+ * on our first net, or, without a net, the console key (then it is our own
+ * Launcher that must refuse the addresses).
+ */
+static void hostile(const char *what)
+{
+	static struct lguest_dma dma;
+	struct net_dev *dev = num_net_devs ? &net_devs[0] : NULL;
+	u32 key = dev ? net_peer_key(dev) : LGUEST_CONSOLE_DMA_KEY;
+
+	printk("hostile: %s\n", what);
+	memset(&dma, 0, sizeof(dma));
+	if (strcmp(what, "crash") == 0) {
+		crash("hostile guest");
+	} else if (strcmp(what, "spin") == 0) {
+		for (;;)
+			barrier();
+	} else if (strcmp(what, "fault") == 0) {
+		printk("hostile: read %#x\n", *(volatile u32 *)0x1000);
+		return;
+	} else if (strcmp(what, "baddma") == 0) {
+		/* Beyond the top of memory, and longer than a page. */
+		dma.addr[0] = 0xFFFFF000;
+		dma.len[0] = 0x2000;
+	} else if (strcmp(what, "badkey") == 0) {
+		/* Keys are u32 addresses: they must be 4-byte aligned. */
+		dma.addr[0] = __pa(net_tx_buffer());
+		dma.len[0] = 64;
+		key += 1;
+	} else if (strcmp(what, "crosspage") == 0) {
+		/* A piece may not cross a page boundary. */
+		dma.addr[0] = __pa(net_tx_buffer()) + PAGE_SIZE - 32;
+		dma.len[0] = 64;
+	} else {
+		printk("hostile: unknown, ignored\n");
+		return;
+	}
+	hcall(LHCALL_SEND_DMA, key, __pa(&dma), 0);
+	printk("hostile: %s: still alive (used_len %u)\n", what, dma.used_len);
+}
+
+/* --- boot ----------------------------------------------------------------- */
+
+void __attribute__((noreturn)) start_kernel(u32 boot_pa);
+
+void start_kernel(u32 boot_pa)
+{
+	const u8 *boot = __va(boot_pa);
+	u32 e820_size_high, cmdline_pa, initrd_size, i;
+
+	lguest_init();
+	printk("lguest: booting\n");
+	idt_init();
+
+	/* Our memory: the first (only) E820 entry, {u64 addr, u64 size, u32 type}. */
+	ram_size = *(const u32 *)(boot + BOOT_E820_MAP + 8);
+	e820_size_high = *(const u32 *)(boot + BOOT_E820_MAP + 12);
+	if (boot[BOOT_E820_COUNT] < 1 || *(const u32 *)(boot + BOOT_E820_MAP + 16) != E820_RAM)
+		crash("no E820 memory map in the boot header");
+	if (e820_size_high || ram_size > MAX_RAM)
+		crash("too much memory: the device window would overlap RAM");
+
+	/* The command line, copied out of the boot page before we use it. */
+	cmdline_pa = *(const u32 *)(boot + BOOT_CMDLINE_PTR);
+	if (cmdline_pa && cmdline_pa < ram_size) {
+		const char *s = __va(cmdline_pa);
+
+		for (i = 0; i < sizeof(cmdline) - 1 && cmdline_pa + i < ram_size && s[i]; i++)
+			cmdline[i] = s[i];
+	}
+	printk("lguest: %u MiB of RAM, guest id %u, command line: %s\n",
+	       ram_size >> 20, lguest_data.guestid, cmdline);
+	parse_cmdline(cmdline);
+
+	/* The Launcher's page directory sits one page below the initrd. */
+	initrd_size = *(const u32 *)(boot + BOOT_INITRD_SIZE);
+	devices_init(ram_size - initrd_size - PAGE_SIZE);
+	console_init();
+	net_init(opt.promisc);
+	for (i = 0; i < num_net_devs && i < opt.num_ips; i++) {
+		net_devs[i].ip = opt.ip[i];
+		net_devs[i].netmask = opt.netmask[i];
+		printk("net%u: ip " IP_FMT " netmask " IP_FMT "\n", i,
+		       IP_ARGS(opt.ip[i]), IP_ARGS(opt.netmask[i]));
+	}
+	block_init();
+	irq_enable();
+	printk("lguest: ready\n");
+
+	if (opt.block_test)
+		block_test();
+	if (opt.hostile)
+		hostile(opt.hostile);
+	if (opt.num_targets) {
+		for (i = 0; i < opt.num_targets; i++)
+			ping_one(opt.targets[i], 0x4C00 | (lguest_data.guestid & 0xFF));
+		net_report();
+		crash(MSG_POWER_DOWN);
+	}
+	/* Nothing left to do but answer: sleep until each interrupt. */
+	for (;;)
+		lguest_halt();
+}

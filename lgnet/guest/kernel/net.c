@@ -1,0 +1,202 @@
+/*
+ * net.c - the lguest_net driver (drivers/net/lguest_net.c, Linux 2.6.23).
+ *
+ * An lguest network is one shared page: an array of 682 six-byte MAC
+ * addresses, one slot per Guest on the net (our slot is the low bits of the
+ * device's features).  A zero first byte means "nobody here"; bit 0 of the
+ * first byte (the multicast bit, meaningless in a unicast address) means
+ * "this Guest is promiscuous: send me everything".
+ *
+ * There is no switch.  Each Guest binds its receive buffers at the DMA key of
+ * its own slot (page address + 4 * slot) and a sender looks at the page to
+ * decide who gets a copy, sending one DMA to each recipient's key.  The Host
+ * copies the frame straight into the recipient's buffer and interrupts it.
+ */
+#include "kernel.h"
+
+struct net_dev net_devs[MAX_NET_DEVS];
+unsigned int num_net_devs;
+
+/* Eight receive buffers of one Ethernet frame each.  A DMA piece may not
+ * cross a page, so two buffers share each page, at 0 and 2048. */
+#define RX_STRIDE 2048
+struct rx_ring {
+	u8 buf[NUM_NET_RX_BUFFERS][RX_STRIDE];
+	struct lguest_dma dma[NUM_NET_RX_BUFFERS];
+};
+static struct rx_ring rx_rings[MAX_NET_DEVS] __attribute__((aligned(PAGE_SIZE)));
+
+/* One transmit buffer for everybody; callers hold interrupts off. */
+static u8 tx_buf[PAGE_SIZE] __attribute__((aligned(PAGE_SIZE)));
+static struct lguest_dma tx_dma;
+
+u8 *net_tx_buffer(void)
+{
+	return tx_buf;
+}
+
+/* Slot "peer" wants a frame for "dest" if its MAC (ignoring the promiscuous
+ * bit) is the destination: lguest_net's mac_eq(). */
+static int mac_eq(const u8 *dest, const volatile u8 *peer)
+{
+	unsigned int i;
+
+	if ((peer[0] & ~NET_PROMISC_BIT) != dest[0])
+		return 0;
+	for (i = 1; i < ETH_ALEN; i++)
+		if (peer[i] != dest[i])
+			return 0;
+	return 1;
+}
+
+/*
+ * Transmit the frame in tx_buf: one SEND_DMA per recipient.  Broadcast and
+ * multicast frames go to every other used slot; a unicast frame goes to
+ * promiscuous slots and to the slot whose MAC matches.  If the Host copied
+ * fewer bytes than we sent (nobody bound, or no free buffer even after one
+ * retry), used_len tells us: lguest_net counted that as a carrier error.
+ */
+void net_xmit(struct net_dev *dev, unsigned int len)
+{
+	const u8 *dest = tx_buf;
+	unsigned int i;
+
+	for (i = 0; i < NET_SLOTS; i++) {
+		const volatile u8 *peer = dev->macs[i];
+
+		if (i == dev->slot || peer[0] == 0)
+			continue;
+		if (!(dest[0] & NET_PROMISC_BIT) && !(peer[0] & NET_PROMISC_BIT)
+		    && !mac_eq(dest, peer))
+			continue;
+		tx_dma.used_len = 0;
+		tx_dma.addr[0] = __pa(tx_buf);
+		tx_dma.len[0] = len;
+		tx_dma.len[1] = 0;
+		hcall(LHCALL_SEND_DMA, dev->page_pa + NET_PEER_KEY_STRIDE * i,
+		      __pa(&tx_dma), 0);
+		if (tx_dma.used_len != len)
+			dev->tx_carrier_errors++;
+	}
+	dev->tx_packets++;
+}
+
+/* Somebody else's key on this net, for the hostile tests: the first other
+ * used slot, or else the slot after ours. */
+u32 net_peer_key(struct net_dev *dev)
+{
+	unsigned int i;
+
+	for (i = 0; i < NET_SLOTS; i++)
+		if (i != dev->slot && dev->macs[i][0])
+			return dev->page_pa + NET_PEER_KEY_STRIDE * i;
+	return dev->page_pa + NET_PEER_KEY_STRIDE * ((dev->slot + 1) % NET_SLOTS);
+}
+
+/*
+ * The receive interrupt: take every buffer the Host filled (used_len != 0),
+ * hand believable frames up, and give each buffer back by clearing used_len
+ * once we are done with its contents.
+ */
+static void net_irq(unsigned int irq)
+{
+	unsigned int d, i;
+
+	for (d = 0; d < num_net_devs; d++) {
+		struct net_dev *dev = &net_devs[d];
+		struct rx_ring *ring = &rx_rings[d];
+
+		if (dev->irq != irq)
+			continue;
+		for (i = 0; i < NUM_NET_RX_BUFFERS; i++) {
+			u32 len = *(volatile u32 *)&ring->dma[i].used_len;
+
+			if (len == 0)
+				continue;
+			if (len < ETH_HLEN || len > ETH_FRAME_LEN) {
+				dev->rx_length_errors++;
+			} else {
+				dev->rx_packets++;
+				eth_input(dev, ring->buf[i], len);
+			}
+			barrier();
+			ring->dma[i].used_len = 0;
+		}
+	}
+}
+
+/*
+ * Bring up every net device: our MAC is 02:00 followed by our guest id
+ * (little-endian) and two zeroes, written into our slot (with the
+ * promiscuous bit if asked); then the receive buffers are bound at our key.
+ */
+void net_init(int promisc)
+{
+	struct lguest_device_desc *desc;
+	unsigned int nth, index, i;
+
+	for (nth = 0; (desc = find_device(LGUEST_DEVICE_T_NET, nth, &index)); nth++) {
+		struct net_dev *dev;
+		struct rx_ring *ring;
+
+		if (num_net_devs == MAX_NET_DEVS) {
+			printk("net: only %u net devices supported\n", MAX_NET_DEVS);
+			break;
+		}
+		dev = &net_devs[num_net_devs];
+		ring = &rx_rings[num_net_devs];
+		memset(dev, 0, sizeof(*dev));
+		dev->slot = desc->features & NET_SLOT_FEATURE_MASK;
+		dev->nocsum = !!(desc->features & LGUEST_NET_F_NOCSUM);
+		dev->irq = index + 1;
+		if (dev->slot >= NET_SLOTS || desc->num_pages < 1) {
+			printk("net%u: bad slot %u\n", num_net_devs, dev->slot);
+			desc->status |= LGUEST_DEVICE_S_FAILED;
+			continue;
+		}
+		dev->page_pa = desc->pfn * PAGE_SIZE;
+		dev->macs = device_map(desc);
+		dev->mac[0] = 0x02;
+		dev->mac[1] = 0x00;
+		dev->mac[2] = lguest_data.guestid & 0xFF;
+		dev->mac[3] = lguest_data.guestid >> 8;
+		dev->mac[4] = dev->mac[5] = 0;
+
+		memcpy(dev->macs[dev->slot], dev->mac, ETH_ALEN);
+		if (promisc)
+			dev->macs[dev->slot][0] |= NET_PROMISC_BIT;
+
+		for (i = 0; i < NUM_NET_RX_BUFFERS; i++) {
+			memset(&ring->dma[i], 0, sizeof(ring->dma[i]));
+			ring->dma[i].addr[0] = __pa(ring->buf[i]);
+			ring->dma[i].len[0] = ETH_FRAME_LEN;
+		}
+		num_net_devs++;
+		request_irq(dev->irq, net_irq);
+		if (!hcall(LHCALL_BIND_DMA, dev->page_pa + NET_PEER_KEY_STRIDE * dev->slot,
+			   __pa(ring->dma), (NUM_NET_RX_BUFFERS << BIND_NUM_SHIFT) | dev->irq)) {
+			printk("net%u: could not bind receive buffers\n", num_net_devs - 1);
+			memset(dev->macs[dev->slot], 0, ETH_ALEN);
+			desc->status |= LGUEST_DEVICE_S_FAILED;
+			num_net_devs--;
+			continue;
+		}
+		dev->up = 1;
+		device_ready(desc);
+		printk("net%u: slot %u, mac %02x:%02x:%02x:%02x:%02x:%02x%s%s\n",
+		       num_net_devs - 1, dev->slot, dev->mac[0], dev->mac[1], dev->mac[2],
+		       dev->mac[3], dev->mac[4], dev->mac[5], promisc ? ", promiscuous" : "",
+		       dev->nocsum ? ", nocsum" : "");
+	}
+}
+
+void net_report(void)
+{
+	unsigned int d;
+
+	for (d = 0; d < num_net_devs; d++)
+		printk("net%u: tx %u packets, rx %u packets, %u carrier errors, "
+		       "%u length errors\n", d, net_devs[d].tx_packets,
+		       net_devs[d].rx_packets, net_devs[d].tx_carrier_errors,
+		       net_devs[d].rx_length_errors);
+}
