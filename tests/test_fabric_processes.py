@@ -1,80 +1,16 @@
 """The fabric as it runs: a real broker process, real launcher processes, real shared memory
 and real fcntl locks. Nothing here is faked; every test has a timeout so a hang fails."""
-import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from conftest import ENV, REPO, Guests, lgnet_shm, stats
 from lgnet import abi, netfile, wire
 
-REPO = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, PYTHONPATH=str(REPO))
 pytestmark = pytest.mark.timeout(90)
-
-
-def lgnet_shm() -> list[str]:
-    return [name for name in os.listdir("/dev/shm") if "lgnet" in name]
-
-
-@pytest.fixture
-def broker(tmp_path):
-    path = str(tmp_path / "run" / "broker.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "lgnet", "broker", "--socket", path],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
-    assert b"listening on" in proc.stdout.readline()
-    yield path
-    if proc.poll() is None:
-        proc.terminate()
-        proc.wait(5)
-    proc.stdout.close()
-
-
-class Guests:
-    """Launcher processes started by a test, all reaped at the end."""
-
-    def __init__(self, broker_path: str):
-        self.broker_path = broker_path
-        self.procs: list[subprocess.Popen] = []
-
-    def launch(self, *nets, kernel="python:", args=()) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "lgnet", "launch", "--broker", self.broker_path,
-               "--no-console-input"]
-        for net in nets:
-            cmd += ["--sharenet", str(net)]
-        proc = subprocess.Popen(cmd + ["16", kernel, *args], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
-        self.procs.append(proc)
-        return proc
-
-    def finish(self, proc, timeout=30) -> str:
-        out, _ = proc.communicate(timeout=timeout)
-        return out.decode()
-
-    def close(self):
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate()
-
-
-@pytest.fixture
-def guests(broker):
-    g = Guests(broker)
-    yield g
-    g.close()
-
-
-def stats(broker_path: str) -> list[dict]:
-    channel = wire.Channel(broker_path)
-    try:
-        return json.loads(channel.call(wire.OP_STATS).tail)
-    finally:
-        channel.close()
 
 
 def received(output: str) -> list[str]:
@@ -204,8 +140,8 @@ def test_a_hostile_guest_is_killed_with_its_reason_while_the_others_continue(
         assert int(peer_out.strip().splitlines()[-1].split()[1]) > 10
 
 
-def test_lgnet_up_three_guests_exits_0_and_prints_the_table():
-    result = subprocess.run([sys.executable, "-m", "lgnet", "up", "scenarios/three-guests.yaml"],
+def test_lgnet_up_python_guests_exits_0_and_prints_the_table():
+    result = subprocess.run([sys.executable, "-m", "lgnet", "up", "scenarios/python-guests.yaml"],
                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     table = result.stdout.split("\nguest ", 1)[1].splitlines()

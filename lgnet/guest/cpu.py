@@ -518,7 +518,7 @@ class GuestCpu:
                 elif call == abi.LHCALL_HALT:
                     self._halted = True
             if self._reason is None:
-                self._resume()
+                self._back_from_hypercall()
         except GuestStopped as stopped:
             self._finish(stopped.reason)
 
@@ -648,6 +648,18 @@ class GuestCpu:
         self._ring_next = n
 
     # --- resuming the guest: time and interrupts -------------------------------------------
+
+    def _back_from_hypercall(self) -> None:
+        """Interrupts are never delivered from inside the hook: moving ESP and EIP there
+        races with a slice's emu_stop (Unicorn may then keep the old EIP with the new ESP, and
+        the guest returns through a stack 12 bytes off). When there is something to deliver
+        or a HALT to sleep in, stop and let the run loop do it with the emulator at rest."""
+        if self._halted or self.host.pending_irqs():
+            self._uc.emu_stop()
+        elif self._data is not None:
+            now = time.time_ns()
+            abi.TIMESPEC.pack_into(self._data, abi.LGUEST_DATA_TIME,
+                                   (now // _NSEC) & abi.U32_MASK, now % _NSEC)
 
     def _resume(self) -> None:
         """What lguest did on every way back into the guest."""

@@ -124,6 +124,20 @@ static void arp_learn(u32 ip, const u8 *mac)
 	memcpy(slot, mac, ETH_ALEN);
 }
 
+/* What we learned, printed at power-down like `arp -n`. */
+void arp_report(void)
+{
+	unsigned int i;
+
+	for (i = 0; i < ARP_CACHE_SIZE; i++) {
+		const u8 *m = arp_cache[i].mac;
+
+		if (arp_cache[i].ip)
+			printk("arp: " IP_FMT " at %02x:%02x:%02x:%02x:%02x:%02x\n",
+			       IP_ARGS(arp_cache[i].ip), m[0], m[1], m[2], m[3], m[4], m[5]);
+	}
+}
+
 /* Start a frame in the transmit buffer; returns where its payload goes. */
 static void *eth_build(struct net_dev *dev, const u8 *dst, u16 proto)
 {

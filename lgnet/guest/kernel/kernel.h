@@ -117,6 +117,9 @@ void net_init(int promisc);
 u8 *net_tx_buffer(void);
 void net_xmit(struct net_dev *dev, unsigned int len);
 u32 net_peer_key(struct net_dev *dev);
+unsigned int net_peer_count(struct net_dev *dev);
+void net_publish(int promisc);
+void arp_report(void);
 void net_report(void);
 
 /* ip.c */

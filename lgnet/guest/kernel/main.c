@@ -14,8 +14,13 @@
  *   count=N                echo requests per target (default 3)
  *   interval=MS            between two requests (default 1000)
  *   timeout=MS             for ARP, and for the last replies (default 1000)
+ *   peers=N                before pinging, wait (up to 10 s) until N other
+ *                          Guests have a MAC on the first net
+ *   linger=MS              after pinging, keep answering this long before
+ *                          powering down (so slower peers get their replies)
  *   promisc                set the promiscuous bit in our net slots
  *   block=test             write sector 1, read sectors 0-1 back, print them
+ *   poweroff               power down when done, even without ping=
  *   hostile=WHAT           misbehave, for the Host's tests: baddma, badkey,
  *                          crosspage, crash, spin or fault
  *
@@ -25,6 +30,7 @@
 
 #define MAX_TARGETS 16
 #define DEFAULT_PREFIX 24
+#define PEERS_WAIT_MS 10000
 
 static char cmdline[1024];
 
@@ -33,8 +39,8 @@ static struct {
 	unsigned int num_ips;
 	u32 targets[MAX_TARGETS];
 	unsigned int num_targets;
-	u32 count, interval_ms, timeout_ms;
-	int promisc, block_test;
+	u32 count, interval_ms, timeout_ms, peers, linger_ms;
+	int promisc, block_test, poweroff;
 	const char *hostile;
 } opt = { .count = 3, .interval_ms = 1000, .timeout_ms = 1000 };
 
@@ -103,6 +109,12 @@ static void parse_cmdline(char *s)
 			opt.interval_ms = parse_uint(&v);
 		else if ((v = option(word, "timeout")))
 			opt.timeout_ms = parse_uint(&v);
+		else if ((v = option(word, "peers")))
+			opt.peers = parse_uint(&v);
+		else if ((v = option(word, "linger")))
+			opt.linger_ms = parse_uint(&v);
+		else if (strcmp(word, "poweroff") == 0)
+			opt.poweroff = 1;
 		else if ((v = option(word, "block")))
 			opt.block_test = strcmp(v, "test") == 0;
 		else if ((v = option(word, "hostile")))
@@ -195,6 +207,18 @@ static void ping_one(u32 target, u16 id)
 		print_ms(max, sizeof(max), ping.max);
 		printk("rtt min/avg/max = %s/%s/%s ms\n", min, mean, max);
 	}
+}
+
+/* --- peers= and linger= -------------------------------------------------- */
+
+static int enough_peers(void)
+{
+	return net_peer_count(&net_devs[0]) >= opt.peers;
+}
+
+static int never(void)
+{
+	return 0;
 }
 
 /* --- block=test ----------------------------------------------------------- */
@@ -323,6 +347,7 @@ void start_kernel(u32 boot_pa)
 		printk("net%u: ip " IP_FMT " netmask " IP_FMT "\n", i,
 		       IP_ARGS(opt.ip[i]), IP_ARGS(opt.netmask[i]));
 	}
+	net_publish(opt.promisc);
 	block_init();
 	irq_enable();
 	printk("lguest: ready\n");
@@ -331,10 +356,14 @@ void start_kernel(u32 boot_pa)
 		block_test();
 	if (opt.hostile)
 		hostile(opt.hostile);
-	if (opt.num_targets) {
+	if (opt.peers && num_net_devs)
+		wait_until(now_ns() + (u64)PEERS_WAIT_MS * NSEC_PER_MSEC, enough_peers);
+	if (opt.num_targets || opt.poweroff) {
 		for (i = 0; i < opt.num_targets; i++)
 			ping_one(opt.targets[i], 0x4C00 | (lguest_data.guestid & 0xFF));
+		wait_until(now_ns() + (u64)opt.linger_ms * NSEC_PER_MSEC, never);
 		net_report();
+		arp_report();
 		crash(MSG_POWER_DOWN);
 	}
 	/* Nothing left to do but answer: sleep until each interrupt. */

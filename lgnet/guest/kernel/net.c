@@ -94,6 +94,35 @@ u32 net_peer_key(struct net_dev *dev)
 }
 
 /*
+ * Announce ourselves: our MAC goes into our slot (with the promiscuous bit if
+ * asked) only now that our receive buffers are bound and our address is set,
+ * so a peer that sees it can send to us at once and get an answer.
+ */
+void net_publish(int promisc)
+{
+	unsigned int d;
+
+	for (d = 0; d < num_net_devs; d++) {
+		struct net_dev *dev = &net_devs[d];
+
+		memcpy(dev->macs[dev->slot], dev->mac, ETH_ALEN);
+		if (promisc)
+			dev->macs[dev->slot][0] |= NET_PROMISC_BIT;
+	}
+}
+
+/* How many other Guests have a MAC in this net's page right now. */
+unsigned int net_peer_count(struct net_dev *dev)
+{
+	unsigned int i, n = 0;
+
+	for (i = 0; i < NET_SLOTS; i++)
+		if (i != dev->slot && dev->macs[i][0])
+			n++;
+	return n;
+}
+
+/*
  * The receive interrupt: take every buffer the Host filled (used_len != 0),
  * hand believable frames up, and give each buffer back by clearing used_len
  * once we are done with its contents.
@@ -162,10 +191,6 @@ void net_init(int promisc)
 		dev->mac[3] = lguest_data.guestid >> 8;
 		dev->mac[4] = dev->mac[5] = 0;
 
-		memcpy(dev->macs[dev->slot], dev->mac, ETH_ALEN);
-		if (promisc)
-			dev->macs[dev->slot][0] |= NET_PROMISC_BIT;
-
 		for (i = 0; i < NUM_NET_RX_BUFFERS; i++) {
 			memset(&ring->dma[i], 0, sizeof(ring->dma[i]));
 			ring->dma[i].addr[0] = __pa(ring->buf[i]);
@@ -176,7 +201,6 @@ void net_init(int promisc)
 		if (!hcall(LHCALL_BIND_DMA, dev->page_pa + NET_PEER_KEY_STRIDE * dev->slot,
 			   __pa(ring->dma), (NUM_NET_RX_BUFFERS << BIND_NUM_SHIFT) | dev->irq)) {
 			printk("net%u: could not bind receive buffers\n", num_net_devs - 1);
-			memset(dev->macs[dev->slot], 0, ETH_ALEN);
 			desc->status |= LGUEST_DEVICE_S_FAILED;
 			num_net_devs--;
 			continue;

@@ -1,0 +1,99 @@
+"""Real guests: lgnet's bundled i386 kernel under Unicorn, one launcher process each, talking
+through the real broker. These are the end-to-end tests of the Unicorn issue."""
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ENV, REPO, lgnet_shm
+from lgnet import abi
+
+pytestmark = pytest.mark.timeout(120)
+PINGS = "count=3 interval=100 linger=800"
+
+
+def up(scenario, *extra, timeout=90) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lgnet", "up", str(scenario), *extra],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def lines_of(output: str, guest: str) -> list[str]:
+    prefix = guest + ": "
+    return [line[len(prefix):] for line in output.splitlines() if line.startswith(prefix)]
+
+
+def test_three_guests_ping_each_other_with_no_loss_and_learn_arp():
+    result = up("scenarios/three-guests.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    ips = {"alpha": "10.0.0.1", "beta": "10.0.0.2", "gamma": "10.0.0.3"}
+    for name, ip in ips.items():
+        console = lines_of(result.stdout, name)
+        assert console[0] == "lguest: booting"
+        assert console.count("3 packets transmitted, 3 received, 0% packet loss") == 2, console
+        learned = sorted(re.findall(r"arp: (\S+) at 02:00:", "\n".join(console)))
+        assert learned == sorted(set(ips.values()) - {ip}), console
+    assert [line.split()[-2:] for line in result.stdout.splitlines()[-3:]] == [
+        ["powered", "down"]] * 3
+    assert lgnet_shm() == []
+
+
+def test_block_device_write_then_read_round_trip(guests, tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"sector zero says hello".ljust(abi.SECTOR_SIZE, b"\0")
+                     + bytes(7 * abi.SECTOR_SIZE))
+    proc = guests.launch(kernel="bundled", block=disk, args=["block=test", "poweroff"])
+    out = guests.finish(proc)
+    assert "block: sector 0: sector zero says hello" in out, out
+    assert "block: test passed" in out, out
+    written = disk.read_bytes()[abi.SECTOR_SIZE:2 * abi.SECTOR_SIZE]
+    assert written.startswith(b"lgnet block test: sector 1 written by guest ")
+    assert disk.stat().st_size == 8 * abi.SECTOR_SIZE
+
+
+@pytest.mark.parametrize("act, reason", [
+    ("baddma", "bad DMA entry: 8192@0xfffff000"),
+    ("crosspage", "bad DMA entry: 64@0x"),
+    ("badkey", "bad sending DMA key"),
+    ("crash", "CRASH: hostile guest"),
+    ("fault", "guest fault at EIP 0xc01"),
+])
+def test_a_hostile_kernel_is_killed_with_its_reason_while_the_others_keep_pinging(
+        guests, tmp_path, act, reason):
+    lan = tmp_path / "lan0.net"
+    a = guests.launch(lan, kernel="bundled", args=["ip=10.0.0.1/24", "peers=2",
+                                                   "ping=10.0.0.2", "count=15", "interval=100",
+                                                   "linger=500"])
+    b = guests.launch(lan, kernel="bundled", args=["ip=10.0.0.2/24", "peers=2",
+                                                   "ping=10.0.0.1", "count=15", "interval=100",
+                                                   "linger=500"])
+    time.sleep(0.5)
+    hostile = guests.launch(lan, kernel="bundled", args=["peers=2", "hostile=" + act])
+    out = guests.finish(hostile)
+    assert hostile.returncode == 1, out
+    assert "lgnet: guest died: " + reason in out, out
+    for peer in (a, b):
+        peer_out = guests.finish(peer)
+        assert peer.returncode == 0, peer_out
+        assert "15 packets transmitted, 15 received, 0% packet loss" in peer_out, peer_out
+
+
+def test_a_runaway_guest_is_stopped_by_duration_while_the_others_ping(tmp_path):
+    scenario = tmp_path / "runaway.yaml"
+    scenario.write_text(
+        "networks: {lan0: {}}\nguests:\n"
+        "  - {name: spinner, kernel: bundled, nets: [lan0], cmdline: hostile=spin}\n"
+        "  - {name: a, kernel: bundled, nets: [lan0], cmdline: 'ip=10.0.0.1/24 peers=2 "
+        "ping=10.0.0.2 %s'}\n"
+        "  - {name: b, kernel: bundled, nets: [lan0], cmdline: 'ip=10.0.0.2/24 peers=2 "
+        "ping=10.0.0.1 %s'}\n" % (PINGS, PINGS))
+    started = time.monotonic()
+    result = up(scenario, "--duration", "6")
+    assert time.monotonic() - started < 20
+    for name in ("a", "b"):
+        assert "3 packets transmitted, 3 received, 0% packet loss" in lines_of(result.stdout, name)
+    row = next(line for line in result.stdout.splitlines() if line.startswith("spinner "))
+    assert row.endswith("stopped by the lab"), result.stdout
+    assert result.returncode == 0, result.stdout
+    assert lgnet_shm() == []
