@@ -98,3 +98,12 @@ def test_lguest_h_mirrors_abi_py():
 def test_magic_in_head_s_is_abi_magic():
     head = (KERNEL_DIR / "head.S").read_text()
     assert '.ascii "%s"' % abi.LGUEST_MAGIC.decode() in head
+
+
+@pytest.mark.timeout(60)
+def test_the_rebuilt_kernel_boots_under_the_broker(built_kernel, guests):
+    proc = guests.launch(kernel=str(built_kernel), args=["poweroff"])
+    out = guests.finish(proc)
+    assert proc.returncode == 0, out
+    assert out.splitlines()[0] == "lguest: booting"
+    assert "lguest: ready" in out
