@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import ENV, REPO, lgnet_shm
+from conftest import ENV, REPO, lgnet_shm, stats
 from lgnet import abi
 
 pytestmark = pytest.mark.timeout(120)
@@ -97,3 +97,20 @@ def test_a_runaway_guest_is_stopped_by_duration_while_the_others_ping(tmp_path):
     assert row.endswith("stopped by the lab"), result.stdout
     assert result.returncode == 0, result.stdout
     assert lgnet_shm() == []
+
+
+@pytest.mark.parametrize("misuse, reason", [
+    ("pastend", "Write past end 3584+1024"),
+    ("badsector", "Bad offset 6144 vs 4096"),
+])
+def test_the_block_device_refuses_what_the_reference_launcher_refused(guests, broker, tmp_path,
+                                                                      misuse, reason):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(8 * abi.SECTOR_SIZE))
+    proc = guests.launch(kernel="python:tests.guests.blocky", block=disk,
+                         args=["block=" + misuse])
+    out = guests.finish(proc)
+    assert proc.returncode == 1
+    assert "lgnet: guest died: " + reason in out
+    assert disk.stat().st_size == 8 * abi.SECTOR_SIZE       # trimmed back, never grown
+    assert [row["dead"] for row in stats(broker) if row["pid"] == proc.pid] == [reason]

@@ -51,7 +51,12 @@ class BrokerHost:
                 self.handle_input()
                 self.channel.call(wire.OP_BREAK, 0)
             if reply.flags & wire.FLAG_PENDING_DMA:
-                self.handle_output(reply.arg0, reply.arg1)
+                try:
+                    self.handle_output(reply.arg0, reply.arg1)
+                except GuestStopped as stopped:
+                    # The Launcher's device refused the guest: the Host records why.
+                    self.kill(stopped.reason)
+                    raise
                 if reply.tail == b"deferred":
                     continue          # the async ring stopped before this call: make it now
             elif reply.result < 0 and call != abi.LHCALL_HALT:
