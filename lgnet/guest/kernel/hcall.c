@@ -170,6 +170,7 @@ u64 now_ns(void)
  * Sleep until "deadline" (ns, as now_ns()) or until done() says so.  done()
  * is asked with interrupts off, so nothing can slip in between its answer
  * and our HALT (lguest_halt enables interrupts and halts in one step).
+ * Frames that arrived while interrupts were off are taken first (net_poll).
  */
 void wait_until(u64 deadline, int (*done)(void))
 {
@@ -182,6 +183,7 @@ void wait_until(u64 deadline, int (*done)(void))
 	}
 	for (;;) {
 		irq_save();
+		net_poll();
 		now = now_ns();
 		if ((done && done()) || now >= deadline)
 			break;

@@ -120,6 +120,7 @@ u32 net_peer_key(struct net_dev *dev);
 unsigned int net_peer_count(struct net_dev *dev);
 void net_publish(int promisc);
 void arp_report(void);
+void net_poll(void);
 void net_report(void);
 
 /* ip.c */

@@ -172,7 +172,7 @@ static void ping_one(u32 target, u16 id)
 	struct net_dev *dev = route(target);
 	u64 interval = (u64)opt.interval_ms * NSEC_PER_MSEC;
 	u64 timeout = (u64)opt.timeout_ms * NSEC_PER_MSEC;
-	u64 start, avg;
+	u64 sent, avg;
 	char min[24], mean[24], max[24];
 	u32 seq;
 
@@ -186,12 +186,14 @@ static void ping_one(u32 target, u16 id)
 	ping.target = target;
 	arp_resolve(dev, target, timeout);
 
-	start = now_ns();
+	/* Like ping(8), the next request goes an interval after this one: a
+	 * Guest that was held up does not catch up with a burst. */
 	for (seq = 1; seq <= opt.count; seq++) {
+		sent = now_ns();
 		ping_send(dev, target, id, seq);
 		ping.transmitted++;
 		if (seq < opt.count)
-			wait_until(start + seq * interval, ping_drain);
+			wait_until(sent + interval, ping_drain);
 	}
 	wait_until(now_ns() + timeout, ping_all_back);
 

@@ -123,35 +123,53 @@ unsigned int net_peer_count(struct net_dev *dev)
 }
 
 /*
- * The receive interrupt: take every buffer the Host filled (used_len != 0),
- * hand believable frames up, and give each buffer back by clearing used_len
- * once we are done with its contents.
+ * Receiving: take every buffer the Host filled (used_len != 0), hand
+ * believable frames up, and give each buffer back by clearing used_len once
+ * we are done with its contents.  Called with interrupts off.
  */
+static void net_rx(struct net_dev *dev, struct rx_ring *ring)
+{
+	unsigned int i;
+
+	for (i = 0; i < NUM_NET_RX_BUFFERS; i++) {
+		u32 len = *(volatile u32 *)&ring->dma[i].used_len;
+
+		if (len == 0)
+			continue;
+		if (len < ETH_HLEN || len > ETH_FRAME_LEN) {
+			dev->rx_length_errors++;
+		} else {
+			dev->rx_packets++;
+			eth_input(dev, ring->buf[i], len);
+		}
+		barrier();
+		ring->dma[i].used_len = 0;
+	}
+}
+
+/* The receive interrupt. */
 static void net_irq(unsigned int irq)
 {
-	unsigned int d, i;
+	unsigned int d;
 
-	for (d = 0; d < num_net_devs; d++) {
-		struct net_dev *dev = &net_devs[d];
-		struct rx_ring *ring = &rx_rings[d];
+	for (d = 0; d < num_net_devs; d++)
+		if (net_devs[d].irq == irq)
+			net_rx(&net_devs[d], &rx_rings[d]);
+}
 
-		if (dev->irq != irq)
-			continue;
-		for (i = 0; i < NUM_NET_RX_BUFFERS; i++) {
-			u32 len = *(volatile u32 *)&ring->dma[i].used_len;
+/*
+ * The same work without the interrupt.  The Host can only interrupt us when
+ * it has control (a hypercall, the end of a time slice) and interrupts are
+ * on; a Guest busy with interrupts mostly off would otherwise let its eight
+ * buffers fill up and the Host drop frames.  So whoever waits polls too (the
+ * idea Linux calls NAPI).  Interrupts must be off.
+ */
+void net_poll(void)
+{
+	unsigned int d;
 
-			if (len == 0)
-				continue;
-			if (len < ETH_HLEN || len > ETH_FRAME_LEN) {
-				dev->rx_length_errors++;
-			} else {
-				dev->rx_packets++;
-				eth_input(dev, ring->buf[i], len);
-			}
-			barrier();
-			ring->dma[i].used_len = 0;
-		}
-	}
+	for (d = 0; d < num_net_devs; d++)
+		net_rx(&net_devs[d], &rx_rings[d]);
 }
 
 /*
