@@ -18,10 +18,8 @@ import importlib
 import mmap
 import os
 import secrets
-import select
 import signal
 import sys
-import threading
 from dataclasses import dataclass, field
 
 import posix_ipc
@@ -29,6 +27,7 @@ import posix_ipc
 from lgnet import abi, netfile, wire
 from lgnet.errors import LgnetError
 from lgnet.guest import devices as devs
+from lgnet.guest import loader
 from lgnet.guest.host import BrokerHost, GuestStopped
 from lgnet.guest.physmem import PhysMap
 
@@ -112,7 +111,7 @@ class Launcher:
         self.setup_devices()
         ram, ram_fd = self.create_memory()
         layout = self.devices.place(ram, ram_fd, self.phys)
-        boot = load_guest(self.phys, ram, self.mem, cfg.kernel, cfg.args, cfg.initrd)
+        boot = load_guest(ram, self.mem, cfg.kernel, cfg.args, cfg.initrd)
         self.channel = self.connect()
         self.closers.append(self.channel.close)
         fds = [ram_fd] + self.devices.shared_fds()
@@ -185,26 +184,15 @@ class Launcher:
         self.closers.clear()
 
 
-def load_guest(phys: PhysMap, ram, mem: int, kernel: str, args: list[str],
-               initrd: str | None) -> devs.BootInfo:
+def load_guest(ram, mem: int, kernel: str, args: list[str],
+               initrd: str | None) -> loader.BootInfo:
     """A Python kernel needs only the boot header; a real one goes through the loader."""
     if not kernel.startswith(PYTHON_KERNEL):
-        from lgnet.guest import loader
-        info = loader.boot_guest(memoryview(ram)[:mem], mem, kernel, args, initrd)
-        return devs.BootInfo(info.start, info.pgdir, info.page_offset, info.initrd_size)
+        return loader.boot_guest(memoryview(ram)[:mem], mem, kernel, args, initrd)
     if initrd:
         raise LgnetError("--initrd needs a real kernel, not %s" % kernel)
-    write_boot_header(phys, mem, args)
-    return devs.BootInfo(0, 0, 0)
-
-
-def write_boot_header(phys: PhysMap, mem: int, args: list[str]) -> None:
-    """The parts of the Linux boot header a guest reads: E820, command line, paravirt type."""
-    phys.write(abi.BOOT_E820_COUNT, b"\1")
-    phys.write(abi.BOOT_E820_MAP, abi.E820_ENTRY.pack(0, mem, abi.E820_RAM))
-    phys.write_u32(abi.BOOT_CMDLINE_PTR, abi.BOOT_CMDLINE)
-    phys.write(abi.BOOT_CMDLINE, " ".join(args).encode()[:abi.PAGE_SIZE - 1] + b"\0")
-    phys.write_u32(abi.BOOT_PARAVIRT_TYPE, abi.PARAVIRT_LGUEST)
+    loader.write_boot_header(memoryview(ram)[:mem], mem, args)
+    return loader.BootInfo(0, 0, 0, 0)
 
 
 def run_guest(kernel: str, phys: PhysMap, mem: int, host: BrokerHost, boot) -> str:

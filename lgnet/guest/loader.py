@@ -271,15 +271,22 @@ def boot_guest(ram, mem: int, kernel_path, args: list[str],
 
     pgdir = _setup_pagetables(ram, mem, initrd_size, kernel.page_offset, kernel_end)
 
+    write_boot_header(ram, mem, args)
+    return BootInfo(kernel.entry, pgdir, kernel.page_offset, initrd_size)
+
+
+def write_boot_header(ram, mem: int, args: list[str]) -> None:
+    """The parts of the Linux boot header every guest reads (a Python guest too)."""
+    ram = memoryview(ram).cast("B")
+    boot = ram[:abi.PAGE_SIZE]
     # The E820 memory map: one simple region of RAM.
     _U8.pack_into(boot, abi.BOOT_E820_COUNT, 1)
     abi.E820_ENTRY.pack_into(boot, abi.BOOT_E820_MAP, 0, mem, abi.E820_RAM)
     # The command line goes after the boot header, at 4096.
     _U32.pack_into(boot, abi.BOOT_CMDLINE_PTR, abi.BOOT_CMDLINE)
-    _put(ram, abi.BOOT_CMDLINE, cmdline)
+    _put(ram, abi.BOOT_CMDLINE, _command_line(args))
     # Paravirt type 1: "you are under lguest".
     _U32.pack_into(boot, abi.BOOT_PARAVIRT_TYPE, abi.PARAVIRT_LGUEST)
-    return BootInfo(kernel.entry, pgdir, kernel.page_offset, initrd_size)
 
 
 def write_device_descriptors(page, descs) -> None:

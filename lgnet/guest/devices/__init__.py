@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from lgnet import abi, wire
+from lgnet.guest.loader import write_device_descriptors
 from lgnet.guest.physmem import PhysMap
 
 
@@ -34,14 +35,6 @@ class Device:
     page: int = 0                         # guest-physical address of the first page
     state: dict = field(default_factory=dict)
     close: Callable[[], None] | None = None
-
-
-@dataclass(frozen=True)
-class BootInfo:
-    start: int
-    pgdir: int
-    page_offset: int
-    initrd_size: int = 0
 
 
 class DeviceList:
@@ -92,7 +85,7 @@ class DeviceList:
         next_private = mem + abi.PAGE_SIZE
         top = abi.LGUEST_GUEST_TOP
         shared_index = 1
-        for i, device in enumerate(self.list):
+        for device in self.list:
             if device.num_pages:
                 size = device.num_pages * abi.PAGE_SIZE
                 top -= size
@@ -107,11 +100,11 @@ class DeviceList:
                     next_private += size
                 if device.watch_key is None and device.handle_output is not None:
                     device.watch_key = top
-            desc = abi.LGUEST_DEVICE_DESC.pack(device.type, device.features, 0,
-                                               device.num_pages, device.page // abi.PAGE_SIZE)
-            phys.write(mem + i * abi.LGUEST_DEVICE_DESC_SIZE, desc)
             if device.state.get("init") is not None:
                 device.state["init"](phys, device)
+        write_device_descriptors(phys.view(mem, abi.PAGE_SIZE),
+                                 [(d.type, d.features, d.num_pages, d.page // abi.PAGE_SIZE)
+                                  for d in self.list])
         self.control_offset = next_private
         return regions
 
