@@ -10,4 +10,8 @@ def __getattr__(name: str):
             return version("lgnet")
         except PackageNotFoundError:        # a source tree that was never installed
             return "0+unknown"
+    if name == "up":
+        # `with lgnet.up("scenario.yaml") as lab:` (lgnet.lab.up), imported on first use.
+        from lgnet.lab import up
+        return up
     raise AttributeError(name)

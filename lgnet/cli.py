@@ -23,7 +23,8 @@ def cmd_broker(args) -> int:
     if not args.quiet:
         print("lgnet broker listening on %s (export LGNET_BROKER=%s)" % (path, path), flush=True)
     try:
-        run_broker(path, args.watch_fd, args.ready_fd)
+        run_broker(path, args.watch_fd, args.ready_fd, args.capture,
+                   dict(parse_net_name(text) for text in args.net))
     except OSError as exc:
         raise LgnetError("broker: %s" % (exc.strerror or exc)) from None
     return 0
@@ -42,9 +43,87 @@ def cmd_launch(args) -> int:
     return launch_main(config, args.die_with_parent)
 
 
+def parse_net_name(text: str) -> tuple[str, str]:
+    """--net NAME=PATH -> (PATH, NAME)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise LgnetError("--net wants NAME=PATH, got %r" % text)
+    return path, name
+
+
 def cmd_up(args) -> int:
     from lgnet.lab import run_up
-    return run_up(args.scenario, duration=args.duration, out=sys.stdout)
+    return run_up(args.scenario, duration=args.duration, out=sys.stdout, pcap=args.pcap)
+
+
+def cmd_test(args) -> int:
+    from lgnet.lab import run_test
+    return run_test(args.scenario, out=sys.stdout, pcap=args.pcap)
+
+
+def cmd_dump(args) -> int:
+    from lgnet.fabric import capture
+    from lgnet.packets import describe
+    path = args.target
+    if not os.path.isfile(path):
+        if args.pcap is None:
+            raise LgnetError("no capture file %s: give a .pcapng file, or a net name with "
+                             "--pcap DIR (the directory of `lgnet up --pcap DIR`)" % path)
+        path = os.path.join(args.pcap, args.target + capture.CAPTURE_SUFFIX)
+        if not os.path.isfile(path):
+            raise LgnetError("no capture of net %r in %s" % (args.target, args.pcap))
+    deliveries = capture.follow(path) if args.follow else capture.read_deliveries(path)
+    first = None
+    try:
+        for n, delivery in enumerate(deliveries, 1):
+            first = delivery.time if first is None else first
+            print("%5d %10.6f %s" % (n, delivery.time - first, describe(delivery)), flush=True)
+            if args.count is not None and n >= args.count:
+                break
+    except BrokenPipeError:
+        pass
+    return 0
+
+
+def cmd_slots(args) -> int:
+    from lgnet import netfile
+    if not os.path.isfile(args.netfile):
+        raise LgnetError("no net file %s" % args.netfile)
+    table = netfile.slot_table(args.netfile)
+    print("%4s  %-17s  %-7s  %-6s  %s" % ("slot", "mac", "promisc", "lock", "holder pids"))
+    for s in table:
+        print("%4d  %-17s  %-7s  %-6s  %s" % (
+            s.slot, s.mac_text, "yes" if s.promisc else "no",
+            "held" if s.locked else "stale" if s.stale else "free",
+            " ".join(map(str, s.pids)) or ("-" if not s.locked else "(not visible)")))
+    if not table:
+        print("(no slot in use)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from lgnet import bench
+    opts = bench.BenchOptions.make(sizes=args.sizes, seconds=args.seconds, rounds=args.rounds,
+                                   guests=args.guests, quick=args.quick)
+    print("lgnet bench: %d round(s); progress below, the table at the end" % opts.rounds,
+          flush=True)
+    result = bench.run_bench(opts, progress=sys.stdout)
+    print("\n" + bench.report(result))
+    if args.json:
+        bench.write_json(result, args.json)
+        print("\nwrote %s" % args.json)
+    if args.plot:
+        skipped = bench.plot(result, args.plot)
+        print("plot skipped: %s" % skipped if skipped else "wrote %s" % args.plot)
+    return 0
+
+
+def parse_sizes(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("sizes are whole numbers of bytes, comma-separated, "
+                                         "got %r" % text) from None
 
 
 def parse_mem(text: str) -> int:
@@ -68,11 +147,53 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("scenario", help="a scenario YAML file (see scenarios/)")
     up.add_argument("--duration", type=float, default=None,
                     help="stop after this many seconds (default: when every guest halted)")
+    up.add_argument("--pcap", metavar="DIR",
+                    help="record every delivery: DIR/<net>.pcapng per net (read it live with "
+                         "`lgnet dump`, tshark or scapy)")
     up.set_defaults(func=cmd_up)
+
+    test = sub.add_parser("test", help="run a scenario and check its expect: list "
+                          "(exit 0 all held, 1 one failed, 2 the scenario is wrong)")
+    test.add_argument("scenario", help="a scenario YAML file with an expect: list")
+    test.add_argument("--pcap", metavar="DIR", help="keep the capture in DIR")
+    test.set_defaults(func=cmd_test)
+
+    dump = sub.add_parser("dump", help="one decoded line per delivered frame of a capture")
+    dump.add_argument("target", metavar="PCAP|NET",
+                      help="a capture file, or a net name with --pcap DIR")
+    dump.add_argument("--pcap", metavar="DIR", help="where `lgnet up --pcap DIR` writes")
+    dump.add_argument("-f", "--follow", action="store_true",
+                      help="keep printing new frames until the broker stops writing")
+    dump.add_argument("-c", "--count", type=int, help="stop after this many frames")
+    dump.set_defaults(func=cmd_dump)
+
+    slots = sub.add_parser("slots", help="the live slot table of a net file")
+    slots.add_argument("netfile", metavar="NETFILE")
+    slots.set_defaults(func=cmd_slots)
+
+    bench = sub.add_parser("bench", help="throughput, latency and scale, with anchors "
+                           "measured in the same run")
+    bench.add_argument("--sizes", type=parse_sizes, metavar="B,B,...",
+                       help="frame sizes (default 60,1514,65536)")
+    bench.add_argument("--seconds", type=float, help="measuring time per run (default 1)")
+    bench.add_argument("--rounds", type=int, help="rounds; figures are medians (default 3)")
+    bench.add_argument("--guests", type=int, metavar="N",
+                       help="also fan out to N guests: the scale run (bring-up, RSS)")
+    bench.add_argument("--json", metavar="FILE", help="write every figure, the machine and "
+                       "the method as JSON")
+    bench.add_argument("--plot", metavar="FILE.png", help="throughput vs frame size "
+                       "(needs matplotlib: pip install 'lgnet[bench]')")
+    bench.add_argument("--quick", action="store_true",
+                       help="one short round, fan-out to 2 and 8: a smoke test")
+    bench.set_defaults(func=cmd_bench)
 
     broker = sub.add_parser("broker", help="run the Host: the broker launchers connect to")
     broker.add_argument("--socket", help="socket path (default: $LGNET_BROKER or per-user)")
     broker.add_argument("--quiet", action="store_true")
+    broker.add_argument("--capture", metavar="DIR",
+                        help="record every delivery: one pcapng per net file in DIR")
+    broker.add_argument("--net", action="append", default=[], metavar="NAME=PATH",
+                        help="name the capture of this net file (default: its file name)")
     broker.add_argument("--watch-fd", type=int, help=argparse.SUPPRESS)
     broker.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     broker.add_argument("--die-with-parent", action="store_true", help=argparse.SUPPRESS)

@@ -7,14 +7,21 @@ with the lab (PR_SET_PDEATHSIG) and the broker also watches a pipe whose other e
 lab holds, so even a SIGKILLed lab leaves nothing running; guest RAM never outlives its
 launcher (its shared-memory name is unlinked at creation).
 
-This is the Python API that `lgnet up`, the tests and the benchmark share.
+With capture on, the broker writes one pcapng per net (lgnet.fabric.capture) into the lab's
+capture directory; the lab tells the broker each net's name and each launcher's guest name, so
+the files speak the scenario's language. Host ports (`port()`) are guests too: each has its own
+launcher, which the lab owns like the others.
+
+This is the Python API that `lgnet up`, `lgnet test`, the tests and the benchmark share.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,14 +30,22 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from lgnet import abi, wire
+from lgnet import abi, netfile, wire
 from lgnet.errors import LgnetError
-from lgnet.scenario import GuestSpec, Scenario, load_scenario
+from lgnet.fabric import capture as pcapng
+from lgnet.scenario import NAME_PATTERN, GuestSpec, Scenario, load_scenario
 
 BROKER_START_SECONDS = 10
 TEARDOWN_GRACE_SECONDS = 1.0
 POWER_DOWN = abi.MSG_CRASH % abi.MSG_POWER_DOWN
 DEFAULT_AWAIT_SECONDS = 10
+PORT_MEM_MB = 4
+PORT_KERNEL = "python:lgnet.guest.port"
+PORT_START_SECONDS = 20
+NET_READY_SECONDS = 20
+POLL_SECONDS = 0.02
+TEST_POLL_SECONDS = 0.2
+DEFAULT_TEST_SECONDS = 10            # `lgnet test` without duration or within
 
 
 @dataclass
@@ -66,18 +81,46 @@ class GuestRun:
             return True
         return not self.stopped and self.process.returncode not in (0, None)
 
+    @property
+    def console_text(self) -> str:
+        """Everything the guest printed so far."""
+        return "".join(line + "\n" for line in list(self.console))
+
+    def kill(self) -> None:
+        """SIGKILL the guest's launcher: a crash, as far as the net and the broker can tell."""
+        if self.process.poll() is None:
+            self.process.kill()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Its launcher's exit status, or None if it is still running after `timeout`."""
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
 
 class Lab:
-    def __init__(self, scenario: Scenario | str, out: TextIO | None = None):
-        self.scenario = load_scenario(scenario) if isinstance(scenario, str) else scenario
+    """A running scenario. `capture=True` records every delivery in the lab's own directory;
+    `pcap=DIR` records them into DIR (kept after the lab is down)."""
+
+    def __init__(self, scenario: Scenario | str, out: TextIO | None = None,
+                 capture: bool = False, pcap: str | None = None):
+        self.scenario = load_scenario(scenario) if isinstance(scenario, (str, os.PathLike)) \
+            else scenario
         self.out = out
         self.runtime = tempfile.mkdtemp(prefix="lgnet-")
         os.chmod(self.runtime, 0o700)
         self.socket_path = os.path.join(self.runtime, "broker.sock")
+        self.capture_dir = str(pcap) if pcap is not None else \
+            os.path.join(self.runtime, "capture") if capture else None
         self.broker: subprocess.Popen | None = None
         self.watch_w: int | None = None
         self.guests: list[GuestRun] = []
+        self.ports: list = []                      # lgnet.hostport.Port
         self.out_lock = threading.Lock()
+        self.started_at: float | None = None       # wall clock, when the guests were started
+        self._readers: dict[str, pcapng.Reader] = {}
+        self._delivered: dict[str, list[pcapng.Delivery]] = {}
 
     # --- up -----------------------------------------------------------------------------
 
@@ -98,16 +141,22 @@ class Lab:
 
     def start(self) -> None:
         self.start_broker()
+        self.started_at = time.time()
         for spec in self.scenario.guests:
             self.start_guest(spec)
 
     def start_broker(self) -> None:
         watch_r, self.watch_w = os.pipe()
         ready_r, ready_w = os.pipe()
+        capture = []
+        if self.capture_dir is not None:
+            capture = ["--capture", self.capture_dir]
+            for net in self.scenario.networks:
+                capture += ["--net", "%s=%s" % (net, self.net_file(net))]
         self.broker = subprocess.Popen(
             [sys.executable, "-m", "lgnet", "broker", "--quiet", "--die-with-parent",
-             "--socket", self.socket_path, "--watch-fd", str(watch_r), "--ready-fd", str(ready_w)],
-            pass_fds=(watch_r, ready_w), stdin=subprocess.DEVNULL)
+             "--socket", self.socket_path, "--watch-fd", str(watch_r), "--ready-fd", str(ready_w)]
+            + capture, pass_fds=(watch_r, ready_w), stdin=subprocess.DEVNULL)
         os.close(watch_r)
         os.close(ready_w)
         with os.fdopen(ready_r, "rb") as ready:
@@ -124,12 +173,17 @@ class Lab:
         if spec.initrd:
             cmd += ["--initrd", str(spec.initrd)]
         kernel = str(spec.kernel) if spec.kernel else "python:"
-        return cmd + [str(spec.mem_mb), kernel] + list(spec.args) + self.driver_args(spec)
+        ip = ["ip=" + ",".join(spec.ip)] if spec.ip else []
+        return cmd + [str(spec.mem_mb), kernel] + list(spec.args) + ip + self.driver_args(spec)
 
     def driver_args(self, spec: GuestSpec) -> list[str]:
         """A Python guest is configured like a kernel: through its command line."""
         if spec.kernel:
             return []
+        if spec.ip and not spec.script:
+            # An addressed guest with nothing to do serves: ARP, ping and UDP echo, until
+            # the lab stops it (like the bundled kernel without ping=).
+            return ["promisc"] if spec.promisc else []
         steps = []
         for index, net in enumerate(spec.nets):
             peers = sum(1 for g in self.scenario.guests if g is not spec and net in g.nets)
@@ -137,6 +191,8 @@ class Lab:
         for step in spec.script:
             if step.kind == "wait":
                 steps.append("wait:%g" % step.wait)
+            elif step.kind == "ping":
+                steps.append("ping:%s:%d" % (step.ping, step.count))
             else:
                 kind = "bcast" if step.send == "broadcast" else "peers"
                 steps += ["%s:%d" % (kind, spec.nets.index(step.net))] * step.count
@@ -144,13 +200,131 @@ class Lab:
         return args + (["promisc"] if spec.promisc else [])
 
     def start_guest(self, spec: GuestSpec) -> GuestRun:
-        process = subprocess.Popen(self.launch_command(spec), stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        run = GuestRun(spec, process)
-        run.reader = threading.Thread(target=self._read_console, args=(run,), daemon=True)
-        run.reader.start()
+        run = self._spawn(spec, self.launch_command(spec))
         self.guests.append(run)
         return run
+
+    def _spawn(self, spec: GuestSpec, command: list[str], pass_fds=()) -> GuestRun:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, pass_fds=pass_fds)
+        run = GuestRun(spec, process)
+        self.name_guest(process.pid, spec.name)
+        run.reader = threading.Thread(target=self._read_console, args=(run,), daemon=True)
+        run.reader.start()
+        return run
+
+    def name_guest(self, pid: int, name: str) -> None:
+        """Tell the broker which guest a launcher runs, for the capture's annotations."""
+        try:
+            channel = wire.Channel(self.socket_path)
+        except OSError:
+            return
+        try:
+            channel.call(wire.OP_NAME, pid, tail=name.encode())
+        except wire.BrokerGone:
+            pass
+        finally:
+            channel.close()
+
+    # --- host ports -----------------------------------------------------------------------
+
+    def port(self, net: str, mac: str | None = None, promisc: bool = False,
+             name: str | None = None):
+        """A host port on `net` (lgnet.hostport.Port): a guest in a free slot whose frames
+        come from and go to this process. Returns once it is up and every guest of the
+        scenario on that net has its MAC in the net (or has ended)."""
+        from lgnet.hostport import Port, host_mac
+        if net not in self.scenario.networks:
+            raise LgnetError("no network %r in %s (networks: %s)" % (
+                net, self.scenario.path, ", ".join(self.scenario.networks) or "none"))
+        mac = host_mac(mac)
+        name = name or "port%d" % len(self.ports)
+        if not re.fullmatch(NAME_PATTERN, name) or name in {r.name for r in self.guests} \
+                | {p.name for p in self.ports}:
+            raise LgnetError("port name %r: must be a new name matching %s" % (name, NAME_PATTERN))
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        command = [sys.executable, "-m", "lgnet", "launch", "--broker", self.socket_path,
+                   "--no-console-input", "--die-with-parent", "--sharenet", self.net_file(net),
+                   "--tunnet", "fd:%d" % theirs.fileno(), str(PORT_MEM_MB), PORT_KERNEL]
+        command += (["mac=" + mac] if mac else []) + (["promisc"] if promisc else [])
+        try:
+            run = self._spawn(GuestSpec(name=name, driver="python", nets=(net,),
+                                        promisc=promisc), command, pass_fds=(theirs.fileno(),))
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        port = Port(self, net, run, mine)
+        self.ports.append(port)
+        port.wait_ready(PORT_START_SECONDS)
+        self.wait_net(net)
+        return port
+
+    def wait_net(self, net: str, timeout: float = NET_READY_SECONDS) -> None:
+        """Until every running guest of the scenario on `net` has its MAC in a slot."""
+        deadline = time.monotonic() + timeout
+        path = self.net_file(net)
+        while True:
+            up = {pid for s in netfile.slot_table(path) if any(s.mac) for pid in s.pids}
+            late = [run.name for run in self.guests if net in run.spec.nets
+                    and run.process.poll() is None and run.process.pid not in up]
+            if not late:
+                return
+            if time.monotonic() > deadline:
+                raise LgnetError("guests not up on %s after %gs: %s" % (net, timeout,
+                                                                       ", ".join(late)))
+            time.sleep(POLL_SECONDS)
+
+    # --- capture ------------------------------------------------------------------------
+
+    def capture_path(self, net: str) -> str:
+        if self.capture_dir is None:
+            raise LgnetError("this lab does not capture: start it with capture=True or pcap=DIR")
+        if net not in self.scenario.networks:
+            raise LgnetError("no network %r in %s" % (net, self.scenario.path))
+        return os.path.join(self.capture_dir, net + pcapng.CAPTURE_SUFFIX)
+
+    def deliveries(self, net: str) -> list[pcapng.Delivery]:
+        """Every delivery on `net` so far (lgnet.fabric.capture.Delivery), oldest first; after
+        the lab is down, every delivery of the run."""
+        path = self.capture_path(net)
+        if os.path.exists(path):              # not yet: no guest has joined the net
+            if net not in self._readers:
+                self._readers[net] = pcapng.Reader(path)
+                self._delivered[net] = []
+            runs = self.guests + [p.run for p in self.ports]
+            names = {run.process.pid: run.name for run in runs}
+            for d in pcapng.deliveries(self._readers[net]):
+                # The broker names guests as the lab told it; one it missed: by its pid.
+                d.sender = names.get(d.sender_pid, d.sender)
+                d.receiver = names.get(d.receiver_pid, d.receiver)
+                self._delivered[net].append(d)
+        return list(self._delivered.get(net, []))
+
+    def capture(self, net: str):
+        """Every delivery on `net` so far, as a scapy PacketList; each packet carries .sender
+        and .receiver (guest names), .time, and .lgnet (every lguest fact of the delivery)."""
+        from lgnet.packets import packet_list
+        return packet_list(self.deliveries(net), name=net)
+
+    def check(self) -> list:
+        """The scenario's `expect:` against the capture so far (lgnet.packets.Verdict each)."""
+        from lgnet.packets import check
+        everything = [d for net in self.scenario.networks for d in self.deliveries(net)]
+        everything.sort(key=lambda d: d.time)
+        return [check(e, everything, self.started_at) for e in self.scenario.expect]
+
+    # --- the guests ---------------------------------------------------------------------
+
+    def guest(self, name: str) -> GuestRun:
+        """A guest (or port) by name, its counters fetched now: .console_text, .stats,
+        .kill(), .wait()."""
+        for run in self.guests + [p.run for p in self.ports]:
+            if run.name == name:
+                self.collect()
+                return run
+        raise LgnetError("no guest %r in %s" % (name, self.scenario.path))
 
     def _read_console(self, run: GuestRun) -> None:
         for raw in run.process.stdout:
@@ -187,8 +361,16 @@ class Lab:
         finally:
             channel.close()
         by_pid = {row["pid"]: row for row in json.loads(reply.tail or b"[]")}
-        for run in self.guests:
+        for run in self.guests + [p.run for p in self.ports]:
             run.stats = by_pid.get(run.process.pid, run.stats)
+
+    def broker_stats(self) -> dict:
+        """The broker's own counters: where its time went, rings run, wake-ups held back."""
+        channel = wire.Channel(self.socket_path)
+        try:
+            return json.loads(channel.call(wire.OP_BROKER_STATS).tail or b"{}")
+        finally:
+            channel.close()
 
     # --- down ---------------------------------------------------------------------------
 
@@ -196,10 +378,13 @@ class Lab:
         """Stop every process and remove the runtime directory; safe to call twice."""
         if self.broker is not None and self.broker.poll() is None:
             self.collect()
-        for run in self.guests:
+        runs = self.guests + [p.run for p in self.ports]
+        for run in runs:
             run.stopped = run.process.poll() is None
             terminate(run.process)
-        for run in self.guests:
+        for port in self.ports:
+            port.close()
+        for run in runs:
             if run.reader is not None:
                 run.reader.join(timeout=TEARDOWN_GRACE_SECONDS)
             if run.process.stdout:
@@ -211,6 +396,10 @@ class Lab:
         if self.watch_w is not None:
             os.close(self.watch_w)
             self.watch_w = None
+        if self.capture_dir is not None and self.capture_dir.startswith(self.runtime + os.sep):
+            # The lab's own capture goes with its directory: keep what it recorded.
+            for net in self.scenario.networks:
+                self.deliveries(net)
         shutil.rmtree(self.runtime, ignore_errors=True)
 
 
@@ -224,9 +413,11 @@ def terminate(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def up(scenario: Scenario | str, out: TextIO | None = None) -> Lab:
-    """`with lgnet.lab.up("scenarios/three-guests.yaml") as lab:` — always torn down."""
-    return Lab(scenario, out)
+def up(scenario: Scenario | str, out: TextIO | None = None, capture: bool = True,
+       pcap: str | None = None) -> Lab:
+    """`with lgnet.up("scenarios/three-guests.yaml") as lab:` — always torn down; captures
+    every delivery unless capture=False (pcap=DIR keeps the files)."""
+    return Lab(scenario, out, capture=capture, pcap=pcap)
 
 
 # --- `lgnet up` -----------------------------------------------------------------------------
@@ -248,12 +439,14 @@ def results_table(guests: list[GuestRun]) -> str:
     return "\n".join(lines)
 
 
-def run_up(path: str, duration: float | None = None, out: TextIO = sys.stdout) -> int:
-    """Bring the scenario up, wait for its end, print the table; 0 when no guest was killed."""
+def run_up(path: str, duration: float | None = None, out: TextIO = sys.stdout,
+           pcap: str | None = None) -> int:
+    """Bring the scenario up, wait for its end, print the table; 0 when no guest was killed.
+    With pcap=DIR, DIR/<net>.pcapng records every delivery on each net."""
     scenario = load_scenario(path)
     duration = duration if duration is not None else scenario.duration
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    lab = Lab(scenario, out)
+    lab = Lab(scenario, out, pcap=pcap)
     interrupted = False
     try:
         lab.start()
@@ -263,6 +456,45 @@ def run_up(path: str, duration: float | None = None, out: TextIO = sys.stdout) -
     finally:
         lab.stop()
     out.write("\n" + results_table(lab.guests) + "\n")
+    if pcap is not None:
+        out.write("capture: %s\n" % " ".join(sorted(
+            os.path.join(pcap, f) for f in os.listdir(pcap) if f.endswith(pcapng.CAPTURE_SUFFIX))))
     if interrupted:
         return 130
     return 1 if any(g.killed for g in lab.guests) else 0
+
+
+# --- `lgnet test` ---------------------------------------------------------------------------
+
+def run_seconds(scenario: Scenario) -> float:
+    """How long `lgnet test` may run: `duration`, else the longest `within`, else a default."""
+    if scenario.duration is not None:
+        return scenario.duration
+    return max((e.within for e in scenario.expect if e.within is not None),
+               default=DEFAULT_TEST_SECONDS)
+
+
+def run_test(path: str, out: TextIO = sys.stdout, pcap: str | None = None) -> int:
+    """Run the scenario and check its `expect:` against the capture: 0 when every expectation
+    held, 1 when one did not (with what was seen). A scenario error is an LgnetError (2).
+
+    The run ends when every guest has ended, when the time is up (run_seconds), or early when
+    every expectation is an "at least" one and already holds."""
+    scenario = load_scenario(path)
+    if not scenario.expect:
+        raise LgnetError("%s: expect: nothing to check (add an expect: list)" % path)
+    limit = run_seconds(scenario)
+    early = all(e.count is None for e in scenario.expect)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with Lab(scenario, out, capture=True, pcap=pcap) as lab:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            if lab.wait(TEST_POLL_SECONDS):
+                break
+            if early and all(v.held for v in lab.check()):
+                break
+        verdicts = lab.check()
+    out.write("\n" + "\n".join(v.report for v in verdicts) + "\n")
+    failed = sum(not v.held for v in verdicts)
+    out.write("%d of %d expectations held\n" % (len(verdicts) - failed, len(verdicts)))
+    return 1 if failed else 0

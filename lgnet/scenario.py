@@ -16,6 +16,7 @@ here except to see that a named input file exists.
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from lgnet import abi
 from lgnet.errors import LgnetError
+from lgnet.packets import FilterError, compile_filter
 from lgnet.guest.images import BUNDLED_KERNEL, BUNDLED_NAME
 
 NAME_PATTERN = r"[a-z][a-z0-9_-]{0,30}"
@@ -40,9 +42,13 @@ _NULL_TAG = "tag:yaml.org,2002:null"
 
 TOP_KEYS = ("duration", "networks", "guests", "expect")
 NETWORK_KEYS = ("file",)
-GUEST_KEYS = ("name", "mem", "kernel", "driver", "nets", "promisc", "cmdline", "args",
+GUEST_KEYS = ("name", "mem", "kernel", "driver", "nets", "promisc", "ip", "cmdline", "args",
               "block", "initrd", "script")
-STEP_KEYS = ("send", "net", "count", "wait")
+STEP_KEYS = ("send", "net", "count", "wait", "ping")
+STEP_KINDS = ("send", "wait", "ping")
+EXPECT_KEYS = ("from", "to", "net", "match", "count", "min", "within")
+MAX_PING_COUNT = 65535               # icmp_seq is 16 bits
+MAX_EXPECT_COUNT = 1 << 20
 
 
 # --- the model ----------------------------------------------------------------------------
@@ -60,12 +66,14 @@ class Step:
 
     kind 'send': `send` ('broadcast': one broadcast frame; 'peers': one unicast frame to
     each other guest on the net) `count` times on `net`. kind 'wait': keep receiving for
-    `wait` seconds."""
+    `wait` seconds. kind 'ping': `count` ICMP echo requests to the address `ping` (the guest
+    needs an address: `ip`)."""
     kind: str
     send: str | None = None
     net: str | None = None
     count: int | None = None
     wait: float | None = None
+    ping: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,10 +84,43 @@ class GuestSpec:
     driver: str | None = None
     nets: tuple[str, ...] = ()          # device order
     promisc: bool = False
+    ip: tuple[str, ...] = ()            # A.B.C.D/N per net, in device order (`ip=` for the kernel)
     args: tuple[str, ...] = ()          # the kernel command line, word by word
     block: Path | None = None
     initrd: Path | None = None
     script: tuple[Step, ...] = ()
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """One entry of `expect:`, checked against the capture by `lgnet test`.
+
+    The deliveries considered are those on `net`, from the guest `sender`, to the guest
+    `receiver`, within `within` seconds of the start (each only when given), that `match` (a
+    filter expression, lgnet.packets). It holds when exactly `count` of them were seen, or,
+    without a count, at least `least` (1 unless `min:` says otherwise)."""
+    where: str                          # "file:line", for messages
+    sender: str | None = None
+    receiver: str | None = None
+    net: str | None = None
+    match: str | None = None
+    count: int | None = None
+    least: int = 1
+    within: float | None = None
+
+    def describe(self) -> str:
+        parts = [("from", self.sender), ("to", self.receiver), ("net", self.net),
+                 ("match", repr(self.match) if self.match else None),
+                 ("count", self.count), ("min", self.least if self.least != 1 else None),
+                 ("within", "%gs" % self.within if self.within is not None else None)]
+        return ", ".join("%s %s" % (k, v) for k, v in parts if v is not None) or "any delivery"
+
+    def scope(self) -> str:
+        parts = [("from", self.sender), ("to", self.receiver), ("on", self.net)]
+        text = " ".join("%s %s" % (k, v) for k, v in parts if v is not None)
+        if self.within is not None:
+            text += (" " if text else "") + "within %gs" % self.within
+        return " " + text if text else ""
 
 
 @dataclass(frozen=True)
@@ -88,7 +129,7 @@ class Scenario:
     duration: float | None              # None: run until every guest halts
     networks: dict[str, Network]
     guests: list[GuestSpec]
-    expect: list                        # kept raw (strings and mappings) for a later issue
+    expect: list[Expectation]
 
 
 # --- generic checks -----------------------------------------------------------------------
@@ -215,18 +256,22 @@ class _Fields(dict):
             self.owner.at(name).fail("is required")
         return self[name]
 
-    def one_of(self, a: str, b: str) -> None:
-        if a not in self and b not in self:
-            self.owner.fail("needs '%s' or '%s'" % (a, b))
-        self.exclusive(a, b)
+    def one_of(self, *names: str) -> str:
+        """Exactly one of the keys; returns it."""
+        present = [n for n in names if n in self]
+        if not present:
+            self.owner.fail("needs %s" % _either(names))
+        for other in present[1:]:
+            self.exclusive(present[0], other)
+        return present[0]
 
     def exclusive(self, a: str, b: str) -> None:
         if a in self and b in self:
             self[b].key.fail("cannot be combined with '%s' (line %d)" % (a, self[a].key.line))
 
-    def only_with(self, name: str, needed: str) -> None:
-        if name in self and needed not in self:
-            self[name].key.fail("only allowed with '%s'" % needed)
+    def only_with(self, name: str, *needed: str) -> None:
+        if name in self and not any(n in self for n in needed):
+            self[name].key.fail("only allowed with %s" % _either(needed))
 
     def get_or(self, name: str, check, default):
         """check(node) if the key is there, else the default."""
@@ -239,6 +284,11 @@ def _no_repeats(pairs: Iterable[tuple[object, _Node]], noun: str) -> None:
         if value in first:
             node.fail("duplicate %s '%s' (first at line %d)" % (noun, value, first[value].line))
         first[value] = node
+
+
+def _either(names: Iterable[str]) -> str:
+    quoted = ["'%s'" % n for n in names]
+    return quoted[0] if len(quoted) == 1 else "%s or %s" % (", ".join(quoted[:-1]), quoted[-1])
 
 
 def _join(path: str, part: str) -> str:
@@ -288,7 +338,7 @@ def _scenario(root: _Node, path: Path) -> Scenario:
         guests.append(_guest(fields, networks, base))
         names.append((guests[-1].name, fields["name"]))
     _no_repeats(names, "guest name")
-    expect = top.get_or("expect", _expect, [])
+    expect = top.get_or("expect", lambda n: _expect(n, [g.name for g in guests], networks), [])
     return Scenario(path, duration, networks, guests, expect)
 
 
@@ -314,6 +364,9 @@ def _guest(fields: _Fields, networks: dict[str, Network], base: Path) -> GuestSp
     fields.only_with("script", "driver")
     fields.only_with("promisc", "driver")     # a kernel guest sets promiscuity itself
     nets = fields.get_or("nets", lambda node: _nets(node, networks), ())
+    args = _args(fields)
+    ip = fields.get_or("ip", lambda n: _ips(n, nets, args), ())
+    addressed = bool(ip) or any(word.startswith("ip=") for word in args)
     return GuestSpec(
         name=name,
         mem_mb=fields.get_or("mem", lambda n: n.whole(1, MAX_MEM_MB, "megabytes"), DEFAULT_MEM_MB),
@@ -321,10 +374,29 @@ def _guest(fields: _Fields, networks: dict[str, Network], base: Path) -> GuestSp
         driver=fields.get_or("driver", lambda n: n.choice(DRIVERS), None),
         nets=nets,
         promisc=fields.get_or("promisc", _Node.flag, False),
-        args=_args(fields),
+        ip=ip,
+        args=args,
         block=fields.get_or("block", lambda n: n.existing_file(base), None),
         initrd=fields.get_or("initrd", lambda n: n.existing_file(base), None),
-        script=fields.get_or("script", lambda n: _script(n, nets), ()))
+        script=fields.get_or("script", lambda n: _script(n, nets, addressed), ()))
+
+
+def _ips(node: _Node, nets: tuple[str, ...], args: tuple[str, ...]) -> tuple[str, ...]:
+    """`ip: 10.0.0.1/24` or a list, one address per net in device order."""
+    if any(word.startswith("ip=") for word in args):
+        node.key.fail("cannot be combined with an ip= in 'cmdline' or 'args'")
+    items = [node] if isinstance(node.node, ScalarNode) else node.items("addresses", 1)
+    if len(items) > len(nets):
+        node.fail("gives %d addresses for %d nets" % (len(items), len(nets)))
+    out = []
+    for item in items:
+        text = item.text()
+        try:
+            ipaddress.IPv4Interface(text)
+        except ValueError:
+            item.must("an IPv4 address with an optional prefix (A.B.C.D/N)")
+        out.append(text)
+    return tuple(out)
 
 
 def _nets(node: _Node, networks: dict[str, Network]) -> tuple[str, ...]:
@@ -340,25 +412,60 @@ def _args(fields: _Fields) -> tuple[str, ...]:
     return tuple(item.text() for item in fields.get_or("args", lambda n: n.items("strings"), []))
 
 
-def _script(node: _Node, nets: tuple[str, ...]) -> tuple[Step, ...]:
-    return tuple(_step(item.fields(STEP_KEYS), nets) for item in node.items("steps"))
+def _script(node: _Node, nets: tuple[str, ...], addressed: bool) -> tuple[Step, ...]:
+    return tuple(_step(item.fields(STEP_KEYS), nets, addressed) for item in node.items("steps"))
 
 
-def _step(fields: _Fields, nets: tuple[str, ...]) -> Step:
-    fields.one_of("send", "wait")
-    for name in ("net", "count"):
-        fields.only_with(name, "send")
-    if "wait" in fields:
+def _step(fields: _Fields, nets: tuple[str, ...], addressed: bool) -> Step:
+    kind = fields.one_of(*STEP_KINDS)
+    fields.only_with("net", "send")
+    fields.only_with("count", "send", "ping")
+    if kind == "wait":
         return Step("wait", wait=fields["wait"].seconds())
+    if kind == "ping":
+        target = fields["ping"].scalar(_is_ipv4, "an IPv4 address")
+        if not addressed:
+            fields["ping"].key.fail("needs an address of this guest's own: give it 'ip'")
+        return Step("ping", ping=target,
+                    count=fields.get_or("count", lambda n: n.whole(1, MAX_PING_COUNT,
+                                                                  "echo requests"), 1))
     return Step("send",
                 send=fields["send"].choice(SEND_TARGETS),
                 net=fields.need("net").choice(nets, "this guest's nets"),
                 count=fields.get_or("count", lambda n: n.whole(1, MAX_SEND_COUNT, "frames"), 1))
 
 
-def _expect(node: _Node) -> list:
-    """Reserved for a later issue: a list of strings and mappings, kept as written."""
+def _is_ipv4(v) -> bool:
+    try:
+        ipaddress.IPv4Address(v)
+    except ValueError:
+        return False
+    return isinstance(v, str)
+
+
+def _expect(node: _Node, guests: list[str], networks: dict[str, Network]) -> list[Expectation]:
+    """`expect:` entries: {from, to, net, match, count | min, within} (see Expectation)."""
+    out = []
     for item in node.items("expectations"):
-        if not (isinstance(item.node, MappingNode) or _is_str(item.value())):
-            item.must("a string or a mapping")
-    return node.value()
+        fields = item.fields(EXPECT_KEYS)
+        fields.exclusive("count", "min")
+        out.append(Expectation(
+            where="%s:%d" % (item.file, item.line),
+            sender=fields.get_or("from", lambda n: n.choice(guests, "the guests"), None),
+            receiver=fields.get_or("to", lambda n: n.choice(guests, "the guests"), None),
+            net=fields.get_or("net", lambda n: n.choice(networks, "the networks"), None),
+            match=fields.get_or("match", _filter, None),
+            count=fields.get_or("count", lambda n: n.whole(0, MAX_EXPECT_COUNT, "deliveries"),
+                                None),
+            least=fields.get_or("min", lambda n: n.whole(1, MAX_EXPECT_COUNT, "deliveries"), 1),
+            within=fields.get_or("within", _Node.seconds, None)))
+    return out
+
+
+def _filter(node: _Node) -> str:
+    text = node.text()
+    try:
+        compile_filter(text)
+    except FilterError as e:
+        node.fail(str(e))
+    return text

@@ -37,9 +37,13 @@ OP_HCALL = 16                           # eax, edx, ebx, ecx
 OP_ATTACH = 17                          # act for guest <arg0> (the Waker's shared fd)
 OP_KILL = 18                            # tail: the reason the launcher found (a guest fault)
 OP_STATS = 19                           # the lab asks for per-guest counters (JSON reply)
+OP_NAME = 20                            # the lab names the guest of launcher pid <arg0>: tail
+OP_NOTIFY = 21                          # doorbell: run my async hypercall ring; no reply
+OP_BROKER_STATS = 22                    # the broker's own counters and times (JSON reply)
 OP_NAMES = {OP_INITIALIZE: "INITIALIZE", OP_GETDMA: "GETDMA", OP_IRQ: "IRQ",
             OP_BREAK: "BREAK", OP_HCALL: "HCALL", OP_ATTACH: "ATTACH", OP_KILL: "KILL",
-            OP_STATS: "STATS"}
+            OP_STATS: "STATS", OP_NAME: "NAME", OP_NOTIFY: "NOTIFY",
+            OP_BROKER_STATS: "BROKER_STATS"}
 
 # --- replies: result (negative errno on error) + flags + two u32 (+ tail) -----------------
 
@@ -60,6 +64,10 @@ MAX_MESSAGE = 65536
 CONTROL_PAGE_SIZE = abi.PAGE_SIZE
 CONTROL_IRQ_FLAGS = 0                    # one byte per interrupt line: 1 = pending
 CONTROL_DEAD = abi.LGUEST_IRQS           # 1 = the Host killed this guest
+# 1 = the broker has this guest's async ring on its list (a NOTIFY is on its way or being
+# served): the guest rings the doorbell only while this is 0, the broker clears it once the
+# ring is empty. One message per burst of queued calls, not one per call.
+CONTROL_KICK = CONTROL_DEAD + 1
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from lgnet.errors import LgnetError
-from lgnet.scenario import GuestSpec, Network, Scenario, Step, load_scenario
+from lgnet.scenario import Expectation, GuestSpec, Network, Scenario, Step, load_scenario
 
 
 @pytest.fixture
@@ -55,8 +55,11 @@ guests:
   - name: gamma
     driver: python
 expect:
-  - alpha sees beta_2
-  - {frames: 3, net: lan0}
+  - {from: alpha, to: beta_2, match: "icmp and src host 10.0.0.1", within: 5}
+  - {net: lan0, count: 0}
+  - to: gamma
+    match: arp
+    min: 2
 """
 
 
@@ -78,7 +81,10 @@ def test_good_scenario_becomes_the_model(lab):
                               Step("wait", wait=1.5))),
             GuestSpec(name="gamma", driver="python"),
         ],
-        expect=["alpha sees beta_2", {"frames": 3, "net": "lan0"}])
+        expect=[Expectation("%s:27" % path, sender="alpha", receiver="beta_2",
+                            match="icmp and src host 10.0.0.1", within=5.0),
+                Expectation("%s:28" % path, net="lan0", count=0),
+                Expectation("%s:29" % path, receiver="gamma", match="arp", least=2)])
 
 
 def test_defaults(lab):
@@ -171,7 +177,7 @@ BAD = {
     "guest unknown key": (
         "guests:\n" + DRIVER + "    memory: 32\n",
         4, "guests[0].memory: unknown key (allowed: name, mem, kernel, driver, nets, promisc, "
-           "cmdline, args, block, initrd, script)"),
+           "ip, cmdline, args, block, initrd, script)"),
     "guest key not a string": (
         "guests:\n" + DRIVER + "    1: 32\n",
         4, "guests[0]: must be a string key, got 1"),
@@ -261,10 +267,10 @@ BAD = {
         4, "guests[0].script: must be a list of steps, got a mapping"),
     "step unknown key": (
         "guests:\n" + DRIVER + "    script:\n      - {sleep: 1}\n",
-        5, "guests[0].script[0].sleep: unknown key (allowed: send, net, count, wait)"),
+        5, "guests[0].script[0].sleep: unknown key (allowed: send, net, count, wait, ping)"),
     "step with neither send nor wait": (
         "guests:\n" + DRIVER + "    script:\n      - {}\n",
-        5, "guests[0].script[0]: needs 'send' or 'wait'"),
+        5, "guests[0].script[0]: needs 'send', 'wait' or 'ping'"),
     "step with send and wait": (
         "guests:\n" + DRIVER + "    script:\n      - {send: peers, wait: 1}\n",
         5, "guests[0].script[0].wait: cannot be combined with 'send' (line 5)"),
@@ -286,7 +292,7 @@ BAD = {
            "must be a whole number of frames between 1 and 65536, got 0"),
     "count with wait": (
         "guests:\n" + DRIVER + "    script:\n      - {wait: 1, count: 2}\n",
-        5, "guests[0].script[0].count: only allowed with 'send'"),
+        5, "guests[0].script[0].count: only allowed with 'send' or 'ping'"),
     "wait negative": (
         "guests:\n" + DRIVER + "    script:\n      - wait: -1\n",
         5, "guests[0].script[0].wait: "
@@ -294,10 +300,76 @@ BAD = {
     "expect not a list": (
         "guests:\n" + DRIVER + "expect: all good\n",
         4, "expect: must be a list of expectations, got 'all good'"),
-    "expect item not a string or mapping": (
+    "expect item not a mapping": (
         "guests:\n" + DRIVER + "expect:\n  - 42\n",
-        5, "expect[0]: must be a string or a mapping, got 42"),
+        5, "expect[0]: must be a mapping, got 42"),
+    "expect bad filter": (
+        "guests:\n" + DRIVER + "expect:\n  - {match: 'udp or'}\n",
+        5, "expect[0].match: at the end of filter 'udp or': expected more"),
+    "expect unknown guest": (
+        "guests:\n" + DRIVER + "expect:\n  - {from: b}\n",
+        5, "expect[0].from: must be one of the guests ('a'), got 'b'"),
+    "expect unknown net": (
+        "guests:\n" + DRIVER + "expect:\n  - {net: lan0}\n",
+        5, "expect[0].net: must be one of the networks (none), got 'lan0'"),
+    "expect count negative": (
+        "guests:\n" + DRIVER + "expect:\n  - {count: -1}\n",
+        5, "expect[0].count: must be a whole number of deliveries between 0 and 1048576, "
+           "got -1"),
+    "expect within zero": (
+        "guests:\n" + DRIVER + "expect:\n  - {within: 0}\n",
+        5, "expect[0].within: must be a number of seconds above 0 and at most 86400, got 0"),
+    "ip not an address": (
+        "networks: {lan0: {}}\nguests:\n" + DRIVER + "    nets: [lan0]\n    ip: 10.0.0.300/24\n",
+        6, "guests[0].ip: must be an IPv4 address with an optional prefix (A.B.C.D/N), "
+           "got '10.0.0.300/24'"),
+    "more addresses than nets": (
+        "networks: {lan0: {}}\nguests:\n" + DRIVER + "    nets: [lan0]\n"
+        "    ip: [10.0.0.1, 10.0.1.1]\n",
+        6, "guests[0].ip: gives 2 addresses for 1 nets"),
+    "ip and ip= in args": (
+        "networks: {lan0: {}}\nguests:\n" + DRIVER + "    nets: [lan0]\n    ip: 10.0.0.1\n"
+        "    args: [ip=10.0.0.2]\n",
+        6, "guests[0].ip: cannot be combined with an ip= in 'cmdline' or 'args'"),
+    "ping without an address": (
+        "guests:\n" + DRIVER + "    script:\n      - {ping: 10.0.0.1}\n",
+        5, "guests[0].script[0].ping: needs an address of this guest's own: give it 'ip'"),
+    "ping not an address": (
+        "guests:\n" + DRIVER + "    script:\n      - {ping: alpha}\n",
+        5, "guests[0].script[0].ping: must be an IPv4 address, got 'alpha'"),
+    "ping with a net": (
+        "networks: {lan0: {}}\nguests:\n" + DRIVER + "    nets: [lan0]\n    ip: 10.0.0.2\n"
+        "    script:\n      - {ping: 10.0.0.1, net: lan0}\n",
+        8, "guests[0].script[0].net: only allowed with 'send'"),
 }
+
+
+def test_addresses_and_ping_steps(lab):
+    from lgnet.lab import Lab
+    scenario = load_scenario(write(lab, """
+        networks: {lan0: {}, lan1: {}}
+        guests:
+          - name: alpha
+            driver: python
+            nets: [lan0, lan1]
+            ip: [10.0.0.1/24, 10.0.1.1]
+            script:
+              - {ping: 10.0.0.2, count: 3}
+          - {name: beta, driver: python, nets: [lan0], ip: 10.0.0.2/16}
+          - {name: gamma, kernel: vmlinux, nets: [lan1], ip: 10.0.1.2/24}
+        """))
+    alpha, beta, gamma = scenario.guests
+    assert alpha.ip == ("10.0.0.1/24", "10.0.1.1") and beta.ip == ("10.0.0.2/16",)
+    assert alpha.script == (Step("ping", ping="10.0.0.2", count=3),)
+    lab_ = Lab(scenario)
+    try:
+        assert lab_.launch_command(alpha)[-2:] == [
+            "ip=10.0.0.1/24,10.0.1.1", "script=await:0:1:10,await:1:1:10,ping:10.0.0.2:3"]
+        # An addressed Python guest without a script serves: no script= at all.
+        assert lab_.launch_command(beta)[-2:] == ["python:", "ip=10.0.0.2/16"]
+        assert lab_.launch_command(gamma)[-1] == "ip=10.0.1.2/24"
+    finally:
+        lab_.stop()
 
 
 @pytest.mark.parametrize("text, line, message", BAD.values(), ids=BAD.keys())

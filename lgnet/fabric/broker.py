@@ -9,6 +9,17 @@ released, guest slot freed), a guest's misbehaviour kills that guest, everyone e
 
 One thread serves every connection from a selector loop, so requests are handled one at a
 time; lguest_lock is still taken around every engine operation, as io.c did.
+
+Where the speed comes from (lgnet's, not lguest's: lguest had a CPU per guest to spare).
+- The doorbell. A guest that queued calls in its async ring sends NOTIFY (no reply) and goes
+  on; its ring joins the run list, and each pass of the loop runs up to one ring's worth of
+  every listed guest's calls between looks at the sockets, so one busy sender cannot starve
+  anyone's requests. The guest rings only while CONTROL_KICK is 0; the broker clears it once
+  the ring has run dry (and looks once more, for a call queued in between).
+- Coalesced wake-ups. Waking a halted guest costs a reply and a context switch. A wake-up due
+  while the broker runs a ring or a hypercall is deferred until the guest has half its
+  receive buffers filled, or no ring is left to run, or WAKE_MAX_PASSES passes went by; the
+  interrupt flags themselves are set at once (a guest that is running sees them).
 """
 from __future__ import annotations
 
@@ -17,6 +28,8 @@ import heapq
 import json
 import mmap
 import os
+import resource
+import select
 import selectors
 import signal
 import socket
@@ -25,14 +38,17 @@ import threading
 import time
 
 from lgnet import abi, wire
+from lgnet.fabric.capture import Capture
 from lgnet.fabric.devlguest import LguestFile
 from lgnet.fabric.dma import Engine, Guest
-from lgnet.fabric.hypercalls import Outcome
+from lgnet.fabric.hypercalls import Outcome, drain_async, ring_empty
 from lgnet.fabric.memory import GuestMemory
 
 UCRED = struct.Struct("3i")          # struct ucred: pid, uid, gid
 RESTOCK_SECONDS = 0.0005             # how long "one chance to restock" waits for a free buffer
 LISTEN_BACKLOG = 256
+WAKE_MAX_PASSES = 4                  # a deferred wake-up waits at most this many ring passes
+RING_PASS_CALLS = 16                 # queued calls run per guest per pass between socket looks
 
 
 class BrokerStop(Exception):
@@ -55,6 +71,7 @@ class Connection:
         self.control: memoryview | None = None
         self.halted = False           # a HALT is waiting for its reply
         self.timer_seq = 0            # bumps to cancel a scheduled clock event
+        self.kicked_dma = False       # a doorbell's run stopped at a DMA for the Launcher
 
     def reply(self, result: int, flags: int = 0, a: int = 0, b: int = 0,
               tail: bytes = b"") -> None:
@@ -73,17 +90,41 @@ class Connection:
         self.mappings.clear()
 
 
+class BrokerCounters:
+    """Where the broker's time goes (seconds) and how often it did what: for `lgnet bench`."""
+    __slots__ = ("idle_s", "busy_s", "engine_s", "restock_s", "messages", "notifies",
+                 "ring_passes", "ring_calls", "hypercalls", "wakes", "wakes_deferred",
+                 "restocks")
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
 class Broker:
-    def __init__(self, socket_path: str, watch_fd: int | None = None):
+    def __init__(self, socket_path: str, watch_fd: int | None = None,
+                 capture: Capture | None = None):
         self.socket_path = socket_path
         self.watch_fd = watch_fd
         self.lock = threading.Lock()
         self.engine = Engine(wake=self._wake, restock=self._restock, lock=self.lock)
+        self.names: dict[int, str] = {}                  # launcher pid -> guest name (lab's)
+        self.capture = capture
+        if capture is not None:
+            capture.names = self.names
+            self.engine.on_transfer = capture.on_transfer
         self.selector = selectors.DefaultSelector()
         self.owners: dict[int, Connection] = {}          # guest id -> owning connection
         self.breakers: dict[int, list[Connection]] = {}  # guest id -> BREAKs waiting for 0
         self.ended: list[dict] = []                      # counters of guests already closed
         self.timers: list[tuple[float, int, int, Connection]] = []
+        self.rings: dict[Connection, None] = {}          # rang the doorbell: rings to run
+        self.deferred: dict[Connection, list[int]] = {}  # wake-ups held: [count, pass, due]
+        self.batching = False                            # running a ring or a hypercall
+        self.counters = BrokerCounters()
         self.running = True
         self.listener = self._listen()
 
@@ -116,14 +157,29 @@ class Broker:
     def serve_forever(self) -> None:
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
+        clock = time.perf_counter
+        counters = self.counters
         try:
             while self.running:
                 timeout = None
-                if self.timers:
+                if self.rings:
+                    timeout = 0.0     # queued calls wait: look at the sockets, do not sleep
+                elif self.timers:
                     timeout = max(0.0, self.timers[0][0] - time.monotonic())
-                for key, _ in self.selector.select(timeout):
+                started = clock()
+                events = self.selector.select(timeout)
+                woke = clock()
+                counters.idle_s += woke - started
+                for key, _ in events:
                     key.data(key.fileobj)
+                if self.rings:
+                    self._run_rings()
+                if self.capture is not None:
+                    self.capture.flush()      # this pass's deliveries, before their wake-ups
+                if self.deferred:
+                    self._flush_wakes()
                 self._fire_timers()
+                counters.busy_s += clock() - woke
         except BrokerStop:
             pass
         finally:
@@ -135,6 +191,8 @@ class Broker:
                 self._close(key.data)
         self.selector.close()
         self.listener.close()
+        if self.capture is not None:
+            self.capture.close()
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:
@@ -184,6 +242,8 @@ class Broker:
             self.selector.unregister(conn.sock)
         except (KeyError, ValueError):
             pass
+        self.rings.pop(conn, None)
+        self.deferred.pop(conn, None)
         guest = conn.file.guest
         if guest is not None and self.owners.get(guest.id) is conn:
             del self.owners[guest.id]
@@ -203,8 +263,11 @@ class Broker:
     def _dispatch(self, conn: Connection, op: int, a: int, b: int, c: int, d: int,
                   tail: bytes, fds: list[int]) -> None:
         f = conn.file
+        self.counters.messages += 1
         if op == wire.OP_HCALL:
             self._hypercall(conn, a, b, c, d)
+        elif op == wire.OP_NOTIFY:
+            self._notify(conn)            # no reply: the guest runs on
         elif op == wire.OP_INITIALIZE:
             self._initialize(conn, a, b, c, d, tail, fds)
         elif op == wire.OP_GETDMA:
@@ -229,6 +292,13 @@ class Broker:
             conn.reply(error)
         elif op == wire.OP_STATS:
             conn.reply(0, tail=json.dumps(self.stats()).encode())
+        elif op == wire.OP_BROKER_STATS:
+            conn.reply(0, tail=json.dumps(self.broker_stats()).encode())
+        elif op == wire.OP_NAME:
+            self.names[a] = tail.decode(errors="replace")
+            if self.capture is not None:
+                self.capture.named()
+            conn.reply(0)
         else:
             conn.reply(-errno.EINVAL)
 
@@ -246,6 +316,8 @@ class Broker:
                 st = os.fstat(fd)
                 memory.add_region(region.base, m, (st.st_dev, st.st_ino) if region.shared
                                   else None, "fd%d" % region.fd_index)
+                if region.shared and self.capture is not None:
+                    self.capture.learn_net((st.st_dev, st.st_ino), fd)
             control = mmap.mmap(fds[control_fd], wire.CONTROL_PAGE_SIZE, mmap.MAP_SHARED,
                                 mmap.PROT_READ | mmap.PROT_WRITE, offset=control_offset)
             conn.mappings.append(control)
@@ -269,7 +341,23 @@ class Broker:
         if guest is not None and guest.dead is not None and conn.file.gate_run() == 0:
             conn.reply(-errno.ENOENT, wire.FLAG_DEAD, tail=guest.dead.encode())
             return
-        outcome = conn.file.hypercall(eax, edx, ebx, ecx)
+        if conn.kicked_dma and conn.file.gate_run() == 0:
+            # A doorbell's run of the ring stopped at a DMA for the Launcher: it is served
+            # first, then the guest makes this call again (as after any deferred call), and
+            # that call runs the rest of the ring.
+            conn.kicked_dma = False
+            conn.control[wire.CONTROL_KICK] = 0
+            dma, key = guest.pending_dma
+            conn.reply(0, wire.FLAG_PENDING_DMA, dma, key, b"deferred")
+            return
+        started = time.perf_counter()
+        batching, self.batching = self.batching, True
+        try:
+            outcome = conn.file.hypercall(eax, edx, ebx, ecx)
+        finally:
+            self.batching = batching
+        self.counters.hypercalls += 1
+        self.counters.engine_s += time.perf_counter() - started
         if isinstance(outcome, int):
             conn.reply(outcome)
             return
@@ -321,6 +409,76 @@ class Broker:
         for waiting in self.breakers.pop(guest.id, []):
             waiting.reply(0)
 
+    # --- the doorbell: rings to run, wake-ups to coalesce ---------------------------------
+
+    def _notify(self, conn: Connection) -> None:
+        """NOTIFY: this guest queued calls in its async ring; run them soon."""
+        self.counters.notifies += 1
+        guest = conn.file.guest
+        if (guest is None or conn.file.gate_run() or guest.ring is None
+                or guest.dead is not None or conn.kicked_dma):
+            return
+        self.rings[conn] = None
+
+    def _run_rings(self) -> None:
+        """One pass: up to one ring's worth of queued calls of every guest on the list."""
+        counters = self.counters
+        counters.ring_passes += 1
+        started = time.perf_counter()
+        batching, self.batching = self.batching, True
+        try:
+            for conn in list(self.rings):
+                guest = conn.file.guest
+                if guest is None or guest.dead is not None or conn.kicked_dma:
+                    del self.rings[conn]
+                    continue
+                outcome = Outcome()
+                counters.ring_calls += drain_async(self.engine, guest, outcome, RING_PASS_CALLS)
+                if outcome.clockevent_ns is not None:
+                    self._set_clockevent(conn, outcome.clockevent_ns)
+                if guest.pending_dma is not None:
+                    conn.kicked_dma = True       # its next call hears of it first
+                    del self.rings[conn]
+                elif guest.dead is not None:
+                    del self.rings[conn]
+                elif ring_empty(guest):
+                    # Dry: the guest may ring again. Look once more after saying so, for a
+                    # call it queued while the flag still told it we were on it.
+                    conn.control[wire.CONTROL_KICK] = 0
+                    if ring_empty(guest):
+                        del self.rings[conn]
+                    else:
+                        conn.control[wire.CONTROL_KICK] = 1
+        finally:
+            self.batching = batching
+        counters.engine_s += time.perf_counter() - started
+
+    def _defer_wake(self, conn: Connection, guest: Guest, bits: int) -> bool:
+        """Hold this wake-up? Until half the receive buffers behind the raised interrupts
+        are filled (each transfer raises one), or the flush below lets it go."""
+        entry = self.deferred.get(conn)
+        if entry is None:
+            sizes = [b.num_dmas for b in guest.dma if b.interrupt and bits >> b.interrupt & 1]
+            due = max(1, min(sizes) // 2) if sizes else 1
+            entry = self.deferred[conn] = [0, self.counters.ring_passes, due]
+        entry[0] += 1
+        if entry[0] < entry[2]:
+            self.counters.wakes_deferred += 1
+            return True
+        del self.deferred[conn]
+        return False
+
+    def _flush_wakes(self) -> None:
+        """Let deferred wake-ups go: all once no ring is left to run, else the overdue."""
+        passes = self.counters.ring_passes
+        for conn, (_count, since, _due) in list(self.deferred.items()):
+            if self.rings and passes - since < WAKE_MAX_PASSES:
+                continue
+            del self.deferred[conn]
+            if conn.halted and conn.file.guest is not None:
+                self.counters.wakes += 1
+                self._answer(conn, conn.file.guest)
+
     # --- the engine's callbacks ---------------------------------------------------------
 
     def _wake(self, guest: Guest) -> None:
@@ -328,28 +486,42 @@ class Broker:
         conn = self.owners.get(guest.id)
         if conn is None or conn.control is None:
             return
-        bits = guest.irqs_pending
+        raised = bits = guest.irqs_pending
         guest.irqs_pending = 0
-        irq = 0
+        control = conn.control
         while bits:
-            if bits & 1:
-                conn.control[wire.CONTROL_IRQ_FLAGS + irq] = 1
-            bits >>= 1
-            irq += 1
+            low = bits & -bits
+            control[wire.CONTROL_IRQ_FLAGS + low.bit_length() - 1] = 1
+            bits ^= low
         if guest.dead is not None:
             conn.control[wire.CONTROL_DEAD] = 1
         if conn.halted:
+            if self.batching and guest.dead is None and self._defer_wake(conn, guest, raised):
+                return
+            self.counters.wakes += 1
             self._answer(conn, guest)
 
     def _restock(self, guest: Guest | None) -> None:
         """One chance to restock: give the receiver a moment to re-arm a buffer."""
         if guest is None:
             return
-        deadline = time.monotonic() + RESTOCK_SECONDS
+        conn = self.owners.get(guest.id)
+        if conn is not None:
+            # In lguest the receiver ran on a CPU of its own meanwhile. Here it may have
+            # asked to HALT while we were busy: hear that first, or no wake-up can reach it.
+            if select.select([conn.sock], [], [], 0)[0]:
+                self._readable(conn)
+            if self.deferred.pop(conn, None) is not None and conn.halted:
+                self.counters.wakes += 1
+                self._answer(conn, guest)        # asleep, it could not restock
+        self.counters.restocks += 1
+        started = time.monotonic()
+        deadline = started + RESTOCK_SECONDS
         while time.monotonic() < deadline:
             os.sched_yield()
             if self._has_free_buffer(guest):
-                return
+                break
+        self.counters.restock_s += time.monotonic() - started
 
     @staticmethod
     def _has_free_buffer(guest: Guest) -> bool:
@@ -385,6 +557,14 @@ class Broker:
         """Every guest this broker has served: the ended ones, then the live ones."""
         return self.ended + [self.guest_stats(g) for g in self.engine.guests if g is not None]
 
+    def broker_stats(self) -> dict:
+        """The broker's own counters, with its CPU time and context switches so far."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        row = self.counters.as_dict()
+        row.update(pid=os.getpid(), user_s=usage.ru_utime, sys_s=usage.ru_stime,
+                   voluntary_switches=usage.ru_nvcsw, involuntary_switches=usage.ru_nivcsw)
+        return row
+
     @staticmethod
     def guest_stats(guest: Guest) -> dict:
         row = {"guest": guest.id, "pid": guest.owner, "dead": guest.dead}
@@ -392,8 +572,10 @@ class Broker:
         return row
 
 
-def run_broker(socket_path: str, watch_fd: int | None = None, ready_fd: int | None = None) -> None:
-    broker = Broker(socket_path, watch_fd)
+def run_broker(socket_path: str, watch_fd: int | None = None, ready_fd: int | None = None,
+               capture_dir: str | None = None, net_names: dict[str, str] | None = None) -> None:
+    capture = Capture(capture_dir, net_names) if capture_dir is not None else None
+    broker = Broker(socket_path, watch_fd, capture)
     if ready_fd is not None:
         os.write(ready_fd, b"ready\n")
         os.close(ready_fd)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import struct
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, ContextManager
@@ -48,7 +49,7 @@ class Send(Enum):
 
 class Binding:
     """One of a guest's 32 `struct lguest_dma_info` entries; interrupt 0 means free."""
-    __slots__ = ("guest", "key", "dmas", "num_dmas", "next_dma", "interrupt")
+    __slots__ = ("guest", "key", "dmas", "num_dmas", "next_dma", "interrupt", "where")
 
     def __init__(self, guest: "Guest"):
         self.guest = guest
@@ -57,6 +58,9 @@ class Binding:
         self.num_dmas = 0
         self.next_dma = 0
         self.interrupt = 0
+        # (memory layout, region, offset) when the whole array lies in one region, so its
+        # used_len words can be read in place; region None when it does not.
+        self.where: tuple | None = None
 
 
 class Counters:
@@ -87,8 +91,16 @@ class Guest:
     pending_dma: tuple[int, int] | None = None   # (dma address, key) for the Launcher
     lguest_data: int | None = None
     next_hcall: int = 0                # cursor into the async hypercall ring
+    ring: tuple | None = None          # (region, status offset, calls offset) of that ring
     dma: list[Binding] = field(default_factory=list)
     counters: Counters = field(default_factory=Counters)
+    # key address -> (dma_hash generation, memory layout, Key, first other binder or None):
+    # the lookup of a shared key, remembered until a bind/unbind or a new layout.
+    sends: dict = field(default_factory=dict)
+    # a struct lguest_dma's pieces (raw fields) -> (memory layout, runs, bytes): lists that
+    # passed check_dma_list and are wholly backed, so the next frame through the same
+    # descriptor costs one lookup, however many pieces it has.
+    lists: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.dma = [Binding(self) for _ in range(abi.LGUEST_MAX_DMA)]
@@ -98,7 +110,33 @@ def _nothing(_guest: Guest) -> None:
     return None
 
 
-_BAD_ARRAY = -1                        # _find_free_buffer: the array itself was unreadable
+_BAD_ARRAY = object()                  # _find_free_buffer: the array itself was unreadable
+SEND_CACHE_MAX = 1024                  # remembered send lookups per guest
+LIST_CACHE_MAX = 256                   # remembered checked lists per guest
+
+# A struct lguest_dma's list, raw: its addr[16] and len[16] as bytes. Bytes are cheap to take
+# and to hash, so they key the cache of checked lists; unpacked (addr[0..15], len[0..15])
+# only when a list is checked.
+_N = abi.LGUEST_MAX_DMA_SECTIONS
+_SIZE = abi.LGUEST_DMA_SIZE
+_USED = abi.DMA_USED_LEN_OFFSET
+_LIST = abi.DMA_ADDR_OFFSET                       # the list starts after used_len
+_LEN0 = abi.DMA_LEN_OFFSET - _LIST                # len[0] in the raw list
+_UNPACK_LIST = struct.Struct("<%dI%dH" % (_N, _N)).unpack
+_ZERO_LIST = bytes(_SIZE - _LIST)                 # what a failed lgread yields
+_PAGE = abi.PAGE_SIZE
+_MASK = abi.U32_MASK
+_U32 = struct.Struct("<I")
+
+
+def _as_lguest_dma(used_len: int, raw: bytes) -> abi.LguestDma:
+    fields = _UNPACK_LIST(raw)
+    return abi.LguestDma(used_len, fields[:_N], fields[_N:])
+
+
+def _empty(raw: bytes) -> bool:
+    """len[0] == 0: the list has no pieces."""
+    return raw[_LEN0] == 0 and raw[_LEN0 + 1] == 0
 
 
 class Engine:
@@ -113,6 +151,7 @@ class Engine:
         self.lock = lock if lock is not None else contextlib.nullcontext()
         self.guests: list[Guest | None] = [None] * max_guests
         self.dma_hash: list[list[Binding]] = [[] for _ in range(abi.DMA_HASH_BUCKETS)]
+        self.generation = 0            # bumped by every change to dma_hash
         # Optional observer of every completed transfer (capture); None costs nothing.
         self.on_transfer: Callable[..., None] | None = None
 
@@ -179,9 +218,11 @@ class Engine:
                 binding.dmas = dmas
                 binding.num_dmas = num_dmas
                 binding.next_dma = 0
+                binding.where = None
                 binding.interrupt = interrupt
                 # list_add: the newest binding goes at the head of its chain.
                 self.dma_hash[keys.bucket(key)].insert(0, binding)
+                self.generation += 1
                 return 1
             return 0
 
@@ -195,6 +236,7 @@ class Engine:
     def _unlink(self, binding: Binding) -> None:
         self.dma_hash[keys.bucket(binding.key)].remove(binding)
         binding.interrupt = 0
+        self.generation += 1
 
     def _release_all_dma(self, guest: Guest) -> None:
         for binding in guest.dma:
@@ -221,48 +263,76 @@ class Engine:
         return outcome
 
     def _send_once(self, guest: Guest, key_addr: int, udma: int) -> tuple[Send, Guest | None]:
-        key = keys.resolve(guest.memory, guest.id, key_addr)
-        if key is None:
-            self.kill_guest(guest, abi.MSG_BAD_SEND_KEY)
-            return Send.BAD_KEY, None
-        if not key.shared:
-            # Private mapping: the guest is talking to its own Launcher.
-            guest.pending_dma = (udma, key_addr)
-            return Send.PENDING, None
+        memory = guest.memory
+        found = guest.sends.get(key_addr)
+        if found is not None and found[0] == self.generation and found[1] == memory.layout:
+            binding = found[3]
+        else:
+            key = keys.resolve(memory, guest.id, key_addr)
+            if key is None:
+                self.kill_guest(guest, abi.MSG_BAD_SEND_KEY)
+                return Send.BAD_KEY, None
+            if not key.shared:
+                # Private mapping: the guest is talking to its own Launcher.
+                guest.pending_dma = (udma, key_addr)
+                return Send.PENDING, None
+            binding = self._first_other(guest, key)
+            if len(guest.sends) >= SEND_CACHE_MAX:
+                guest.sends.clear()
+            guest.sends[key_addr] = (self.generation, memory.layout, key, binding)
+        if binding is None:
+            return Send.NO_RECEIVER, None
+        return self._dma_transfer(guest, udma, binding), binding.guest
+
+    def _first_other(self, guest: Guest, key: Key) -> Binding | None:
+        """The first binding on the key's chain owned by another guest: a guest never
+        receives its own send, and only the first other binder gets it."""
         for binding in self.dma_hash[keys.bucket(key)]:
-            # A guest never receives its own send; the first other binder gets it.
-            if binding.guest is guest or binding.key != key:
-                continue
-            return self._dma_transfer(guest, udma, binding), binding.guest
-        return Send.NO_RECEIVER, None
+            if binding.guest is not guest and binding.key == key:
+                return binding
+        return None
 
     def _dma_transfer(self, src: Guest, udma: int, dst: Binding) -> Send:
-        src_dma = abi.unpack_dma(src.memory.read(udma, abi.LGUEST_DMA_SIZE))
+        src_used, src_dma = self._read_dma(src, udma)
         dstg = dst.guest
-        index = self._find_free_buffer(dst)
-        if index == _BAD_ARRAY:
+        found = self._find_free_buffer(dst)
+        if found is _BAD_ARRAY:
             # io.c's "goto fail": the destination was killed; no interrupt, and it is not a
             # "no free buffer", so there is no second try.
             return Send.FAILED
-        if index is not None:
-            entry = dst.dmas + index * abi.LGUEST_DMA_SIZE
-            dst_dma = abi.unpack_dma(dstg.memory.view(entry, abi.LGUEST_DMA_SIZE))
-            copied = self._do_dma(src, src_dma, dstg, dst_dma)
-            src.memory.write_u32(udma + abi.DMA_USED_LEN_OFFSET, copied)
-            self._count(src, dstg, copied, src_dma.total)
+        if found is not None:
+            index, region, off = found
+            entry = dst.dmas + index * _SIZE
+            dst_dma = region.view[off + _LIST:off + _SIZE].tobytes()   # the scan checked it
+            copied, offered = self._do_dma(src, src_dma, dstg, dst_dma)
+            src.memory.write_u32(udma + _USED, copied)
+            self._count(src, dstg, copied, offered)
             # Transferring 0 bytes is fine only if the source was empty.
-            if copied == 0 and src_dma.len[0] != 0:
+            if copied == 0 and not _empty(src_dma):
                 return Send.FAILED
             # The receiver must see the data before the length (lguest's wmb()): the copy
             # above is complete before this single 32-bit store.
-            if not dstg.memory.write_u32(entry + abi.DMA_USED_LEN_OFFSET, copied):
+            if not dstg.memory.write_u32(entry + _USED, copied):
                 return Send.FAILED
             dst.next_dma = (dst.next_dma + 1) & abi.BIND_NUM_MASK
             if self.on_transfer is not None:
-                self.on_transfer(src, dst, index, entry, copied, src_dma)
+                self.on_transfer(src, dst, index, entry, copied,
+                                 _as_lguest_dma(src_used, src_dma))
         # The receiver's interrupt is raised even when it had no free buffer.
         self.raise_irq(dstg, dst.interrupt)
-        return Send.DELIVERED if index is not None else Send.NO_BUFFER
+        return Send.DELIVERED if found is not None else Send.NO_BUFFER
+
+    @staticmethod
+    def _read_dma(guest: Guest, addr: int) -> tuple[int, bytes]:
+        """lgread of a struct lguest_dma: (used_len, raw list), or zeros after killing the
+        guest."""
+        found = guest.memory.locate(addr, _SIZE)
+        if found is None:
+            guest.memory.fault(abi.MSG_BAD_READ % addr)
+            return 0, _ZERO_LIST
+        region, off = found
+        view = region.view
+        return _U32.unpack_from(view, off)[0], view[off + _LIST:off + _SIZE].tobytes()
 
     @staticmethod
     def _count(src: Guest, dst: Guest, copied: int, offered: int) -> None:
@@ -275,66 +345,142 @@ class Engine:
             dst.counters.rx_packets += 1
             dst.counters.rx_bytes += copied
 
-    def _find_free_buffer(self, dst: Binding) -> int | None:
-        """Scan from next_dma (with wrap) for used_len == 0: its index, None when every
-        entry is used, _BAD_ARRAY when an entry is unreadable (its owner is killed)."""
+    def _find_free_buffer(self, dst: Binding):
+        """Scan from next_dma (with wrap) for used_len == 0: (index, region, offset) of that
+        entry, None when every entry is used, _BAD_ARRAY when an entry is unreadable (its
+        owner is killed)."""
         memory = dst.guest.memory
-        for i in range(dst.num_dmas):
-            index = (dst.next_dma + i) % dst.num_dmas
-            entry = dst.dmas + index * abi.LGUEST_DMA_SIZE
-            if memory.view(entry, abi.LGUEST_DMA_SIZE) is None:
+        num = dst.num_dmas
+        start = dst.next_dma
+        where = dst.where
+        if where is None or where[0] != memory.layout:
+            found = memory.locate(dst.dmas, num * _SIZE) if num else None
+            if found is None or found[1] & 3 or found[0].words is None:
+                found = (None, 0)
+            where = dst.where = (memory.layout,) + found
+        _layout, region, base = where
+        if region is not None:
+            # The whole array lies in one region: every entry is readable, and its used_len
+            # is an aligned word we can read in place.
+            words = region.words
+            for i in range(num):
+                off = base + (start + i) % num * _SIZE
+                if words[off >> 2] == 0:
+                    return (start + i) % num, region, off
+            return None
+        for i in range(num):
+            index = (start + i) % num
+            found = memory.locate(dst.dmas + index * _SIZE, _SIZE)
+            if found is None:
                 self.kill_guest(dst.guest, abi.MSG_BAD_REGISTERED_READ)
                 return _BAD_ARRAY
-            if memory.read_u32(entry + abi.DMA_USED_LEN_OFFSET) == 0:
-                return index
+            region, off = found
+            if off & 3 == 0 and region.words is not None:
+                used = region.words[off >> 2]
+            else:
+                used = _U32.unpack_from(region.view, off)[0]
+            if used == 0:
+                return index, region, off
         return None
 
-    def _do_dma(self, src: Guest, src_dma: abi.LguestDma, dst: Guest,
-                dst_dma: abi.LguestDma) -> int:
-        """Check both lists, map the receiver's pieces, copy; the byte count or 0."""
-        if not self.check_dma_list(dst, dst_dma) or not self.check_dma_list(src, src_dma):
-            return 0
-        targets = []
-        for addr, length in dst_dma.pieces():
-            window = dst.memory.view(addr, length)
-            if window is None:
+    def _do_dma(self, src: Guest, src_dma: bytes, dst: Guest, dst_dma: bytes) -> tuple[int, int]:
+        """Check both lists (the receiver's first), map the receiver's pieces, copy: (bytes
+        copied or 0, bytes the source offered)."""
+        targets = self.map_dma_list(dst, dst_dma)
+        if targets is None:
+            return 0, _offered(src_dma)
+        sources = self.map_dma_list(src, src_dma)
+        if sources is None:
+            return 0, _offered(src_dma)
+        # Every receiving piece must be backed before anything is copied (io.c mapped them
+        # all with get_user_pages first).
+        for view, _at, _length in targets[0]:
+            if view is None:
                 self.kill_guest(dst, abi.MSG_BAD_DMA_PAGES)
-                return 0
-            targets.append(window)
-        return self._copy_data(src, src_dma, targets)
+                return 0, sources[1]
+        return self._copy_data(src, sources[0], targets[0]), sources[1]
 
-    def _copy_data(self, src: Guest, src_dma: abi.LguestDma, targets: list) -> int:
-        """Copy min(rest of source piece, rest of destination piece) at a time until either
-        list ends; extra source bytes are truncated."""
-        sources = src_dma.pieces()
+    def _copy_data(self, src: Guest, sources: list, targets: list) -> int:
+        """Copy min(rest of source run, rest of destination run) at a time until either list
+        ends; extra source bytes are truncated. One slice assignment per chunk: the only
+        copy a frame gets."""
         total = si = di = soff = doff = 0
-        while si < len(sources) and di < len(targets):
-            saddr, slen = sources[si]
-            target = targets[di]
-            n = min(slen - soff, len(target) - doff)
-            chunk = src.memory.view(saddr + soff, n)
-            if chunk is None:
-                # If a copy fails, it is the sender's fault.
-                self.kill_guest(src, abi.MSG_BAD_SEND_ADDRESS)
-                return 0
-            target[doff:doff + n] = chunk
+        n_src, n_dst = len(sources), len(targets)
+        while si < n_src and di < n_dst:
+            sview, sat, slen = sources[si]
+            dview, dat, dlen = targets[di]
+            n = min(slen - soff, dlen - doff)
+            if sview is None:
+                # Nothing backs this source piece as a whole: look chunk by chunk, as io.c
+                # copied; the first chunk nothing backs is the sender's fault.
+                found = src.memory.locate(sat + soff, n)
+                if found is None:
+                    self.kill_guest(src, abi.MSG_BAD_SEND_ADDRESS)
+                    return 0
+                dview[dat + doff:dat + doff + n] = found[0].view[found[1]:found[1] + n]
+            else:
+                dview[dat + doff:dat + doff + n] = sview[sat + soff:sat + soff + n]
             total += n
             soff += n
             doff += n
             if soff == slen:
                 si, soff = si + 1, 0
-            if doff == len(target):
+            if doff == dlen:
                 di, doff = di + 1, 0
         return total
 
-    def check_dma_list(self, guest: Guest, dma: abi.LguestDma) -> bool:
-        """Each piece: address ok, at most a page, and not crossing a page boundary."""
-        for addr, length in dma.pieces():
-            if (not guest.memory.address_ok(addr, length) or length > abi.PAGE_SIZE
-                    or addr % abi.PAGE_SIZE + length > abi.PAGE_SIZE):
+    def map_dma_list(self, guest: Guest, dma: bytes) -> tuple[list, int] | None:
+        """check_dma_list on a struct lguest_dma's raw list — each piece: address ok, at
+        most a page, not crossing a page boundary — and where the pieces lie: (runs, bytes)
+        with runs of (view, offset, length), or (None, address, length) for a piece nothing
+        backs (whose fault that is depends on the side). None once the guest is killed.
+
+        Pieces that follow each other in one private region become one run: a frame spread
+        over 16 pages of RAM is then one copy. Only private memory is merged: a shared page
+        may be the other side's too, and there the copy must go chunk by chunk as io.c's."""
+        memory = guest.memory
+        known = guest.lists.get(dma)
+        if known is not None and known[0] == memory.layout:
+            return known[1], known[2]
+        fields = _UNPACK_LIST(dma)
+        limit = memory.pfn_limit
+        hint = memory.regions[0] if memory.regions else None    # RAM, almost always
+        runs: list = []
+        total = 0
+        backed = True
+        last = None                    # [region, offset, length] of a run that may grow
+        for i in range(_N):
+            length = fields[_N + i]
+            if not length:
+                break
+            addr = fields[i]
+            end = (addr + length) & _MASK          # lguest_address_ok
+            if (end // _PAGE >= limit or end < addr or length > _PAGE
+                    or addr % _PAGE + length > _PAGE):
                 self.kill_guest(guest, abi.MSG_BAD_DMA_ENTRY % (length, addr))
-                return False
-        return True
+                return None
+            total += length
+            if hint is None or addr < hint.base or addr + length > hint.end:
+                found = memory.locate(addr, length)
+                if found is None:
+                    runs.append([None, addr, length])
+                    backed = False
+                    last = None
+                    continue
+                hint = found[0]
+            off = addr - hint.base
+            if (last is not None and last[0] is hint and hint.shared is None
+                    and last[1] + last[2] == off):
+                last[2] += length
+            else:
+                last = [hint, off, length]
+                runs.append(last)
+        runs = [(r[0] if r[0] is None else r[0].view, r[1], r[2]) for r in runs]
+        if backed:
+            if len(guest.lists) >= LIST_CACHE_MAX:
+                guest.lists.clear()
+            guest.lists[dma] = (memory.layout, runs, total)
+        return runs, total
 
     # --- the Launcher's side: GETDMA ----------------------------------------------------
 
@@ -370,3 +516,13 @@ class Engine:
         addr, irq = found
         guest.memory.write_u32(addr + abi.DMA_USED_LEN_OFFSET, irq)
         return addr
+
+
+def _offered(dma: bytes) -> int:
+    """LguestDma.total on a raw list: the lengths up to the first zero."""
+    total = 0
+    for length in _UNPACK_LIST(dma)[_N:]:
+        if not length:
+            break
+        total += length
+    return total

@@ -58,6 +58,10 @@ def lguest_init(engine: Engine, guest: Guest, addr: int) -> None:
         engine.kill_guest(guest, abi.MSG_FAILED_INIT)
         return
     guest.lguest_data = addr
+    # The whole of lguest_data lies in one region (checked just above) and regions never
+    # move: remember where the async ring is, so draining it finds no address to check.
+    region, offset = memory.locate(addr, abi.LGUEST_DATA_SIZE)
+    guest.ring = (region, offset + abi.LGUEST_DATA_HCALL_STATUS, offset + abi.LGUEST_DATA_HCALLS)
     memory.write(addr + abi.LGUEST_DATA_GUESTID, guest.id.to_bytes(2, "little"))
     write_time(guest)
 
@@ -70,26 +74,41 @@ def write_time(guest: Guest) -> None:
                                          now % 1_000_000_000))
 
 
-def drain_async(engine: Engine, guest: Guest, outcome: Outcome) -> None:
-    """Run the queued calls of the async ring in order, from the Host's cursor."""
-    base = guest.lguest_data
-    status = guest.memory.view(base + abi.LGUEST_DATA_HCALL_STATUS, abi.LHCALL_RING_SIZE)
-    calls = guest.memory.view(base + abi.LGUEST_DATA_HCALLS,
-                              abi.LHCALL_RING_SIZE * abi.ASYNC_HCALL.size)
-    if status is None or calls is None:
+def drain_async(engine: Engine, guest: Guest, outcome: Outcome,
+                limit: int = abi.LHCALL_RING_SIZE) -> int:
+    """Run the queued calls of the async ring in order, from the Host's cursor, at most
+    `limit` of them (one ring's worth unless told); how many ran."""
+    if guest.ring is None:
         engine.kill_guest(guest, abi.MSG_BAD_ASYNC_FETCH)
-        return
-    for _ in range(abi.LHCALL_RING_SIZE):
+        return 0
+    region, status_at, calls_at = guest.ring
+    view = region.view
+    unpack = abi.ASYNC_HCALL.unpack_from
+    ran = 0
+    while ran < limit:
         n = guest.next_hcall
-        if status[n] == abi.HCALL_STATUS_EMPTY:
+        if view[status_at + n] == abi.HCALL_STATUS_EMPTY:
             break
         guest.next_hcall = (n + 1) % abi.LHCALL_RING_SIZE
-        eax, edx, ebx, ecx = abi.ASYNC_HCALL.unpack_from(calls, n * abi.ASYNC_HCALL.size)
-        do_hcall(engine, guest, eax, edx, ebx, ecx, outcome)
-        status[n] = abi.HCALL_STATUS_EMPTY
+        eax, edx, ebx, ecx = unpack(view, calls_at + n * abi.ASYNC_HCALL.size)
+        if eax == abi.LHCALL_SEND_DMA:
+            engine.send_dma(guest, edx, ebx)      # what the ring carries, frame after frame
+        else:
+            do_hcall(engine, guest, eax, edx, ebx, ecx, outcome)
+        view[status_at + n] = abi.HCALL_STATUS_EMPTY
+        ran += 1
         # A DMA for the Launcher must be served before anything else runs.
         if guest.pending_dma is not None or guest.dead is not None:
             break
+    return ran
+
+
+def ring_empty(guest: Guest) -> bool:
+    """Is the entry at the Host's cursor free (nothing queued for us to run)?"""
+    if guest.ring is None:
+        return True
+    region, status_at, _calls_at = guest.ring
+    return region.view[status_at + guest.next_hcall] == abi.HCALL_STATUS_EMPTY
 
 
 def do_hcall(engine: Engine, guest: Guest, eax: int, edx: int, ebx: int, ecx: int,

@@ -15,11 +15,12 @@ kernel's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from lgnet import abi
 from lgnet.fabric.memory import GuestMemory
 
 _M = abi.U32_MASK
+KEY_CACHE_MAX = 4096                   # resolved keys remembered per guest memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,8 @@ class Key:
     shared: bool
     space: int | tuple[int, ...]
     offset: int
+    # bucket()'s memo: jhash2 in Python costs microseconds, a key never changes.
+    hash_bucket: int = field(default=-1, compare=False, repr=False)
 
     def words(self) -> list[int]:
         """The u32 words jhash2 runs over (like union futex_key's word/ptr/offset)."""
@@ -46,10 +49,20 @@ def resolve(memory: GuestMemory, guest_id: int, addr: int) -> Key | None:
     """get_futex_key: None for a misaligned address (the caller kills the guest)."""
     if addr % abi.KEY_ALIGN:
         return None
+    # The answer depends only on the layout (the memo is emptied when it changes) and, for a
+    # private key, on the guest.
+    key = memory.key_cache.get(addr)
+    if key is not None and (key.shared or key.space == guest_id):
+        return key
     region = memory.region_at(addr)
     if region is not None and region.shared is not None:
-        return Key(True, region.shared, addr - region.base)
-    return Key(False, guest_id, addr)
+        key = Key(True, region.shared, addr - region.base)
+    else:
+        key = Key(False, guest_id, addr)
+    if len(memory.key_cache) >= KEY_CACHE_MAX:
+        memory.key_cache.clear()           # a guest naming endless keys gets no memo
+    memory.key_cache[addr] = key
+    return key
 
 
 def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
@@ -87,4 +100,8 @@ def jhash2(words: list[int], initval: int = 0) -> int:
 
 
 def bucket(key: Key) -> int:
-    return jhash2(key.words()) % abi.DMA_HASH_BUCKETS
+    b = key.hash_bucket
+    if b < 0:
+        b = jhash2(key.words()) % abi.DMA_HASH_BUCKETS
+        object.__setattr__(key, "hash_bucket", b)     # frozen: set once, like a cache
+    return b

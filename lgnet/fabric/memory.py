@@ -22,6 +22,8 @@ from typing import Callable, Hashable
 from lgnet import abi
 
 _U32 = struct.Struct("<I")
+_MASK = abi.U32_MASK
+_PAGE = abi.PAGE_SIZE
 
 
 class Region:
@@ -55,6 +57,10 @@ class GuestMemory:
         self.pfn_limit = pfn_limit
         self.regions: list[Region] = []
         self.on_fault = on_fault
+        # Bumped whenever the regions change: whatever was worked out from the layout (a
+        # resolved key, where a bound array lies) is stale once this moves.
+        self.layout = 0
+        self.key_cache: dict = {}          # keys.resolve's memo, emptied with the layout
 
     # --- layout -------------------------------------------------------------------------
 
@@ -66,12 +72,18 @@ class GuestMemory:
                 raise ValueError("region %s overlaps %s" % (name or hex(base), other.name))
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.base)
+        self._relayout()
         return region
 
     def release(self) -> None:
         for region in self.regions:
             region.release()
         self.regions.clear()
+        self._relayout()
+
+    def _relayout(self) -> None:
+        self.layout += 1
+        self.key_cache.clear()
 
     # --- the rules ----------------------------------------------------------------------
 
@@ -82,7 +94,8 @@ class GuestMemory:
 
     def locate(self, addr: int, length: int) -> tuple[Region, int] | None:
         """The region that backs all of [addr, addr+length), with the offset in it."""
-        if not self.address_ok(addr, length):
+        end = (addr + length) & _MASK           # address_ok, inline: this is the hot path
+        if end // _PAGE >= self.pfn_limit or end < addr:
             return None
         for region in self.regions:
             if region.base <= addr and addr + length <= region.end:

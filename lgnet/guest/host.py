@@ -28,6 +28,7 @@ class HostLink(Protocol):
     def pending_irqs(self) -> int: ...
     def ack_irq(self, irq: int) -> None: ...
     def kill(self, reason: str) -> None: ...
+    def notify(self) -> None: ...
 
 
 class BrokerHost:
@@ -74,6 +75,15 @@ class BrokerHost:
 
     def ack_irq(self, irq: int) -> None:
         self.control[wire.CONTROL_IRQ_FLAGS + irq] = 0
+
+    def notify(self) -> None:
+        """The doorbell: ask the Host to run the async ring soon, never waiting for it. No
+        message while the broker already has our ring on its list (CONTROL_KICK)."""
+        control = self.control
+        if control[wire.CONTROL_KICK]:
+            return
+        control[wire.CONTROL_KICK] = 1
+        self.channel.send(wire.OP_NOTIFY)
 
     def dead(self) -> bool:
         return bool(self.control[wire.CONTROL_DEAD])

@@ -78,14 +78,15 @@ class Launcher:
 
     def setup_devices(self) -> None:
         cfg = self.config
-        if cfg.tunnet:
-            raise LgnetError("--tunnet is not available in this lgnet yet")
         for path in cfg.sharenets:
             net = netfile.NetFile.reserve(path)
             self.closers.append(net.close)
             self.devices.add_net(net)
             self.verbose("device %d: net slot %d on %s\n" % (len(self.devices.list) - 1,
                                                               net.slot, path))
+        if cfg.tunnet:
+            # After the shared nets: a host port's bridge finds its net as eth0, the link eth1.
+            self.devices.add_tun(cfg.tunnet, self.out, cfg.verbose)
         if cfg.block:
             self.devices.add_block(cfg.block)
         self.devices.add_console(self.out, cfg.console_input)

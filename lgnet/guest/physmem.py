@@ -23,10 +23,18 @@ class InvalidAddress(LgnetError):
 class PhysMap:
     def __init__(self):
         self.regions: list[tuple[int, int, memoryview]] = []    # (base, end, bytes)
+        # RAM (the region at 0) unsliced, as bytes and as native u32s, for guest code on a
+        # hot path: indexing them creates no view, and a u32 store is one aligned store.
+        # Owned here and released with the map, so nothing pins the mapping at exit.
+        self.ram: memoryview | None = None
+        self.ram_words: memoryview | None = None
 
     def add(self, base: int, buffer) -> None:
         view = memoryview(buffer).cast("B")
         self.regions.append((base, base + len(view), view))
+        if base == 0:
+            self.ram = view
+            self.ram_words = view[:len(view) & ~3].cast("I")
 
     def view(self, addr: int, length: int) -> memoryview:
         if addr >= abi.LGUEST_GUEST_TOP or addr + length >= abi.LGUEST_GUEST_TOP:
@@ -63,6 +71,9 @@ class PhysMap:
         return [(base, view) for base, _end, view in self.regions]
 
     def release(self) -> None:
+        if self.ram_words is not None:
+            self.ram_words.release()
+        self.ram = self.ram_words = None
         for _, _, view in self.regions:
             view.release()
         self.regions.clear()

@@ -3,8 +3,9 @@
 Rules of this file: the Python guest uses only what a real guest has — its own RAM (through
 PhysMap), the boot header, the device descriptor page and hypercalls. It never talks to the
 broker or to another guest any other way, so everything it does crosses the fabric exactly as
-a Unicorn guest's frames do. It is the scripted port of the scapy tests and the load generator
-of the benchmarks.
+a Unicorn guest's frames do. It is the scripted guest of the scenarios, the driver of the host
+ports (guest/port.py) and of the benchmarks' guests; with `ip=` its small stack (ipstack.py)
+answers ARP, ping and UDP echo like the bundled kernel.
 
 The lguest_net rules it follows (ABI.md §6): 8 receive buffers of 1514 bytes bound at its own
 slot's key, irq = device index + 1; the MAC 02:00:<guestid>:00:00 in its slot (with the
@@ -22,6 +23,7 @@ from typing import Callable
 
 from lgnet import abi
 from lgnet.guest.host import GuestStopped, HostLink
+from lgnet.guest.ipstack import IpStack, ip_text, parse_ip_list
 from lgnet.guest.physmem import PhysMap
 
 ETHERTYPE_LGNET = 0x88B5            # IEEE "local experimental": the driver's own test frames
@@ -44,9 +46,11 @@ class Machine:
         self.host = host
         self.next_free = FIRST_FREE_RAM
         self.handlers: dict[int, Callable[[], None]] = {}
+        self.in_interrupt = False
         self.lguest_data = self.alloc(abi.LGUEST_DATA_SIZE)
         self.phys.write(self.lguest_data + abi.LGUEST_DATA_HCALL_STATUS,
                         bytes([abi.HCALL_STATUS_EMPTY]) * abi.LHCALL_RING_SIZE)
+        self.next_call = 0                  # our cursor into the async hypercall ring
         self.hcall(abi.LHCALL_LGUEST_INIT, self.lguest_data)
         self.guest_id = struct.unpack_from(
             "<H", self.phys.read(self.lguest_data + abi.LGUEST_DATA_GUESTID, 2))[0]
@@ -87,15 +91,48 @@ class Machine:
         self.deliver_interrupts()
         return result
 
+    def async_hcall(self, call: int, a1: int = 0, a2: int = 0, a3: int = 0) -> None:
+        """lguest's async_hcall(): queue the call in lguest_data's ring for the Host to run,
+        in order, before our next synchronous call (or when kicked). When the ring is full, a
+        normal hcall does it, and that runs the whole ring first."""
+        n = self.next_call
+        status = self.lguest_data + abi.LGUEST_DATA_HCALL_STATUS + n
+        ram = self.phys.ram
+        if ram[status] != abi.HCALL_STATUS_EMPTY:
+            self.hcall(call, a1, a2, a3)
+            return
+        words = self.phys.ram_words
+        w = (self.lguest_data + abi.LGUEST_DATA_HCALLS + n * abi.ASYNC_HCALL.size) >> 2
+        words[w] = call                     # registers are 32 bits wide
+        words[w + 1] = a1 & abi.U32_MASK
+        words[w + 2] = a2 & abi.U32_MASK
+        words[w + 3] = a3 & abi.U32_MASK
+        # The arguments are written before the call is marked to go (lguest's wmb()).
+        ram[status] = abi.HCALL_STATUS_PENDING
+        self.next_call = (n + 1) % abi.LHCALL_RING_SIZE
+
+    def kick(self) -> None:
+        """Let the Host run our async ring soon, without waiting for it (lgnet's doorbell;
+        lguest ran the ring at the guest's next exit)."""
+        self.host.notify()
+
     def deliver_interrupts(self) -> None:
-        pending = self.host.pending_irqs()
-        while pending:
-            irq = (pending & -pending).bit_length() - 1
-            self.host.ack_irq(irq)
-            handler = self.handlers.get(irq)
-            if handler is not None:
-                handler()
+        # Handlers run with interrupts off, as behind an interrupt gate: a hypercall made by a
+        # handler (a reply it transmits) does not deliver a nested interrupt.
+        if self.in_interrupt:
+            return
+        self.in_interrupt = True
+        try:
             pending = self.host.pending_irqs()
+            while pending:
+                irq = (pending & -pending).bit_length() - 1
+                self.host.ack_irq(irq)
+                handler = self.handlers.get(irq)
+                if handler is not None:
+                    handler()
+                pending = self.host.pending_irqs()
+        finally:
+            self.in_interrupt = False
 
     def idle_until(self, deadline: float, done: Callable[[], bool] = lambda: False) -> None:
         """Take interrupts until `done()` or the monotonic deadline: HALT with a timer."""
@@ -150,6 +187,7 @@ class NetDevice:
         self.index = index
         self.page = pfn * abi.PAGE_SIZE
         self.slot = features & abi.NET_SLOT_FEATURE_MASK
+        self.nocsum = bool(features & abi.LGUEST_NET_F_NOCSUM)
         self.irq = index + 1
         self.promisc = promisc
         self.mac = abi.guest_mac(machine.guest_id)
@@ -266,6 +304,7 @@ class PyGuest:
     machine: Machine
     console: Console
     nets: list[NetDevice] = field(default_factory=list)
+    stack: IpStack | None = None
 
     @classmethod
     def boot(cls, machine: Machine) -> "PyGuest":
@@ -277,7 +316,22 @@ class PyGuest:
                 net = NetDevice(machine, index, features, pfn, promisc)
                 net.open()
                 guest.nets.append(net)
+        if "ip" in options:
+            guest.configure_ip(options["ip"])
         return guest
+
+    def configure_ip(self, text: str) -> None:
+        """ip=A.B.C.D[/N],...: one address per net device, in device order."""
+        try:
+            addresses = parse_ip_list(text)
+        except ValueError:
+            self.console.write("lguest: bad address in ip=\n")
+            return
+        self.stack = IpStack(self.machine)
+        for net, (ip, netmask) in zip(self.nets, addresses):
+            self.stack.attach(net, ip, netmask)
+            self.console.write("eth%d: %s/%d: answering ARP, ping and UDP echo\n"
+                               % (net.index, ip_text(ip), bin(netmask).count("1")))
 
     def frame(self, net: NetDevice, dest: bytes, text: str) -> bytes:
         payload = text.encode()
@@ -288,7 +342,8 @@ class PyGuest:
 # --- the script: what a `driver: python` guest of a scenario does ---------------------------
 
 def run_script(guest: PyGuest, script: str) -> None:
-    """Steps, comma-separated: await:N:PEERS, bcast:N, peers:N, wait:SECONDS (N = net index)."""
+    """Steps, comma-separated: await:N:PEERS, bcast:N, peers:N, wait:SECONDS (N = net index),
+    ping:A.B.C.D[:COUNT] (needs ip=)."""
     console = guest.console
     for step in filter(None, script.split(",")):
         kind, *args = step.split(":")
@@ -310,6 +365,8 @@ def run_script(guest: PyGuest, script: str) -> None:
                                          % (format_mac(net.mac), format_mac(dest))))
         elif kind == "wait":
             guest.machine.idle_until(time.monotonic() + float(args[0]))
+        elif kind == "ping" and guest.stack is not None:
+            guest.stack.ping(console, args[0], int(args[1]) if len(args) > 1 else 1)
         else:
             console.write("lgnet pvdriver: unknown script step %r\n" % step)
 
@@ -318,9 +375,20 @@ def report(guest: PyGuest) -> None:
     for net in guest.nets:
         guest.console.write("eth%d: received %d frames\n" % (net.index, len(net.received)))
         for frame in net.received:
-            payload = frame.data[abi.ETH_HLEN:].rstrip(b"\0").decode(errors="replace")
+            ethertype = struct.unpack_from("!H", frame.data, 2 * abi.ETH_ALEN)[0]
+            if ethertype == ETHERTYPE_LGNET:
+                what = frame.data[abi.ETH_HLEN:].rstrip(b"\0").decode(errors="replace")
+            else:
+                what = "%d bytes of ethertype %#06x" % (len(frame.data), ethertype)
             guest.console.write("eth%d: from %s: %s\n"
-                                % (net.index, format_mac(frame.data[6:12]), payload))
+                                % (net.index, format_mac(frame.data[6:12]), what))
+
+
+def serve(guest: PyGuest) -> None:
+    """With an address and no script: stay up answering until the Launcher is stopped, like
+    the bundled kernel without ping=."""
+    while True:
+        guest.machine.hcall(abi.LHCALL_HALT)
 
 
 def main(machine: Machine) -> None:
@@ -330,6 +398,8 @@ def main(machine: Machine) -> None:
     guest.console.write("lgnet pvdriver: guest %d up, %s\n" % (
         machine.guest_id, ", ".join("eth%d slot %d mac %s" % (n.index, n.slot, format_mac(n.mac))
                                     for n in guest.nets) or "no network"))
+    if "ip" in options and "script" not in options:
+        serve(guest)
     run_script(guest, options.get("script", ""))
     report(guest)
     for net in guest.nets:

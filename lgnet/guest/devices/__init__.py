@@ -60,6 +60,10 @@ class DeviceList:
         device.close = lambda: os.close(handover)
         return device
 
+    def add_tun(self, arg: str, out, verbose: bool = False) -> Device:
+        from lgnet.guest.devices.tun import tun_device
+        return self.add(tun_device(arg, out, verbose))
+
     def add_block(self, path: str) -> Device:
         from lgnet.guest.devices.block import open_block
         return self.add(open_block(path))

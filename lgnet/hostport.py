@@ -1,0 +1,197 @@
+"""A host port, as the test process holds it: send scapy packets into a net, expect replies.
+
+`Lab.port(net)` starts the port's guest (`python:lgnet.guest.port`, its own Launcher, a slot
+in the net file like any guest) and hands it one end of a SOCK_SEQPACKET socket pair as its
+`--tunnet=fd:N` link; this object keeps the other end. One message is one Ethernet frame, both
+ways, exactly as with a TAP. A thread receives every frame the net delivers to the port, so
+nothing is lost between two calls; `expect` and `sniff` take frames from that queue in arrival
+order, and `received` keeps them all.
+"""
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+
+from lgnet import abi
+from lgnet.errors import LgnetError
+from lgnet.packets import L, MAX_SHOWN, as_predicate
+
+MAX_FRAME = 1 << 16
+READY = re.compile(r"^lgnet port: up slot (\d+) mac ([0-9a-f:]{17})$")
+BROADCAST = "ff:ff:ff:ff:ff:ff"
+POLL_SECONDS = 0.01
+
+
+class Port:
+    def __init__(self, lab, net: str, run, sock: socket.socket):
+        self.lab = lab
+        self.net = net
+        self.run = run                      # the port's launcher (a lab.GuestRun)
+        self.name = run.name
+        self.sock = sock
+        self.slot: int | None = None
+        self.mac: str | None = None
+        self._frames: list[tuple[float, bytes]] = []     # every frame, in arrival order
+        self._pending: list[int] = []                      # indexes not taken by expect/sniff
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._receive, name="lgnet-port-" + self.name,
+                                        daemon=True)
+        self._reader.start()
+
+    def __repr__(self) -> str:
+        return "Port(%r on %s, slot %s, mac %s)" % (self.name, self.net, self.slot, self.mac)
+
+    # --- coming up ------------------------------------------------------------------------
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in list(self.run.console):
+                m = READY.match(line)
+                if m:
+                    self.slot, self.mac = int(m.group(1)), m.group(2)
+                    return
+            if self.run.process.poll() is not None or time.monotonic() > deadline:
+                raise LgnetError("port %s on %s did not come up: %s" % (
+                    self.name, self.net, " / ".join(self.run.console) or "no output"))
+            time.sleep(POLL_SECONDS)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(MAX_FRAME)
+            except OSError:
+                data = b""
+            if not data:
+                return
+            with self._cond:
+                self._pending.append(len(self._frames))
+                self._frames.append((time.time(), data))
+                self._cond.notify_all()
+
+    # --- sending --------------------------------------------------------------------------
+
+    def send(self, packet) -> None:
+        """Send one frame into the net from this port's slot: bytes, or a scapy packet.
+
+        A packet without an Ethernet layer gets one; an Ethernet or ARP layer without source
+        addresses gets this port's MAC, and without a destination the broadcast address (so
+        scapy never resolves anything on the host's own network)."""
+        self.sock.send(self.frame_bytes(packet))
+
+    def frame_bytes(self, packet) -> bytes:
+        if isinstance(packet, (bytes, bytearray, memoryview)):
+            return bytes(packet)
+        L.load()
+        if L.Ether not in packet:
+            packet = L.Ether() / packet
+        else:
+            packet = packet.copy()
+        ether = packet[L.Ether]
+        if "src" not in ether.fields:
+            ether.src = self.mac
+        if "dst" not in ether.fields:
+            ether.dst = BROADCAST
+        if L.ARP in packet and "hwsrc" not in packet[L.ARP].fields:
+            packet[L.ARP].hwsrc = self.mac
+        return bytes(packet)
+
+    # --- receiving ------------------------------------------------------------------------
+
+    def _packet(self, index: int):
+        ts, data = self._frames[index]
+        packet = L.load().Ether(data)
+        packet.time = ts
+        packet.sniffed_on = self.name
+        return packet
+
+    def expect(self, match, timeout: float = 5.0):
+        """The first frame not yet taken that matches (a filter string, see lgnet.packets, or
+        a predicate on a scapy packet), waiting up to `timeout` seconds for it; it is taken,
+        the others stay for later calls. Fails with AssertionError listing what did arrive."""
+        predicate, what = as_predicate(match)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for position, index in enumerate(self._pending):
+                    packet = self._packet(index)
+                    if predicate(packet):
+                        del self._pending[position]
+                        return packet
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                seen = len(self._frames)
+                self._cond.wait_for(lambda: len(self._frames) > seen, left)
+            raise AssertionError(self._nothing_matched(what, timeout))
+
+    def _nothing_matched(self, what: str, timeout: float) -> str:
+        lines = ["port %s on %s: no frame matching %s within %gs" % (self.name, self.net, what,
+                                                                    timeout)]
+        if not self._pending:
+            lines.append("  nothing arrived (not yet taken by expect/sniff)")
+        else:
+            lines.append("  what arrived (not yet taken), %d frame%s:"
+                         % (len(self._pending), "" if len(self._pending) == 1 else "s"))
+            for index in self._pending[:MAX_SHOWN]:
+                lines.append("    " + self._packet(index).summary())
+            if len(self._pending) > MAX_SHOWN:
+                lines.append("    ... and %d more" % (len(self._pending) - MAX_SHOWN))
+        return "\n".join(lines)
+
+    def sniff(self, count: int | None = None, timeout: float = 1.0):
+        """Take the frames not yet taken, waiting until there are `count` (or, without a
+        count, for `timeout` seconds): a scapy PacketList, oldest first."""
+        from scapy.plist import PacketList
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while count is None or len(self._pending) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            taken = self._pending[:count] if count is not None else list(self._pending)
+            del self._pending[:len(taken)]
+            return PacketList([self._packet(i) for i in taken], name=self.name)
+
+    @property
+    def received(self):
+        """Every frame this port received so far (taken or not), as a PacketList."""
+        from scapy.plist import PacketList
+        with self._cond:
+            return PacketList([self._packet(i) for i in range(len(self._frames))],
+                              name=self.name)
+
+    @property
+    def stats(self) -> dict:
+        """The broker's counters for this port's guest (frames and bytes in and out, carrier
+        errors, drops), fetched now."""
+        self.lab.collect()
+        return dict(self.run.stats)
+
+    # --- going down -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self._reader.join(timeout=1)
+
+
+def host_mac(mac: str | None) -> str | None:
+    """Check a MAC given to Lab.port: six bytes, unicast (bit 0 is lguest's promisc marker)."""
+    if mac is None:
+        return None
+    try:
+        raw = bytes.fromhex(mac.replace(":", ""))
+    except ValueError:
+        raw = b""
+    # mac[0] == 0 marks an unused slot, and its bit 0 the promiscuous ones.
+    if len(raw) != abi.ETH_ALEN or raw[0] == 0 or abi.is_multicast(raw):
+        raise LgnetError("port MAC %r: must be six bytes, unicast, with a first byte other "
+                         "than 00 (lguest's mark of an unused slot)" % mac)
+    return raw.hex(":")

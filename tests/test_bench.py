@@ -1,0 +1,129 @@
+"""`lgnet bench`: every workload and anchor lands in the JSON with positive figures and the
+ratios computed from them (no assertion on speed), and receivers count only intact frames."""
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lgnet import abi, anchors
+from lgnet.bench import Workload, run_fanout, run_stream
+from lgnet.guest.benchguests import (END_SEQ, MIN_FRAME, NOT_VERIFIED, frame_template,
+                                     prefix_crc, stamp, verify)
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, PYTHONPATH=str(REPO))
+
+
+def lgnet_leftovers() -> list[str]:
+    shm = [name for name in os.listdir("/dev/shm") if "lgnet" in name]
+    netns = os.listdir(anchors.NETNS_DIR) if os.path.isdir(anchors.NETNS_DIR) else []
+    return shm + [name for name in netns if name.startswith("lgb")]
+
+
+def make_frame(size: int, seq: int) -> bytearray:
+    frame = frame_template(abi.BROADCAST_MAC, abi.guest_mac(1), size, random.Random(size))
+    stamp(frame, 0, size, seq, prefix_crc(frame))
+    return frame
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("size", [MIN_FRAME, 60, 1514, 65536])
+def test_verify_accepts_an_intact_frame_and_rejects_any_damage(size):
+    frame = make_frame(size, 12345)
+    assert verify(frame) == 12345
+    rng = random.Random(size)
+    for at in {0, 6, 12, 14, 17, 18, size // 2, size - 5, size - 1} | {
+            rng.randrange(size) for _ in range(20)}:
+        bad = bytearray(frame)
+        bad[at] ^= 1 << rng.randrange(8)
+        assert verify(bad) == NOT_VERIFIED, at
+    assert verify(frame[:-1]) == NOT_VERIFIED                  # truncated
+    assert verify(frame + b"\0") == NOT_VERIFIED               # padded
+    assert verify(frame[:MIN_FRAME - 1]) == NOT_VERIFIED
+
+
+@pytest.mark.timeout(10)
+def test_stamp_changes_only_seq_and_crc_and_end_is_a_valid_frame():
+    frame = make_frame(100, 1)
+    again = bytearray(frame)
+    stamp(again, 0, 100, END_SEQ, prefix_crc(frame))
+    assert verify(again) == END_SEQ
+    changed = [i for i in range(100) if frame[i] != again[i]]
+    assert all(14 <= i < 18 or i >= 96 for i in changed)
+
+
+@pytest.mark.timeout(60)
+def test_a_stream_counts_as_verified_exactly_what_the_fabric_delivered():
+    w = Workload("stream-deep-1514", "stream", "stream", 1514, rx=64, rxsize=1514)
+    fig = run_stream(w, 0.3)
+    assert fig["verified"] > 0 and fig["corrupt"] == 0
+    # Every buffer the receiver took held an intact frame (the END frame is the one extra),
+    # every send that came back with used_len == size was taken, and the broker agrees.
+    assert fig["taken"] == fig["verified"] + 1
+    assert fig["delivered"] == fig["verified"]
+    assert fig["delivered"] + fig["lost"] + fig["short"] == fig["sent"]
+    assert lgnet_leftovers() == []
+
+
+@pytest.mark.timeout(60)
+def test_a_fanout_reaches_every_receiver_intact():
+    w = Workload("fanout-4", "fanout", "fan-out", 1514, guests=4)
+    fig = run_fanout(w, 0.3)
+    assert fig["verified"] == fig["delivered"] > 0 and fig["corrupt"] == 0
+    assert fig["bringup_s"] > 0 and fig["rss_mb_max"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_lgnet_bench_quick_writes_every_workload_and_anchor(tmp_path):
+    out, png = tmp_path / "out.json", tmp_path / "bench.png"
+    tag = "lgnet-bench-test-%d" % os.getpid()
+    done = subprocess.run([sys.executable, "-m", "lgnet", "bench", "--quick", "--json", str(out),
+                           "--plot", str(png)], cwd=tmp_path, env=dict(ENV, LGNET_TEST_TAG=tag),
+                          capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "lgnet/sp" in done.stdout and "Targets" in done.stdout
+    assert png.exists() or "plot skipped: matplotlib" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["machine"]["cores"] >= 1 and result["machine"]["python"]
+    assert result["method"]["verification"]
+    rows = {r["workload"]: r for r in result["rows"]}
+    assert {"stream-lguest_net-60", "stream-lguest_net-1514", "stream-deep-60",
+            "stream-deep-1514", "stream-deep-65536", "latency-60", "fanout-2",
+            "fanout-8"} <= set(rows)
+    for row in rows.values():
+        fig = row["metric"]
+        lg = row["lgnet"]
+        assert lg[fig] > 0, row["workload"]
+        assert lg.get("corrupt", 0) == 0
+        expected = {"socketpair", "netns"} | ({"copy"} if row["kind"] != "latency" else set())
+        assert expected <= set(row["anchors"]), row["workload"]
+        for name, anchor in row["anchors"].items():
+            if "skipped" in anchor:
+                assert name == "netns" and anchor["skipped"]
+                continue
+            assert anchor[fig] > 0, (row["workload"], name)
+            assert row["ratios"][name] == pytest.approx(lg[fig] / anchor[fig])
+        if row["kind"] == "stream":
+            assert lg["mb_s"] == pytest.approx(lg["frames_s"] * row["size"] / 1e6)
+            for part in ("broker_engine_us", "copy_us", "sender_cpu_us", "receiver_cpu_us"):
+                assert lg[part] > 0, part
+    assert {t["target"] for t in result["targets"]}
+    assert lgnet_leftovers() == []
+    assert tagged_processes(tag) == []          # nothing of the run is left running
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Processes whose environment carries our tag: children of the run, wherever they went."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/environ" % pid, "rb") as env:
+                if ("LGNET_TEST_TAG=" + tag).encode() in env.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found

@@ -1,0 +1,41 @@
+"""The README's scapy test runs as written: the block that starts with `# test_echo.py` is
+saved as test_echo.py and run by pytest from the repository, as the README tells a user to
+(the `lab` fixture comes from the installed plugin)."""
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ENV, REPO, lgnet_shm
+
+pytestmark = pytest.mark.timeout(90)
+FILE_NAME = "test_echo.py"
+
+
+def readme_example() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    found = [b for b in blocks if b.startswith("# %s\n" % FILE_NAME)]
+    assert len(found) == 1, "README.md must have one ```python block starting '# %s'" % FILE_NAME
+    return found[0]
+
+
+def test_the_readme_scapy_example_runs_as_written(tmp_path):
+    code = readme_example()
+    assert "lgnet.up(" in code and "lab.port(" in code and ".expect(" in code \
+        and "lab.capture(" in code and "port.send(" in code
+    # Run from the repository, as the README says (its scenario paths are relative to it);
+    # the file itself stays in the test's own directory.
+    target = tmp_path / FILE_NAME
+    target.write_text(code)
+    keep = tmp_path / "kept"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "-s", "--lgnet-pcap", str(keep), str(target)], cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=80)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
+    assert re.search(r"port0 slot \d+ -> (alpha|beta) slot \d+ key lan0\+0x", result.stdout)
+    # The plugin's --lgnet-pcap kept the `lab` fixture's capture, per test.
+    assert [p.relative_to(keep).as_posix() for p in keep.rglob("*.pcapng")] == [
+        "test_a_promiscuous_port_sees_what_others_exchange/lan0.pcapng"]
+    assert lgnet_shm() == []
