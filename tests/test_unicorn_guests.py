@@ -114,3 +114,24 @@ def test_the_block_device_refuses_what_the_reference_launcher_refused(guests, br
     assert "lgnet: guest died: " + reason in out
     assert disk.stat().st_size == 8 * abi.SECTOR_SIZE       # trimmed back, never grown
     assert [row["dead"] for row in stats(broker) if row["pid"] == proc.pid] == [reason]
+
+
+def test_a_real_guest_pings_a_host_port_and_the_port_sees_the_request(tmp_path):
+    from scapy.layers.inet import ICMP, IP
+    from scapy.layers.l2 import ARP, Ether
+
+    import lgnet
+    scenario = tmp_path / "pinger.yaml"
+    scenario.write_text("networks: {lan0: {}}\nguests:\n"
+                        "  - {name: pinger, kernel: bundled, nets: [lan0], "
+                        "cmdline: 'ip=10.0.0.1/24 peers=1 ping=10.0.0.9 count=2 timeout=3000'}\n")
+    with lgnet.up(str(scenario)) as lab:
+        port = lab.port("lan0")
+        who_has = port.expect(lambda p: ARP in p and p[ARP].op == 1, timeout=20)
+        assert who_has[ARP].pdst == "10.0.0.9" and who_has[ARP].psrc == "10.0.0.1"
+        port.send(Ether(dst=who_has[Ether].src) / ARP(op=2, hwsrc=port.mac, psrc="10.0.0.9",
+                                                      hwdst=who_has[Ether].src,
+                                                      pdst="10.0.0.1"))
+        request = port.expect(lambda p: ICMP in p and p[ICMP].type == 8, timeout=10)
+        assert request[IP].src == "10.0.0.1" and request[IP].dst == "10.0.0.9"
+        assert request[Ether].dst == port.mac
