@@ -24,7 +24,7 @@ def cmd_broker(args) -> int:
         print("lgnet broker listening on %s (export LGNET_BROKER=%s)" % (path, path), flush=True)
     try:
         run_broker(path, args.watch_fd, args.ready_fd, args.capture,
-                   dict(parse_net_name(text) for text in args.net))
+                   dict(parse_net_name(text) for text in args.net), args.owns_directory)
     except OSError as exc:
         raise LgnetError("broker: %s" % (exc.strerror or exc)) from None
     return 0
@@ -195,6 +195,7 @@ def parser() -> argparse.ArgumentParser:
     broker.add_argument("--net", action="append", default=[], metavar="NAME=PATH",
                         help="name the capture of this net file (default: its file name)")
     broker.add_argument("--watch-fd", type=int, help=argparse.SUPPRESS)
+    broker.add_argument("--owns-directory", action="store_true", help=argparse.SUPPRESS)
     broker.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     broker.add_argument("--die-with-parent", action="store_true", help=argparse.SUPPRESS)
     broker.set_defaults(func=cmd_broker)

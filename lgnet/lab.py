@@ -155,6 +155,7 @@ class Lab:
                 capture += ["--net", "%s=%s" % (net, self.net_file(net))]
         self.broker = subprocess.Popen(
             [sys.executable, "-m", "lgnet", "broker", "--quiet", "--die-with-parent",
+             "--owns-directory",
              "--socket", self.socket_path, "--watch-fd", str(watch_r), "--ready-fd", str(ready_w)]
             + capture, pass_fds=(watch_r, ready_w), stdin=subprocess.DEVNULL)
         os.close(watch_r)

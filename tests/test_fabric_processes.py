@@ -173,9 +173,13 @@ def test_sigkill_of_lgnet_up_its_children_go_too(tmp_path):
     scenario = tmp_path / "slow.yaml"
     scenario.write_text("networks: {lan0: {}}\nguests:\n"
                         "  - {name: g0, driver: python, nets: [lan0], script: [{wait: 60}]}\n")
-    up = subprocess.Popen([sys.executable, "-m", "lgnet", "up", str(scenario)], env=ENV,
+    private_tmp = tmp_path / "tmp"           # the lab's runtime directory goes in here
+    private_tmp.mkdir()
+    up = subprocess.Popen([sys.executable, "-m", "lgnet", "up", str(scenario)],
+                          env=dict(ENV, TMPDIR=str(private_tmp)),
                           stdout=subprocess.DEVNULL, start_new_session=True)
     time.sleep(2.5)
+    assert [p.name[:6] for p in private_tmp.iterdir()] == ["lgnet-"]
     up.kill()
     up.wait()
     deadline = time.monotonic() + 5
@@ -183,6 +187,7 @@ def test_sigkill_of_lgnet_up_its_children_go_too(tmp_path):
         assert time.monotonic() < deadline, "children outlived a SIGKILLed lgnet up"
         time.sleep(0.1)
     assert lgnet_shm() == []
+    assert list(private_tmp.iterdir()) == []
 
 
 @pytest.mark.parametrize("text, message", [

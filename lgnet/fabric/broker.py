@@ -31,6 +31,7 @@ import os
 import resource
 import select
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -573,10 +574,17 @@ class Broker:
 
 
 def run_broker(socket_path: str, watch_fd: int | None = None, ready_fd: int | None = None,
-               capture_dir: str | None = None, net_names: dict[str, str] | None = None) -> None:
-    capture = Capture(capture_dir, net_names) if capture_dir is not None else None
-    broker = Broker(socket_path, watch_fd, capture)
-    if ready_fd is not None:
-        os.write(ready_fd, b"ready\n")
-        os.close(ready_fd)
-    broker.serve_forever()
+               capture_dir: str | None = None, net_names: dict[str, str] | None = None,
+               owns_directory: bool = False) -> None:
+    """Serve until told to stop. With owns_directory (a lab's private runtime directory),
+    the directory goes with the broker, so even a SIGKILLed lab leaves nothing behind."""
+    try:
+        capture = Capture(capture_dir, net_names) if capture_dir is not None else None
+        broker = Broker(socket_path, watch_fd, capture)
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+        broker.serve_forever()
+    finally:
+        if owns_directory:
+            shutil.rmtree(os.path.dirname(socket_path), ignore_errors=True)
