@@ -16,10 +16,12 @@ Where the speed comes from (lgnet's, not lguest's: lguest had a CPU per guest to
   every listed guest's calls between looks at the sockets, so one busy sender cannot starve
   anyone's requests. The guest rings only while CONTROL_KICK is 0; the broker clears it once
   the ring has run dry (and looks once more, for a call queued in between).
-- Coalesced wake-ups. Waking a halted guest costs a reply and a context switch. A wake-up due
-  while the broker runs a ring or a hypercall is deferred until the guest has half its
-  receive buffers filled, or no ring is left to run, or WAKE_MAX_PASSES passes went by; the
-  interrupt flags themselves are set at once (a guest that is running sees them).
+- Coalesced wake-ups. Waking a halted guest costs a reply and a context switch (tens of
+  microseconds here). A wake-up due while the broker runs a batching guest's queued calls is
+  held while that sender still runs (it is likely to send more) and let go when the receiver has
+  half its receive buffers filled, the sender halts or leaves, or WAKE_MAX_SECONDS passed; a
+  receiver about to be denied a buffer is woken at once (the one chance to restock). The
+  interrupt flags themselves are set at once: a guest that is running sees them.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ from lgnet.fabric.memory import GuestMemory
 UCRED = struct.Struct("3i")          # struct ucred: pid, uid, gid
 RESTOCK_SECONDS = 0.0005             # how long "one chance to restock" waits for a free buffer
 LISTEN_BACKLOG = 256
-WAKE_MAX_PASSES = 4                  # a deferred wake-up waits at most this many ring passes
+WAKE_MAX_SECONDS = 0.010             # a held wake-up waits at most this long
 RING_PASS_CALLS = 16                 # queued calls run per guest per pass between socket looks
 
 
@@ -123,8 +125,9 @@ class Broker:
         self.ended: list[dict] = []                      # counters of guests already closed
         self.timers: list[tuple[float, int, int, Connection]] = []
         self.rings: dict[Connection, None] = {}          # rang the doorbell: rings to run
-        self.deferred: dict[Connection, list[int]] = {}  # wake-ups held: [count, pass, due]
-        self.batching = False                            # running a ring or a hypercall
+        self.deferred: dict[Connection, list] = {}       # wake-ups held: [count, due, since,
+                                                         #   sender]
+        self.running_for: Connection | None = None       # whose ring or hypercall runs now
         self.counters = BrokerCounters()
         self.running = True
         self.listener = self._listen()
@@ -167,6 +170,10 @@ class Broker:
                     timeout = 0.0     # queued calls wait: look at the sockets, do not sleep
                 elif self.timers:
                     timeout = max(0.0, self.timers[0][0] - time.monotonic())
+                if self.deferred and not self.rings:
+                    due = min(e[2] for e in self.deferred.values()) + WAKE_MAX_SECONDS
+                    held = max(0.0, due - time.monotonic())
+                    timeout = held if timeout is None else min(timeout, held)
                 started = clock()
                 events = self.selector.select(timeout)
                 woke = clock()
@@ -352,11 +359,14 @@ class Broker:
             conn.reply(0, wire.FLAG_PENDING_DMA, dma, key, b"deferred")
             return
         started = time.perf_counter()
-        batching, self.batching = self.batching, True
+        # Only a guest that batches (its async ring holds queued calls) gets its receivers'
+        # wake-ups held; one that sends a frame per synchronous call has them at once.
+        batching = guest is not None and not ring_empty(guest)
+        running_for, self.running_for = self.running_for, conn if batching else None
         try:
             outcome = conn.file.hypercall(eax, edx, ebx, ecx)
         finally:
-            self.batching = batching
+            self.running_for = running_for
         self.counters.hypercalls += 1
         self.counters.engine_s += time.perf_counter() - started
         if isinstance(outcome, int):
@@ -426,7 +436,7 @@ class Broker:
         counters = self.counters
         counters.ring_passes += 1
         started = time.perf_counter()
-        batching, self.batching = self.batching, True
+        running_for = self.running_for
         try:
             for conn in list(self.rings):
                 guest = conn.file.guest
@@ -434,6 +444,7 @@ class Broker:
                     del self.rings[conn]
                     continue
                 outcome = Outcome()
+                self.running_for = conn
                 counters.ring_calls += drain_async(self.engine, guest, outcome, RING_PASS_CALLS)
                 if outcome.clockevent_ns is not None:
                     self._set_clockevent(conn, outcome.clockevent_ns)
@@ -451,7 +462,7 @@ class Broker:
                     else:
                         conn.control[wire.CONTROL_KICK] = 1
         finally:
-            self.batching = batching
+            self.running_for = running_for
         counters.engine_s += time.perf_counter() - started
 
     def _defer_wake(self, conn: Connection, guest: Guest, bits: int) -> bool:
@@ -461,19 +472,22 @@ class Broker:
         if entry is None:
             sizes = [b.num_dmas for b in guest.dma if b.interrupt and bits >> b.interrupt & 1]
             due = max(1, min(sizes) // 2) if sizes else 1
-            entry = self.deferred[conn] = [0, self.counters.ring_passes, due]
+            entry = self.deferred[conn] = [0, due, time.monotonic(), self.running_for]
         entry[0] += 1
-        if entry[0] < entry[2]:
+        entry[3] = self.running_for
+        if entry[0] < entry[1]:
             self.counters.wakes_deferred += 1
             return True
         del self.deferred[conn]
         return False
 
     def _flush_wakes(self) -> None:
-        """Let deferred wake-ups go: all once no ring is left to run, else the overdue."""
-        passes = self.counters.ring_passes
-        for conn, (_count, since, _due) in list(self.deferred.items()):
-            if self.rings and passes - since < WAKE_MAX_PASSES:
+        """Let held wake-ups go once their sender has stopped running (halted, or gone) or
+        they are WAKE_MAX_SECONDS old; a sender still running is likely to send more."""
+        now = time.monotonic()
+        for conn, (_count, _due, since, sender) in list(self.deferred.items()):
+            if (sender is not None and sender.file.guest is not None and not sender.halted
+                    and now - since < WAKE_MAX_SECONDS):
                 continue
             del self.deferred[conn]
             if conn.halted and conn.file.guest is not None:
@@ -497,7 +511,8 @@ class Broker:
         if guest.dead is not None:
             conn.control[wire.CONTROL_DEAD] = 1
         if conn.halted:
-            if self.batching and guest.dead is None and self._defer_wake(conn, guest, raised):
+            if (self.running_for is not None and guest.dead is None
+                    and self._defer_wake(conn, guest, raised)):
                 return
             self.counters.wakes += 1
             self._answer(conn, guest)

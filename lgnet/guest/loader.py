@@ -32,14 +32,11 @@ import zlib
 from array import array
 from dataclasses import dataclass
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-
 from lgnet import abi
 from lgnet.errors import LgnetError
 
-__all__ = ["KernelImage", "BootInfo", "load_kernel", "boot_guest", "write_device_descriptors",
-           "page_align"]
+__all__ = ["KernelImage", "BootInfo", "load_kernel", "boot_guest", "write_boot_header",
+           "write_device_descriptors", "page_align"]
 
 _U8 = struct.Struct("<B")
 _U32 = struct.Struct("<I")
@@ -98,6 +95,9 @@ def _entry_point(segments: list[tuple[int, bytes]], page_offset: int, path) -> i
 
 
 def _map_elf(data: bytes, path) -> KernelImage:
+    # Imported here: a Python guest never needs pyelftools, and 128 of them start faster.
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
     try:
         elf = ELFFile(io.BytesIO(data))
         header = elf.header
