@@ -202,3 +202,13 @@ def test_a_bad_scenario_file_exits_2_naming_file_and_key(tmp_path, text, message
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert str(bad) in result.stderr and message in result.stderr
+
+
+def test_a_halted_guest_sleeps_through_interrupts_it_blocked(guests, tmp_path):
+    lan = tmp_path / "lan0.net"
+    chatter = guests.launch(lan, kernel="python:tests.guests.chatter", args=["seconds=4"])
+    sleeper = guests.launch(lan, kernel="python:tests.guests.blocker")
+    out = guests.finish(sleeper)
+    halted_ms = int(out.split("halted for ", 1)[1].split()[0])
+    assert 350 <= halted_ms < 2000, out       # woken by its timer, not by the blocked net irq
+    guests.finish(chatter)

@@ -397,8 +397,18 @@ class Broker:
         conn.reply(result, flags)
 
     def _pending(self, conn: Connection, guest: Guest) -> bool:
-        return bool(guest.irqs_pending) or any(conn.control[:abi.LGUEST_IRQS]) \
-            or bool(self._breakers_of(guest))
+        """Would a halted guest wake? lguest's slept on until an interrupt it had not
+        blocked (lguest_data.blocked_interrupts) was pending, or a BREAK came."""
+        if self._breakers_of(guest):
+            return True
+        pending = guest.irqs_pending
+        for irq, flag in enumerate(conn.control[:abi.LGUEST_IRQS]):
+            if flag:
+                pending |= 1 << irq
+        if not pending or guest.lguest_data is None:
+            return bool(pending)
+        blocked = guest.memory.read_u32(guest.lguest_data + abi.LGUEST_DATA_BLOCKED_INTERRUPTS)
+        return bool(pending & ~blocked)
 
     def _break(self, conn: Connection, on: int) -> None:
         guest = conn.file.guest
@@ -510,7 +520,7 @@ class Broker:
             bits ^= low
         if guest.dead is not None:
             conn.control[wire.CONTROL_DEAD] = 1
-        if conn.halted:
+        if conn.halted and (guest.dead is not None or self._pending(conn, guest)):
             if (self.running_for is not None and guest.dead is None
                     and self._defer_wake(conn, guest, raised)):
                 return
