@@ -335,13 +335,20 @@ def _udp_socket(broadcast: bool = False) -> socket.socket:
     return sock
 
 
-def _udp_receiver(lab: NetnsLab, i: int, payload: int, ready: int, stop_after: float) -> dict:
+def _udp_listener(lab: NetnsLab, i: int, payload: int, ready: int,
+                  timeout: float) -> tuple[socket.socket, "Counter"]:
+    """Host i's UDP socket on the bench port, and the counter that verifies what it gets;
+    tells the parent (through `ready`) that it listens."""
     lab.enter(i)
     sock = _udp_socket()
     sock.bind(("", UDP_PORT))
-    sock.settimeout(stop_after)
+    sock.settimeout(timeout)
     os.write(ready, START_BYTE)
-    counter = Counter(payload)
+    return sock, Counter(payload)
+
+
+def _udp_receiver(lab: NetnsLab, i: int, payload: int, ready: int, stop_after: float) -> dict:
+    sock, counter = _udp_listener(lab, i, payload, ready, stop_after)
     try:
         while not counter.ended:
             counter.take(sock.recv_into(counter.buf))
@@ -390,12 +397,7 @@ def netns_stream(lab: NetnsLab, receivers: int, size: int, seconds: float,
 
 
 def _udp_echo(lab: NetnsLab, payload: int, ready: int) -> dict:
-    lab.enter(1)
-    sock = _udp_socket()
-    sock.bind(("", UDP_PORT))
-    sock.settimeout(LATENCY_TIMEOUT)
-    os.write(ready, START_BYTE)
-    counter = Counter(payload)
+    sock, counter = _udp_listener(lab, 1, payload, ready, LATENCY_TIMEOUT)
     try:
         while True:
             n, peer = sock.recvfrom_into(counter.buf)
