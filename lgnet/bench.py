@@ -25,7 +25,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import math
 import platform
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -69,6 +71,20 @@ TARGET_FANOUT = 0.7                   # fan-out at 32 vs at 2
 TARGET_SCALE_GUESTS = 128
 TARGET_BRINGUP_S = 10.0
 TARGET_RSS_MB = 40.0
+
+# The unicorn workload: two guests running the bundled kernel under Unicorn, one flooding the
+# other with ICMP echo requests (main.c's flood=), one request in flight at a time.
+UNICORN_KERNEL = "bundled"
+UNICORN_MEM_MB = 16
+UNICORN_SIZE = 98                     # an echo request: 14 + 20 + 8 + 56 bytes of data
+UNICORN_FLOODER, UNICORN_ECHO = "10.0.0.1", "10.0.0.2"
+FLOOD_LINE = re.compile(r"flood (\S+): (\d+) sent, (\d+) received, (\d+) replies/s, "
+                        r"rtt avg ([0-9.]+) ms")
+# How many Unicorn guests fit: idle bundled guests on one net, their launchers' RSS.
+UNICORN_SCALE = (8, 16, 32)
+QUICK_UNICORN_SCALE = (4,)
+UNICORN_SCALE_BUDGET_S = 20.0         # no larger N is tried once this much time has gone
+UNICORN_READY_S = 60.0
 
 
 @dataclass
@@ -117,7 +133,7 @@ class BenchOptions:
 @dataclass(frozen=True)
 class Workload:
     key: str
-    kind: str                         # stream | latency | fanout
+    kind: str                         # stream | latency | fanout | unicorn
     label: str
     size: int
     rx: int = abi.NUM_NET_RX_BUFFERS
@@ -132,7 +148,7 @@ class Workload:
                    "copy": ("copy", self.size, None)}
             if netns:
                 out["netns"] = ("netns-stream", self.size, None)
-        elif self.kind == "latency":
+        elif self.kind in ("latency", "unicorn"):
             out = {"socketpair": ("socketpair-latency", self.size, None)}
             if netns:
                 out["netns"] = ("netns-latency", self.size, None)
@@ -159,6 +175,8 @@ def workloads(opts: BenchOptions) -> list[Workload]:
     for n in opts.fanouts():
         out.append(Workload("fanout-%d" % n, "fanout", "fan-out, 1 -> %d (broadcast)" % (n - 1),
                             FANOUT_SIZE, guests=n))
+    out.append(Workload("unicorn-icmp", "unicorn", "unicorn, ICMP echo flood (bundled kernel)",
+                        UNICORN_SIZE))
     return out
 
 
@@ -262,8 +280,103 @@ def run_fanout(w: Workload, seconds: float) -> dict:
             "rss_mb_max": max(rss), "broker": broker}
 
 
+def run_unicorn(w: Workload, seconds: float) -> dict:
+    """Two bundled-kernel guests: one answers, the other floods it with echo requests for
+    the run's seconds (whole seconds: the kernel's flood= takes an integer) and prints one
+    summary line, which is all we read."""
+    flood_s = max(1, math.ceil(seconds))
+    scenario = Scenario(Path("<lgnet bench>"), None, {NET: Network(NET)}, [], [])
+    with Lab(scenario) as lab:
+        lab.start_guest(GuestSpec("echo", mem_mb=UNICORN_MEM_MB, kernel=UNICORN_KERNEL,
+                                  nets=(NET,), args=("ip=%s/24" % UNICORN_ECHO,)))
+        flooder = lab.start_guest(GuestSpec(
+            "flood", mem_mb=UNICORN_MEM_MB, kernel=UNICORN_KERNEL, nets=(NET,),
+            args=("ip=%s/24" % UNICORN_FLOODER, "peers=1", "ping=" + UNICORN_ECHO,
+                  "flood=%d" % flood_s)))
+        status = flooder.wait(flood_s + LAB_TIMEOUT)
+        found, until = None, time.monotonic() + 5   # the summary may still be on its way
+        while found is None and time.monotonic() < until:
+            found = next((m for m in map(FLOOD_LINE.search, list(flooder.console)) if m), None)
+            if found is None:
+                time.sleep(0.02)
+        if status is None or found is None:
+            raise BenchError("%s: %s%s" % (w.key, "timed out; " if status is None else "",
+                                          " | ".join(flooder.console[-3:]) or "no report"))
+    sent, received, rate, rtt_ms = (int(found[2]), int(found[3]), int(found[4]),
+                                    float(found[5]))
+    return {"replies_s": float(rate), "rtt_us": rtt_ms * 1000, "sent": sent,
+            "received": received, "lost": sent - received,
+            "lost_pct": 100.0 * (sent - received) / sent if sent else 0.0,
+            "flood_s": flood_s}
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        with open("/proc/%d/status" % pid) as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def mem_available_mb() -> float | None:
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def unicorn_scale(sizes: tuple[int, ...]) -> dict:
+    """Bring up N idle bundled-kernel guests on one net for each N in `sizes` (until
+    UNICORN_SCALE_BUDGET_S has gone), read each launcher's RSS once all are ready, and state
+    how many would fit: the memory available now over the largest mean RSS, and never more
+    than one net's MAX_GUESTS slots."""
+    tried, skipped = [], None
+    started = time.monotonic()
+    scenario = Scenario(Path("<lgnet bench>"), None, {NET: Network(NET)}, [], [])
+    for n in sizes:
+        if time.monotonic() - started > UNICORN_SCALE_BUDGET_S:
+            skipped = "N=%d and more not tried: %.0f s budget spent" % (n, UNICORN_SCALE_BUDGET_S)
+            break
+        with Lab(scenario) as lab:
+            t0 = time.monotonic()
+            runs = [lab.start_guest(GuestSpec("u%d" % i, mem_mb=UNICORN_MEM_MB,
+                                              kernel=UNICORN_KERNEL, nets=(NET,),
+                                              args=("ip=10.0.%d.%d/16" % divmod(i + 1, 256),)))
+                    for i in range(n)]
+            deadline = t0 + UNICORN_READY_S
+            while (not all("lguest: ready" in r.console for r in runs)
+                   and time.monotonic() < deadline
+                   and all(r.process.poll() is None for r in runs)):
+                time.sleep(0.05)
+            if not all("lguest: ready" in r.console for r in runs):
+                skipped = "N=%d did not come up within %.0f s" % (n, UNICORN_READY_S)
+                break
+            bringup = time.monotonic() - t0
+            rss = [x for x in (rss_mb(r.process.pid) for r in runs) if x is not None]
+        if rss:
+            tried.append({"guests": n, "bringup_s": bringup, "rss_mb_mean": statistics.fmean(rss),
+                          "rss_mb_max": max(rss)})
+    out = {"tried": tried, "guest_mem_mb": UNICORN_MEM_MB, "mem_available_mb": mem_available_mb()}
+    if skipped:
+        out["skipped"] = skipped
+    if tried and out["mem_available_mb"]:
+        per = max(t["rss_mb_mean"] for t in tried)
+        by_memory = int(out["mem_available_mb"] // per)
+        out["fits"] = min(by_memory, abi.MAX_GUESTS)
+        out["fits_limit"] = "memory" if by_memory < abi.MAX_GUESTS else "net slots (MAX_GUESTS)"
+    return out
+
+
 RUNNERS: dict[str, Callable[[Workload, float], dict]] = {
-    "stream": run_stream, "latency": run_latency, "fanout": run_fanout}
+    "stream": run_stream, "latency": run_latency, "fanout": run_fanout,
+    "unicorn": run_unicorn}
 
 
 # --- anchors ------------------------------------------------------------------------------------
@@ -277,7 +390,12 @@ def anchor_figures(kind: str, size: int, seconds: float, hosts: int | None) -> d
         return {"frames_s": rate, "deliveries_s": rate, "mb_s": rate * size / MB,
                 "copy_us": US / rate}
     if kind.endswith("latency"):
-        return {k: v for k, v in raw.items() if k.endswith("_us") or k == "rounds"}
+        out = {k: v for k, v in raw.items() if k.endswith("_us") or k == "rounds"}
+        # Beside the unicorn flood: round trips per second, one in flight at a time.
+        out["replies_s"] = raw.get("rounds", 0) / seconds
+        if "p50_us" in out:
+            out["rtt_p50_us"] = 2 * out["p50_us"]
+        return out
     receivers = raw.get("receivers") or [raw]
     total = sum(r["verified"] for r in receivers)
     window = max(r["t_last"] for r in receivers) - raw["t_start"]
@@ -312,6 +430,8 @@ def metric(w: Workload) -> tuple[str, str]:
         return "p50_us", "us"
     if w.kind == "fanout":
         return "deliveries_s", "deliveries/s"
+    if w.kind == "unicorn":
+        return "replies_s", "round trips/s"
     return ("mb_s", "MB/s") if w.size > abi.ETH_FRAME_LEN else ("frames_s", "frames/s")
 
 
@@ -359,6 +479,10 @@ def run_bench(opts: BenchOptions, progress: TextIO | None = None) -> dict:
     result = {"lgnet": "lgnet bench", "date": datetime.datetime.now().astimezone().isoformat(
         timespec="seconds"), "machine": machine(), "options": asdict(opts),
         "method": METHOD, "elapsed_s": time.monotonic() - started, "rows": rows}
+    scale_sizes = QUICK_UNICORN_SCALE if opts.quick else UNICORN_SCALE
+    note(progress, "unicorn guests: how many fit (N = %s idle)" % ", ".join(map(str, scale_sizes)))
+    result["unicorn_scale"] = unicorn_scale(scale_sizes)
+    result["elapsed_s"] = time.monotonic() - started
     result["targets"] = targets(result)
     return result
 
@@ -390,6 +514,17 @@ METHOD = {
               "receivers of 8 x 1514 B); deliveries/s = verified frames at all receivers / "
               "window; bring-up = first launcher started -> sender sees all N-1 peers; RSS = "
               "each guest's peak resident set (ru_maxrss)",
+    "unicorn": "two guests running lgnet's bundled i386 kernel under Unicorn, each its own "
+               "launcher process, through the real broker: one answers (ip= only), the other "
+               "floods it (ping= flood=SECONDS, whole seconds >= the run's): the next ICMP "
+               "echo request as soon as the last reply is back, or after 100 ms; the kernel "
+               "prints sent, received, replies/s and mean RTT, parsed from its console. "
+               "Anchors: the socketpair/netns ping-pong of a frame of the same size, round "
+               "trips/s = rounds / seconds",
+    "unicorn scale": "N idle bundled-kernel guests on one net (N = 8, 16, 32 within a 20 s "
+                     "budget; 4 with --quick); each launcher's VmRSS once all printed "
+                     "'lguest: ready'; fits = MemAvailable / largest mean RSS, at most "
+                     "MAX_GUESTS per net",
     "socketpair": "AF_UNIX SOCK_SEQPACKET socketpair between two processes (fan-out: one to "
                   "each receiver process), same frames, same verification",
     "copy": "one process copying frames between two shared-memory buffers, one slice "
@@ -495,6 +630,15 @@ def table(result: dict) -> str:
                      human(a.get("copy", {}).get(fig), unit) if "copy" in a else "",
                      fmt_ratio(r["ratios"].get("socketpair")), fmt_ratio(r["ratios"].get("copy")),
                      lost))
+        if r["kind"] == "unicorn":
+            lat = row_of(result, "latency-%d" % LATENCY_SIZE)
+            py = 2 * lat["lgnet"]["p50_us"] if lat and "p50_us" in lat["lgnet"] else None
+            sp = a.get("socketpair", {}).get("rtt_p50_us")
+            rows.append(("  (python-driver rtt p50 %s)" % human(py, "us"), "", "us rtt avg",
+                         human(r["lgnet"].get("rtt_us"), "us"), human(sp, "us"),
+                         human(a.get("netns", {}).get("rtt_p50_us"), "us")
+                         if "skipped" not in a.get("netns", {}) else "skipped",
+                         "", fmt_ratio(ratio(r["lgnet"].get("rtt_us"), sp)), "", ""))
         if r["kind"] == "latency":
             rows.append(("", "", "us p99", human(r["lgnet"].get("p99_us"), "us"),
                          human(a.get("socketpair", {}).get("p99_us"), "us"),
@@ -552,6 +696,35 @@ def scaling(result: dict) -> str:
     return "Fan-out and scale:\n" + grid(rows)
 
 
+def unicorn_lines(result: dict) -> str:
+    lines = ["Unicorn guests (bundled kernel, one launcher process each):"]
+    row = row_of(result, "unicorn-icmp")
+    lat = row_of(result, "latency-%d" % LATENCY_SIZE)
+    if row:
+        lg = row["lgnet"]
+        line = ("  ICMP echo flood %s -> %s: %s round trips/s, rtt avg %s (%d sent, %d received "
+                "in %d s)" % (UNICORN_FLOODER, UNICORN_ECHO, human(lg["replies_s"]),
+                              human(lg["rtt_us"], "us"), lg["sent"], lg["received"],
+                              lg["flood_s"]))
+        if lat and lat["lgnet"].get("p50_us"):
+            line += ("; Python-driver guests: %s round trips/s (rtt p50 %s)"
+                     % (human(US / (2 * lat["lgnet"]["p50_us"])),
+                        human(2 * lat["lgnet"]["p50_us"], "us")))
+        lines.append(line)
+    scale = result.get("unicorn_scale") or {}
+    for t in scale.get("tried", []):
+        lines.append("  %d idle on one net: up in %.2f s, RSS %.1f MB per guest on average "
+                     "(%.1f MB at most)" % (t["guests"], t["bringup_s"], t["rss_mb_mean"],
+                                            t["rss_mb_max"]))
+    if "fits" in scale:
+        lines.append("  largest number that fits: %d (limit: %s; %.0f MB available, %d MB of "
+                     "guest RAM each)" % (scale["fits"], scale["fits_limit"],
+                                          scale["mem_available_mb"], scale["guest_mem_mb"]))
+    if scale.get("skipped"):
+        lines.append("  %s" % scale["skipped"])
+    return "\n".join(lines)
+
+
 def target_lines(result: dict) -> str:
     lines = ["Targets (printed, not asserted):"]
     for t in result["targets"]:
@@ -566,7 +739,8 @@ def target_lines(result: dict) -> str:
 
 
 def report(result: dict) -> str:
-    parts = [table(result), "", breakdown(result), "", scaling(result), "", target_lines(result)]
+    parts = [table(result), "", breakdown(result), "", scaling(result), "", unicorn_lines(result),
+             "", target_lines(result)]
     skipped = next((r["anchors"]["netns"]["skipped"] for r in result["rows"]
                     if "skipped" in r["anchors"].get("netns", {})), None)
     if skipped:

@@ -93,13 +93,14 @@ def test_lgnet_bench_quick_writes_every_workload_and_anchor(tmp_path):
     rows = {r["workload"]: r for r in result["rows"]}
     assert {"stream-lguest_net-60", "stream-lguest_net-1514", "stream-deep-60",
             "stream-deep-1514", "stream-deep-65536", "latency-60", "fanout-2",
-            "fanout-8"} <= set(rows)
+            "fanout-8", "unicorn-icmp"} <= set(rows)
     for row in rows.values():
         fig = row["metric"]
         lg = row["lgnet"]
         assert lg[fig] > 0, row["workload"]
         assert lg.get("corrupt", 0) == 0
-        expected = {"socketpair", "netns"} | ({"copy"} if row["kind"] != "latency" else set())
+        expected = {"socketpair", "netns"} | (
+            {"copy"} if row["kind"] not in ("latency", "unicorn") else set())
         assert expected <= set(row["anchors"]), row["workload"]
         for name, anchor in row["anchors"].items():
             if "skipped" in anchor:
@@ -111,6 +112,15 @@ def test_lgnet_bench_quick_writes_every_workload_and_anchor(tmp_path):
             assert lg["mb_s"] == pytest.approx(lg["frames_s"] * row["size"] / 1e6)
             for part in ("broker_engine_us", "copy_us", "sender_cpu_us", "receiver_cpu_us"):
                 assert lg[part] > 0, part
+    # The Unicorn pair: round trips per second and mean RTT, parsed from the bundled kernel's
+    # flood summary; and how many Unicorn guests fit (no assertion on speed).
+    uni = rows["unicorn-icmp"]["lgnet"]
+    assert uni["replies_s"] > 0 and uni["rtt_us"] > 0
+    assert 0 < uni["received"] <= uni["sent"]
+    assert "round trips/s" in done.stdout and "Unicorn guests" in done.stdout
+    scale = result["unicorn_scale"]
+    assert scale["tried"] and all(t["rss_mb_mean"] > 0 for t in scale["tried"])
+    assert scale["fits"] > 0
     assert {t["target"] for t in result["targets"]}
     assert lgnet_leftovers() == []
     assert tagged_processes(tag) == []          # nothing of the run is left running

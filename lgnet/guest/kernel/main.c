@@ -11,6 +11,11 @@
  *
  *   ip=A.B.C.D[/N][,...]   address of each net device, in order (default /24)
  *   ping=A.B.C.D[,...]     ping each in turn, print statistics, power down
+ *   flood=SECONDS          with ping=: for SECONDS per target, send the next
+ *                          echo request as soon as the last reply is back (or
+ *                          after FLOOD_WAIT_MS), print no line per reply but
+ *                          one summary: "flood A.B.C.D: S sent, R received,
+ *                          N replies/s, rtt avg X ms" (for `lgnet bench`)
  *   count=N                echo requests per target (default 3)
  *   interval=MS            between two requests (default 1000)
  *   timeout=MS             for ARP, and for the last replies (default 1000)
@@ -31,6 +36,7 @@
 #define MAX_TARGETS 16
 #define DEFAULT_PREFIX 24
 #define PEERS_WAIT_MS 10000
+#define FLOOD_WAIT_MS 100	/* a lost request or reply stalls a flood this long */
 
 static char cmdline[1024];
 
@@ -39,7 +45,7 @@ static struct {
 	unsigned int num_ips;
 	u32 targets[MAX_TARGETS];
 	unsigned int num_targets;
-	u32 count, interval_ms, timeout_ms, peers, linger_ms;
+	u32 count, interval_ms, timeout_ms, peers, linger_ms, flood_s;
 	int promisc, block_test, poweroff;
 	const char *hostile;
 } opt = { .count = 3, .interval_ms = 1000, .timeout_ms = 1000 };
@@ -111,6 +117,8 @@ static void parse_cmdline(char *s)
 			opt.timeout_ms = parse_uint(&v);
 		else if ((v = option(word, "peers")))
 			opt.peers = parse_uint(&v);
+		else if ((v = option(word, "flood")))
+			opt.flood_s = parse_uint(&v);
 		else if ((v = option(word, "linger")))
 			opt.linger_ms = parse_uint(&v);
 		else if (strcmp(word, "poweroff") == 0)
@@ -209,6 +217,71 @@ static void ping_one(u32 target, u16 id)
 		print_ms(max, sizeof(max), ping.max);
 		printk("rtt min/avg/max = %s/%s/%s ms\n", min, mean, max);
 	}
+}
+
+/* --- flood= -------------------------------------------------------------- */
+
+/*
+ * One request in flight at a time, so the rate is round trips per second and
+ * the RTT is not inflated by queueing.  icmp_seq wraps at 16 bits; only the
+ * reply to the request in flight counts, so a late reply to an older one
+ * (after FLOOD_WAIT_MS) is neither counted twice nor taken for the new one.
+ */
+static struct {
+	u16 seq;			/* in flight, 0 when answered */
+	u32 sent, received;
+	u64 sum;
+} flood;
+
+static int flood_answered(void)
+{
+	struct ping_reply r;
+
+	while (ping_take_reply(&r)) {
+		if (r.from != ping.target || !flood.seq || r.seq != flood.seq)
+			continue;
+		flood.seq = 0;
+		flood.received++;
+		flood.sum += r.rtt_ns;
+	}
+	return flood.seq == 0;
+}
+
+static void flood_one(u32 target, u16 id)
+{
+	struct net_dev *dev = route(target);
+	u64 start, end, sent, avg, us, rate;
+	u16 seq = 0;
+	char mean[24];
+
+	if (!dev) {
+		printk("flood " IP_FMT ": Network is unreachable\n", IP_ARGS(target));
+		return;
+	}
+	memset(&flood, 0, sizeof(flood));
+	ping.target = target;
+	arp_resolve(dev, target, (u64)opt.timeout_ms * NSEC_PER_MSEC);
+	start = now_ns();
+	end = start + (u64)opt.flood_s * NSEC_PER_SEC;
+	for (sent = start; sent < end; sent = now_ns()) {
+		seq = seq == 0xFFFF ? 1 : seq + 1;
+		flood.seq = seq;
+		ping_send(dev, target, id, seq);
+		flood.sent++;
+		wait_until(sent + (u64)FLOOD_WAIT_MS * NSEC_PER_MSEC, flood_answered);
+	}
+	/* Rates in integers (no FPU here): replies per second from microseconds. */
+	us = now_ns() - start;
+	do_div(&us, 1000);
+	rate = (u64)flood.received * 1000000;
+	if (us)
+		do_div(&rate, (u32)us);
+	avg = flood.sum;
+	if (flood.received)
+		do_div(&avg, flood.received);
+	print_ms(mean, sizeof(mean), avg);
+	printk("flood " IP_FMT ": %u sent, %u received, %u replies/s, rtt avg %s ms\n",
+	       IP_ARGS(target), flood.sent, flood.received, (u32)rate, mean);
 }
 
 /* --- peers= and linger= -------------------------------------------------- */
@@ -361,8 +434,14 @@ void start_kernel(u32 boot_pa)
 	if (opt.peers && num_net_devs)
 		wait_until(now_ns() + (u64)PEERS_WAIT_MS * NSEC_PER_MSEC, enough_peers);
 	if (opt.num_targets || opt.poweroff) {
-		for (i = 0; i < opt.num_targets; i++)
-			ping_one(opt.targets[i], 0x4C00 | (lguest_data.guestid & 0xFF));
+		for (i = 0; i < opt.num_targets; i++) {
+			u16 id = 0x4C00 | (lguest_data.guestid & 0xFF);
+
+			if (opt.flood_s)
+				flood_one(opt.targets[i], id);
+			else
+				ping_one(opt.targets[i], id);
+		}
 		wait_until(now_ns() + (u64)opt.linger_ms * NSEC_PER_MSEC, never);
 		net_report();
 		arp_report();
