@@ -139,6 +139,7 @@ class Workload:
     rx: int = abi.NUM_NET_RX_BUFFERS
     rxsize: int = abi.ETH_FRAME_LEN
     guests: int = 2
+    capture: bool = False             # the broker records every delivery (pcapng) meanwhile
 
     def anchors(self) -> dict[str, tuple]:
         """anchor name -> (helper kind, size, hosts) measured beside this workload."""
@@ -170,6 +171,12 @@ def workloads(opts: BenchOptions) -> list[Workload]:
         out.append(Workload("stream-deep-%d" % size, "stream",
                             "stream, deep rx (%d x frame)" % DEEP_RX, size, DEEP_RX,
                             max(size, abi.ETH_FRAME_LEN)))
+    # The same deep stream with capture on: what recording every frame costs (issue 6).
+    size = max((z for z in opts.sizes if z <= abi.ETH_FRAME_LEN), default=None)
+    if size is not None:
+        out.append(Workload("stream-deep-%d-capture" % size, "stream",
+                            "stream, deep rx, capture on", size, DEEP_RX, abi.ETH_FRAME_LEN,
+                            capture=True))
     out.append(Workload("latency-%d" % LATENCY_SIZE, "latency", "latency, ping-pong",
                         LATENCY_SIZE))
     for n in opts.fanouts():
@@ -199,7 +206,7 @@ def lab_run(w: Workload, guests: list[tuple[str, list[str]]], seconds: float) ->
     counters, monotonic time the first guest was started)."""
     scenario = Scenario(Path("<lgnet bench>"), None, {NET: Network(NET)}, [], [])
     timeout = seconds + LAB_TIMEOUT + BRINGUP_SECONDS_PER_GUEST * len(guests)
-    with Lab(scenario) as lab:
+    with Lab(scenario, capture=w.capture) as lab:
         started = time.monotonic()
         for name, args in guests:
             lab.start_guest(GuestSpec(name, mem_mb=mem_mb(w), kernel=KERNEL, nets=(NET,),
