@@ -669,3 +669,23 @@ spin:
     assert run(cpu, until=lambda: time.monotonic() - started > 0.05) == STOPPED
     assert time.monotonic() - started < 1.0
     cpu.stop()                               # harmless once it has stopped
+
+
+def test_slices_never_repeat_or_skip_an_instruction(machine_for):
+    """Thousands of slice ends in one second: a memory counter and a register counter
+    incremented side by side must stay together (timed stops from another thread made
+    Unicorn run instructions twice; counted slices do not)."""
+    machine, _ = machine_for(r"""
+    xorl %%ecx, %%ecx
+count:
+    incl %(mark)#x
+    incl %%ecx
+    movl %%ecx, %(mark4)#x
+    jmp count
+""" % {"mark": MARK + PAGE_OFFSET, "mark4": MARK + PAGE_OFFSET + 4})
+    cpu = machine.cpu(FakeHost(machine.ram), slice_instructions=300)
+    started = time.monotonic()
+    run(cpu, until=lambda: time.monotonic() - started > 0.5)
+    in_memory, in_register = machine.mark(0), machine.mark(1)
+    assert in_memory > 100_000
+    assert in_memory - in_register in (0, 1)      # 1: stopped between the two increments

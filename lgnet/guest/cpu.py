@@ -72,8 +72,8 @@ Theory of operation.
    per entry, and only in ring 1 (lgnet guests have no user mode, so the SET_STACK switch
    lguest made for ring 3 is recorded, not used). A HALT that returns with nothing the guest
    may take sleeps again, as lguest's halted guest did. The guest runs in slices of
-   ``slice_us`` (a ticker thread calls emu_stop), so a guest that computes without
-   hypercalls still gets its timer and its packets.
+   SLICE_INSTRUCTIONS counted instructions, so a guest that computes without hypercalls still
+   gets its timer and its packets (never timed slices: see SLICE_INSTRUCTIONS).
 
 7. Time. lguest_data.time (CLOCK_REALTIME) is rewritten each time the guest resumes.
 
@@ -206,28 +206,12 @@ class _Registers:
             raise UcError(status, reg)
 
 
-class _Ticker:
-    """Ends each run slice: emu_stop() every slice_us, from its own thread.
-
-    Unicorn's own emu_start(timeout=) polls with usleep() and, measured on a loaded two-CPU
-    box, ended 0.5-2 ms slices only after about 4 ms; a thread that sleeps a whole slice on a
-    condition variable wakes within about 0.1 ms of it. A tick that falls between two slices
-    is simply lost: the next one comes a slice later."""
-
-    def __init__(self, uc: Uc, slice_us: int):
-        self._uc = uc
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._tick, args=(slice_us / 1e6,),
-                                        name="lgnet-cpu-ticker", daemon=True)
-        self._thread.start()
-
-    def _tick(self, seconds: float) -> None:
-        while not self._done.wait(seconds):
-            self._uc.emu_stop()
-
-    def close(self) -> None:
-        self._done.set()
-        self._thread.join()
+# A run slice, in guest instructions: about 1-2.5 ms at the 40-100 M instructions/s Unicorn
+# reaches here. Slices are counted, not timed: an emu_stop() from another thread (a timer, as
+# Unicorn's own timeout= uses) can make Unicorn run some instructions twice — measured here, a
+# loop of `incl mem; incl %ecx` ended with mem ahead of ecx by thousands — while a counted
+# slice ends exactly (and cost about a quarter of the speed in a tight loop).
+SLICE_INSTRUCTIONS = 100_000
 
 
 @dataclass(frozen=True)
@@ -247,11 +231,12 @@ class GuestCpu:
     """
 
     def __init__(self, memory_map: list[tuple[int, object]], start: int, pgdir: int,
-                 page_offset: int, host: HostLink, slice_us: int = 2000):
+                 page_offset: int, host: HostLink,
+                 slice_instructions: int = SLICE_INSTRUCTIONS):
         self.host = host
         self.start = start
         self.page_offset = page_offset
-        self.slice_us = slice_us
+        self.slice_instructions = slice_instructions
         self._reason: str | None = None
         self._stop_requested = False
         self._lock = threading.Lock()          # stop() against close()
@@ -411,14 +396,13 @@ class GuestCpu:
         if uc is None:
             raise RuntimeError("a GuestCpu runs once")
         exit_pc = abi.SWITCHER_ADDR + _EXIT_OFFSET
-        ticker = _Ticker(uc, self.slice_us)
         try:
             while self._reason is None:
                 if self._stop_requested:
                     self._reason = STOPPED
                     break
                 try:
-                    uc.emu_start(self._pc, exit_pc)
+                    uc.emu_start(self._pc, exit_pc, count=self.slice_instructions)
                 except UcError as error:
                     if self._reason is None:
                         self._kill(self._eip(), "%s" % error)
@@ -437,7 +421,6 @@ class GuestCpu:
                 self._pc = self._eip()
             return self._reason
         finally:
-            ticker.close()
             self.close()
 
     def stop(self) -> None:
