@@ -116,9 +116,7 @@ def test_lgnet_bench_quick_writes_every_workload_and_anchor(tmp_path):
     # flood summary; and how many Unicorn guests fit (no assertion on speed).
     uni = rows["unicorn-icmp"]["lgnet"]
     assert uni["replies_s"] > 0 and uni["rtt_us"] > 0
-    # (received <= sent should hold too, but one CI run saw received = sent + 1 once in ~3000:
-    # an open CPU-emulation anomaly recorded in the closing note, not a speed figure.)
-    assert uni["received"] > 0 and uni["sent"] > 0
+    assert 0 < uni["received"] <= uni["sent"]
     assert "round trips/s" in done.stdout and "Unicorn guests" in done.stdout
     scale = result["unicorn_scale"]
     assert scale["tried"] and all(t["rss_mb_mean"] > 0 for t in scale["tried"])
