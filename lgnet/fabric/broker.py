@@ -402,9 +402,11 @@ class Broker:
         if self._breakers_of(guest):
             return True
         pending = guest.irqs_pending
-        for irq, flag in enumerate(conn.control[:abi.LGUEST_IRQS]):
-            if flag:
-                pending |= 1 << irq
+        flags = conn.control[:abi.LGUEST_IRQS]
+        if any(flags):              # a halted receiver is asked this for every frame it gets
+            for irq, flag in enumerate(flags):
+                if flag:
+                    pending |= 1 << irq
         if not pending or guest.lguest_data is None:
             return bool(pending)
         blocked = guest.memory.read_u32(guest.lguest_data + abi.LGUEST_DATA_BLOCKED_INTERRUPTS)
