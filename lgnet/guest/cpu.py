@@ -77,6 +77,13 @@ Theory of operation.
 
 7. Time. lguest_data.time (CLOCK_REALTIME) is rewritten each time the guest resumes.
 
+8. A debugger (lgnet.guest.gdbstub) may hold the guest. The run loop asks it only at rest:
+   after a slice ends (at its count, or stopped by a breakpoint's code hook) and before a
+   halted guest would sleep again; never from another thread with emu_stop (see
+   SLICE_INSTRUCTIONS). While held, the debugger reads and writes the CPU on the run loop's
+   own thread. Interrupts wait while it holds (and during a single step, as QEMU's gdbstub
+   steps by default), and a halted guest sleeps on when it lets go.
+
 run() is one-shot: it returns the reason the guest stopped and lets go of its memory.
 """
 from __future__ import annotations
@@ -86,8 +93,9 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
-from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_HOOK_MEM_FETCH_UNMAPPED,
+from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_MEM_FETCH_UNMAPPED,
                      UC_HOOK_MEM_READ_UNMAPPED, UC_HOOK_MEM_WRITE_UNMAPPED, UC_MODE_32,
                      UC_PROT_ALL, Uc, UcError)
 from unicorn import unicorn_const as ucc
@@ -101,9 +109,15 @@ try:    # Unicorn's C library, as its own binding loaded it (see _Registers)
 except ImportError:     # pragma: no cover - another binding layout: the slow, public path
     _uclib = None
 
-__all__ = ["GuestCpu", "GuestStopped", "HostLink", "STOPPED"]
+__all__ = ["Debugger", "GuestCpu", "GuestStopped", "HostLink", "STOPPED"]
 
 STOPPED = "stopped by the Launcher"      # what run() returns after stop()
+KILLED_BY_DEBUGGER = "killed from the debugger"
+
+# What a debugger's hold() returns: how the guest goes on.
+DEBUG_CONTINUE = "continue"
+DEBUG_STEP = "step"                      # one instruction, then hold() again
+DEBUG_KILL = "kill"
 
 _U32 = struct.Struct("<I")
 _FRAME = struct.Struct("<5I")            # the iret frame: eip, cs, eflags, esp, ss
@@ -214,6 +228,22 @@ class _Registers:
 SLICE_INSTRUCTIONS = 100_000
 
 
+class Debugger(Protocol):
+    """What the run loop asks a debugger, always on its own thread (§8 of the docstring)."""
+
+    wants_stop: bool        # read at rest; set from any thread, or by a code hook (emu_stop)
+
+    def attach(self, cpu: "GuestCpu") -> None:
+        """The CPU is built and about to run."""
+
+    def hold(self) -> str:
+        """The guest is at rest: serve the debugger until it lets go; a DEBUG_* action
+        (after a DEBUG_STEP's one instruction, the run loop calls hold() again)."""
+
+    def ended(self, reason: str | None) -> None:
+        """The guest stopped for good (None: the Launcher is going away)."""
+
+
 @dataclass(frozen=True)
 class Gate:
     """One IDT entry as lguest kept it: the handler's address and the gate type."""
@@ -232,8 +262,10 @@ class GuestCpu:
 
     def __init__(self, memory_map: list[tuple[int, object]], start: int, pgdir: int,
                  page_offset: int, host: HostLink,
-                 slice_instructions: int = SLICE_INSTRUCTIONS):
+                 slice_instructions: int = SLICE_INSTRUCTIONS,
+                 debugger: Debugger | None = None):
         self.host = host
+        self.debugger = debugger
         self.start = start
         self.page_offset = page_offset
         self.slice_instructions = slice_instructions
@@ -332,13 +364,13 @@ class GuestCpu:
         pgdir &= _PAGE_MASK
         return pgdir if self._phys(pgdir, abi.PAGE_SIZE) is not None else None
 
-    def _virt_to_phys(self, vaddr: int) -> int | None:
-        """Walk the guest's two-level page tables for a supervisor write (CR0.WP is on)."""
+    def _virt_to_phys(self, vaddr: int, write: bool = True) -> int | None:
+        """Walk the guest's two-level page tables for a supervisor access (CR0.WP is on)."""
         pde = self._read_u32(self._cr3 + (vaddr >> abi.PGDIR_SHIFT) * 4)
         if pde is None or not pde & _PTE_PRESENT:
             return None
         pte = self._read_u32((pde & _PAGE_MASK) + ((vaddr >> 12) & 0x3FF) * 4)
-        if pte is None or not pte & _PTE_PRESENT or not pde & pte & _PTE_WRITABLE:
+        if pte is None or not pte & _PTE_PRESENT or (write and not pde & pte & _PTE_WRITABLE):
             return None
         return (pte & _PAGE_MASK) | (vaddr & (abi.PAGE_SIZE - 1))
 
@@ -395,24 +427,21 @@ class GuestCpu:
         uc = self._uc
         if uc is None:
             raise RuntimeError("a GuestCpu runs once")
-        exit_pc = abi.SWITCHER_ADDR + _EXIT_OFFSET
+        debugger = self.debugger
         try:
+            if debugger is not None:
+                debugger.attach(self)
             while self._reason is None:
                 if self._stop_requested:
                     self._reason = STOPPED
                     break
-                try:
-                    uc.emu_start(self._pc, exit_pc, count=self.slice_instructions)
-                except UcError as error:
-                    if self._reason is None:
-                        self._kill(self._eip(), "%s" % error)
+                if debugger is not None and debugger.wants_stop:
+                    self._hand_to_debugger()
+                    continue
+                if not self._run_slice(self.slice_instructions):
                     break
-                if self._reason is not None:
-                    break
-                self._pc = self._eip()
-                if self._pc == exit_pc:
-                    self._kill(self._pc, "jumped into the Switcher")
-                    break
+                if debugger is not None and debugger.wants_stop:
+                    continue      # held where it stopped: interrupts wait for the debugger
                 try:
                     self._resume()
                 except GuestStopped as stopped:
@@ -421,7 +450,46 @@ class GuestCpu:
                 self._pc = self._eip()
             return self._reason
         finally:
+            if debugger is not None:
+                debugger.ended(self._reason)
             self.close()
+
+    def _run_slice(self, count: int) -> bool:
+        """Run up to count instructions from self._pc; False once the guest has ended."""
+        exit_pc = abi.SWITCHER_ADDR + _EXIT_OFFSET
+        try:
+            self._uc.emu_start(self._pc, exit_pc, count=count)
+        except UcError as error:
+            if self._reason is None:
+                self._kill(self._eip(), "%s" % error)
+            return False
+        if self._reason is not None:
+            return False
+        self._pc = self._eip()
+        if self._pc == exit_pc:
+            self._kill(self._pc, "jumped into the Switcher")
+            return False
+        return True
+
+    def _hand_to_debugger(self) -> None:
+        """The debugger holds the guest; then it continues (a halted guest sleeps on), dies,
+        or takes one step (a halted one first waits for its interrupt, as a stepped hlt
+        would) and is held again."""
+        action = self.debugger.hold()
+        while action != DEBUG_KILL:
+            try:
+                if self._halted:
+                    self._resume()
+                    self._pc = self._eip()
+            except GuestStopped as stopped:
+                self._finish(stopped.reason)
+                return
+            if action != DEBUG_STEP or self._reason is not None:
+                return
+            if not self._halted and not self._run_slice(1):
+                return
+            action = self.debugger.hold()
+        self._kill_guest(KILLED_BY_DEBUGGER)
 
     def stop(self) -> None:
         """Ask run() to return soon (thread-safe). A HALT blocked in the Host is the
@@ -469,6 +537,66 @@ class GuestCpu:
         if self._reason is None:
             self.host.kill(reason)
         self._finish(reason)
+
+    # --- the debugger's door (lgnet.guest.gdbstub): on the run loop's thread only -----------
+
+    @property
+    def unicorn(self) -> Uc:
+        """The emulator, for the debugger's register reads and writes while it holds."""
+        return self._uc
+
+    @property
+    def halted(self) -> bool:
+        return self._halted
+
+    def add_code_hook(self, address: int, callback) -> int:
+        """callback(uc, address, size, user) before the instruction at this virtual address
+        runs (a debugger's breakpoint). A hook on one address costs the rest nothing."""
+        hook = self._uc.hook_add(UC_HOOK_CODE, callback, begin=address, end=address)
+        self._hooks.append(hook)
+        self._drop_translations()
+        return hook
+
+    def remove_code_hook(self, hook: int) -> None:
+        self._hooks.remove(hook)
+        self._uc.hook_del(hook)
+        self._drop_translations()
+
+    def _drop_translations(self) -> None:
+        """Unicorn decides at translation time which instructions call a code hook: measured
+        here, a hook added for code already translated (paging on) never fired until the
+        translations were flushed. So they go, all of them (retranslating costs milliseconds)."""
+        self._uc.ctl_flush_tb()
+
+    def read_virtual(self, vaddr: int, length: int) -> bytes:
+        """As much of [vaddr, vaddr+length) as the guest's page tables map, from vaddr on."""
+        out = bytearray()
+        for phys, size in self._virtual_pieces(vaddr, length):
+            out += self._phys(phys, size)
+        return bytes(out)
+
+    def write_virtual(self, vaddr: int, data: bytes) -> int:
+        """Write through the guest's page tables, read-only pages too (as ptrace may);
+        returns how many bytes were written. Code translated from them is dropped."""
+        done = 0
+        for phys, size in self._virtual_pieces(vaddr, len(data)):
+            self._phys(phys, size)[:] = data[done:done + size]
+            done += size
+        if done:
+            self._drop_translations()
+        return done
+
+    def _virtual_pieces(self, vaddr: int, length: int):
+        """(physical, size) per page of [vaddr, vaddr+length), up to the first hole."""
+        done = 0
+        while done < length:
+            addr = (vaddr + done) & abi.U32_MASK
+            size = min(length - done, abi.PAGE_SIZE - (addr & (abi.PAGE_SIZE - 1)))
+            phys = self._virt_to_phys(addr, write=False)
+            if phys is None or self._phys(phys, size) is None:
+                return
+            yield phys, size
+            done += size
 
     # --- the hooks: hypercalls and faults ---------------------------------------------------
 
@@ -662,6 +790,8 @@ class GuestCpu:
             if self._stop_requested:
                 self._finish(STOPPED)
                 return
+            if self.debugger is not None and self.debugger.wants_stop:
+                return            # it sleeps again once the debugger lets go
             if self.host.pending_irqs():
                 time.sleep(_HALT_RETRY_SECONDS)
             self.host.hypercall(abi.LHCALL_HALT, 0, 0, 0)
