@@ -37,7 +37,8 @@ def cmd_launch(args) -> int:
     config = LaunchConfig(mem_mb=parse_mem(args.mem), kernel=kernel, args=args.args,
                           sharenets=args.sharenet, block=args.block, initrd=args.initrd,
                           tunnet=args.tunnet, verbose=args.verbose, broker=args.broker,
-                          console_input=not args.no_console_input)
+                          console_input=not args.no_console_input,
+                          gdb=parse_port(args.gdb) if args.gdb is not None else None)
     if not kernel.startswith("python:") and not os.path.exists(kernel):
         raise LgnetError("kernel image '%s': no such file" % kernel)
     return launch_main(config, args.die_with_parent)
@@ -137,6 +138,18 @@ def parse_mem(text: str) -> int:
     return mem
 
 
+def parse_port(text: str) -> int:
+    from lgnet.scenario import MAX_PORT
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= MAX_PORT:
+        raise LgnetError("--gdb wants a TCP port from 0 (any free one) to %d, got %r"
+                         % (MAX_PORT, text))
+    return port
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lgnet", description="lguest's inter-guest networking "
                                 "(Linux 2.6.23), rebuilt as a multi-process simulator.")
@@ -210,6 +223,9 @@ def parser() -> argparse.ArgumentParser:
     launch.add_argument("--broker", help="the broker's socket (default: $LGNET_BROKER)")
     launch.add_argument("--no-console-input", action="store_true",
                         help="do not read stdin into the guest's console")
+    launch.add_argument("--gdb", metavar="PORT",
+                        help="serve gdb on 127.0.0.1:PORT (0: any free port, printed); "
+                        "then in gdb: target remote :PORT")
     launch.add_argument("--die-with-parent", action="store_true", help=argparse.SUPPRESS)
     launch.add_argument("mem", metavar="MEM_MB")
     launch.add_argument("kernel", metavar="KERNEL",

@@ -82,6 +82,18 @@ class GuestRun:
         return not self.stopped and self.process.returncode not in (0, None)
 
     @property
+    def gdb_port(self) -> int | None:
+        """The port its gdb server listens on (`gdb:` in the scenario), once it is up: from
+        the Launcher's line saying so (the port may have been any free one)."""
+        from lgnet.guest.launcher import GDB_LISTENING
+        announcement = re.compile(re.escape(GDB_LISTENING.split("%s")[0]) + r"[\d.]+:(\d+)")
+        for line in list(self.console):
+            found = announcement.match(line)
+            if found:
+                return int(found.group(1))
+        return None
+
+    @property
     def console_text(self) -> str:
         """Everything the guest printed so far."""
         return "".join(line + "\n" for line in list(self.console))
@@ -173,6 +185,8 @@ class Lab:
             cmd += ["--block", str(spec.block)]
         if spec.initrd:
             cmd += ["--initrd", str(spec.initrd)]
+        if spec.gdb is not None:
+            cmd += ["--gdb", str(spec.gdb)]
         kernel = str(spec.kernel) if spec.kernel else "python:"
         ip = ["ip=" + ",".join(spec.ip)] if spec.ip else []
         return cmd + [str(spec.mem_mb), kernel] + list(spec.args) + ip + self.driver_args(spec)

@@ -37,13 +37,14 @@ SEND_TARGETS = ("broadcast", "peers")
 DEFAULT_MEM_MB = 32
 MAX_MEM_MB = 1024
 MAX_SECONDS = 86400
+MAX_PORT = 65535                     # a TCP port; 0 asks for any free one
 MAX_SEND_COUNT = 65536
 _NULL_TAG = "tag:yaml.org,2002:null"
 
 TOP_KEYS = ("duration", "networks", "guests", "expect")
 NETWORK_KEYS = ("file",)
 GUEST_KEYS = ("name", "mem", "kernel", "driver", "nets", "promisc", "ip", "cmdline", "args",
-              "block", "initrd", "script")
+              "block", "initrd", "script", "gdb")
 STEP_KEYS = ("send", "net", "count", "wait", "ping")
 STEP_KINDS = ("send", "wait", "ping")
 EXPECT_KEYS = ("from", "to", "net", "match", "count", "min", "within")
@@ -89,6 +90,7 @@ class GuestSpec:
     block: Path | None = None
     initrd: Path | None = None
     script: tuple[Step, ...] = ()
+    gdb: int | None = None              # a gdb server's port (0: any free one)
 
 
 @dataclass(frozen=True)
@@ -332,12 +334,15 @@ def _scenario(root: _Node, path: Path) -> Scenario:
     base = path.absolute().parent
     duration = top.get_or("duration", _Node.seconds, None)
     networks = top.get_or("networks", lambda node: _networks(node, base), {})
-    guests, names = [], []
+    guests, names, ports = [], [], []
     for node in top.need("guests").items("guests", 1, abi.MAX_GUESTS):
         fields = node.fields(GUEST_KEYS)
         guests.append(_guest(fields, networks, base))
         names.append((guests[-1].name, fields["name"]))
+        if guests[-1].gdb:
+            ports.append((guests[-1].gdb, fields["gdb"]))
     _no_repeats(names, "guest name")
+    _no_repeats(ports, "gdb port")
     expect = top.get_or("expect", lambda n: _expect(n, [g.name for g in guests], networks), [])
     return Scenario(path, duration, networks, guests, expect)
 
@@ -363,6 +368,7 @@ def _guest(fields: _Fields, networks: dict[str, Network], base: Path) -> GuestSp
     fields.only_with("initrd", "kernel")
     fields.only_with("script", "driver")
     fields.only_with("promisc", "driver")     # a kernel guest sets promiscuity itself
+    fields.only_with("gdb", "kernel")         # gdb debugs i386 code, not a Python driver
     nets = fields.get_or("nets", lambda node: _nets(node, networks), ())
     args = _args(fields)
     ip = fields.get_or("ip", lambda n: _ips(n, nets, args), ())
@@ -378,7 +384,13 @@ def _guest(fields: _Fields, networks: dict[str, Network], base: Path) -> GuestSp
         args=args,
         block=fields.get_or("block", lambda n: n.existing_file(base), None),
         initrd=fields.get_or("initrd", lambda n: n.existing_file(base), None),
-        script=fields.get_or("script", lambda n: _script(n, nets, addressed), ()))
+        script=fields.get_or("script", lambda n: _script(n, nets, addressed), ()),
+        gdb=fields.get_or("gdb", _port, None))
+
+
+def _port(node: _Node) -> int:
+    return node.scalar(lambda v: _is_int(v) and 0 <= v <= MAX_PORT,
+                       "a TCP port from 0 (any free one) to %d" % MAX_PORT)
 
 
 def _ips(node: _Node, nets: tuple[str, ...], args: tuple[str, ...]) -> tuple[str, ...]:

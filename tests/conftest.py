@@ -38,9 +38,10 @@ class Guests:
         self.broker_path = broker_path
         self.procs: list[subprocess.Popen] = []
 
-    def launch(self, *nets, kernel="python:", args=(), block=None) -> subprocess.Popen:
+    def launch(self, *nets, kernel="python:", args=(), block=None,
+               options=()) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "lgnet", "launch", "--broker", self.broker_path,
-               "--no-console-input"]
+               "--no-console-input", *options]
         for net in nets:
             cmd += ["--sharenet", str(net)]
         if block is not None:

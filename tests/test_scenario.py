@@ -177,7 +177,7 @@ BAD = {
     "guest unknown key": (
         "guests:\n" + DRIVER + "    memory: 32\n",
         4, "guests[0].memory: unknown key (allowed: name, mem, kernel, driver, nets, promisc, "
-           "ip, cmdline, args, block, initrd, script)"),
+           "ip, cmdline, args, block, initrd, script, gdb)"),
     "guest key not a string": (
         "guests:\n" + DRIVER + "    1: 32\n",
         4, "guests[0]: must be a string key, got 1"),
@@ -337,6 +337,16 @@ BAD = {
     "ping not an address": (
         "guests:\n" + DRIVER + "    script:\n      - {ping: alpha}\n",
         5, "guests[0].script[0].ping: must be an IPv4 address, got 'alpha'"),
+    "gdb on a python guest": (
+        "guests:\n" + DRIVER + "    gdb: 1234\n",
+        4, "guests[0].gdb: only allowed with 'kernel'"),
+    "gdb not a port": (
+        "guests:\n  - {name: a, kernel: vmlinux, gdb: 65536}\n",
+        2, "guests[0].gdb: must be a TCP port from 0 (any free one) to 65535, got 65536"),
+    "gdb port twice": (
+        "guests:\n  - {name: a, kernel: vmlinux, gdb: 1234}\n"
+        "  - {name: b, kernel: vmlinux, gdb: 0}\n  - {name: c, kernel: vmlinux, gdb: 1234}\n",
+        4, "guests[2].gdb: duplicate gdb port '1234' (first at line 2)"),
     "ping with a net": (
         "networks: {lan0: {}}\nguests:\n" + DRIVER + "    nets: [lan0]\n    ip: 10.0.0.2\n"
         "    script:\n      - {ping: 10.0.0.1, net: lan0}\n",
@@ -370,6 +380,24 @@ def test_addresses_and_ping_steps(lab):
         assert lab_.launch_command(gamma)[-1] == "ip=10.0.1.2/24"
     finally:
         lab_.stop()
+
+
+def test_a_gdb_port_goes_to_the_launcher(lab):
+    from lgnet.lab import Lab
+    scenario = load_scenario(write(lab, """
+        guests:
+          - {name: alpha, kernel: vmlinux, gdb: 1234}
+          - {name: beta, kernel: vmlinux, gdb: 0}
+          - {name: gamma, kernel: vmlinux}
+        """))
+    assert [g.gdb for g in scenario.guests] == [1234, 0, None]
+    lab_ = Lab(scenario)
+    try:
+        commands = [lab_.launch_command(g) for g in scenario.guests]
+    finally:
+        lab_.stop()
+    assert [c[c.index("--gdb") + 1] if "--gdb" in c else None for c in commands] == [
+        "1234", "0", None]
 
 
 @pytest.mark.parametrize("text, line, message", BAD.values(), ids=BAD.keys())

@@ -9,7 +9,9 @@ lgnet's differences, and why: guest RAM is a POSIX shared-memory object the brok
 (its name is unlinked as soon as it is mapped — the descriptor travels to the broker with
 INITIALIZE — so no exit path can leave it in /dev/shm); the Waker is a thread with its own
 connection ATTACHed to the guest, as lguest's forked Waker shared the fd; and the guest's CPU
-runs here, so "read() returned" is a hypercall reply (see guest/host.py).
+runs here, so "read() returned" is a hypercall reply (see guest/host.py). With --gdb, a gdb
+server (guest/gdbstub.py) listens before the guest boots, and the Waker also watches its
+requests to stop the guest: a gdb wanting a guest asleep in HALT is input like any other.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from lgnet.guest.physmem import PhysMap
 
 PYTHON_KERNEL = "python:"
 PR_SET_PDEATHSIG = 1
+GDB_LISTENING = "lgnet: gdb server on %s:%d (in gdb: target remote :%d)"
 EXIT_KILLED = 1
 
 
@@ -48,6 +51,7 @@ class LaunchConfig:
     verbose: bool = False
     broker: str | None = None
     console_input: bool = True
+    gdb: int | None = None                # a gdb server's port (0: any free one)
 
 
 def die_with_parent() -> None:
@@ -68,6 +72,7 @@ class Launcher:
         self.closers: list = []
         self.channel: wire.Channel | None = None
         self.waker: devs.Waker | None = None
+        self.debugger = None                  # lgnet.guest.gdbstub.GdbServer, with --gdb
 
     def verbose(self, text: str) -> None:
         if self.config.verbose:
@@ -109,6 +114,8 @@ class Launcher:
 
     def build(self) -> tuple[BrokerHost, object, int, int]:
         cfg = self.config
+        if cfg.gdb is not None:
+            self.start_gdb_server(cfg.gdb)
         self.setup_devices()
         ram, ram_fd = self.create_memory()
         layout = self.devices.place(ram, ram_fd, self.phys)
@@ -126,10 +133,29 @@ class Launcher:
                                   self.devices.control_offset + wire.CONTROL_PAGE_SIZE]
         self.closers.insert(0, control.release)
         host = BrokerHost(self.channel, control, self.handle_output, self.handle_input)
-        if self.devices.input_fds():
-            self.waker = devs.Waker(self.broker_path(), reply.arg0, self.devices.input_fds)
+        if self.devices.input_fds() or self.debugger is not None:
+            self.waker = devs.Waker(self.broker_path(), reply.arg0, self.waker_fds)
             self.closers.insert(0, self.waker.stop)
         return host, boot, reply.arg0, self.mem
+
+    def start_gdb_server(self, port: int) -> None:
+        """Listen for gdb before the guest boots, so a port in use is the user's error."""
+        if self.config.kernel.startswith(PYTHON_KERNEL):
+            raise LgnetError("--gdb needs a kernel of real i386 code (Unicorn), not %s"
+                             % self.config.kernel)
+        from lgnet.guest.gdbstub import LISTEN_ADDRESS, GdbServer
+        self.debugger = GdbServer(port, lambda text: self.say("lgnet: " + text))
+        self.say(GDB_LISTENING % (LISTEN_ADDRESS, self.debugger.port, self.debugger.port))
+
+    def say(self, text: str) -> None:
+        """A line of the Launcher's own on its console."""
+        self.out.write((text + "\n").encode())
+        self.out.flush()
+
+    def waker_fds(self) -> list[int]:
+        """What the Waker watches: the devices' input, and a debugger's call to stop."""
+        debugger = [self.debugger.wake_fd] if self.debugger is not None else []
+        return self.devices.input_fds() + debugger
 
     def broker_path(self) -> str:
         return self.config.broker or wire.default_socket_path()
@@ -161,7 +187,7 @@ class Launcher:
         """Run the guest to its end: 0 for a clean power-down, 1 when it was killed."""
         try:
             host, boot, _gid, mem = self.build()
-            reason = run_guest(self.config.kernel, self.phys, mem, host, boot)
+            reason = run_guest(self.config.kernel, self.phys, mem, host, boot, self.debugger)
         except wire.BrokerGone:
             self.out.write(b"lgnet: the broker went away; stopping this guest\n")
             self.out.flush()
@@ -183,6 +209,8 @@ class Launcher:
             except (OSError, ValueError, BufferError):
                 pass
         self.closers.clear()
+        if self.debugger is not None:
+            self.debugger.close()             # last: the Waker watched its pipe
 
 
 def load_guest(ram, mem: int, kernel: str, args: list[str],
@@ -196,8 +224,10 @@ def load_guest(ram, mem: int, kernel: str, args: list[str],
     return loader.BootInfo(0, 0, 0, 0)
 
 
-def run_guest(kernel: str, phys: PhysMap, mem: int, host: BrokerHost, boot) -> str:
-    """Run a Python kernel or a real one; the reason it stopped."""
+def run_guest(kernel: str, phys: PhysMap, mem: int, host: BrokerHost, boot,
+              debugger=None) -> str:
+    """Run a Python kernel or a real one (under the debugger, if any); the reason it
+    stopped."""
     try:
         if kernel.startswith(PYTHON_KERNEL):
             from lgnet.guest.pvdriver import Machine
@@ -205,7 +235,8 @@ def run_guest(kernel: str, phys: PhysMap, mem: int, host: BrokerHost, boot) -> s
             module.main(Machine(phys, mem, host))
             return "the Python kernel returned without powering down"
         from lgnet.guest.cpu import GuestCpu
-        cpu = GuestCpu(phys.regions_for_cpu(), boot.start, boot.pgdir, boot.page_offset, host)
+        cpu = GuestCpu(phys.regions_for_cpu(), boot.start, boot.pgdir, boot.page_offset, host,
+                       debugger=debugger)
         return cpu.run()
     except GuestStopped as stopped:
         return stopped.reason
