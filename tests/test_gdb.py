@@ -3,6 +3,7 @@ and the remote protocol spoken by hand where gdb's batch mode cannot reach (^C, 
 kill). Real processes throughout: the broker, bundled-kernel launchers, gdb."""
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -181,7 +182,7 @@ class Remote:
         self.sock.close()
 
 
-def test_interrupt_a_sleeping_guest_detach_attach_again_and_kill(broker, guests, tmp_path):
+def test_the_protocol_by_hand_interrupt_detach_attach_again_and_vkill(guests, tmp_path):
     """An idle guest sleeps in the Host's HALT: a ^C still stops it (the Waker kicks it out
     with BREAK), a detached gdb can come back, and vKill kills the guest with a reason."""
     proc = guests.launch(tmp_path / "lan0.net", kernel="bundled", args=["ip=10.0.0.1/24"],
@@ -201,6 +202,8 @@ def test_interrupt_a_sleeping_guest_detach_attach_again_and_kill(broker, guests,
     assert gdb.ask("p8").endswith("c0")          # eip, little-endian: 0xc0......
     assert gdb.ask("m1000,4") == "E0e"           # nothing mapped there
     assert gdb.ask("Z2,c0100000,4") == ""        # watchpoints: not supported
+    assert gdb.ask("Z1,%x,1" % symbol(BREAK_AT)) == "OK"     # hbreak: a code hook too
+    assert gdb.ask("z1,%x,1" % symbol(BREAK_AT)) == "OK"
     assert gdb.send("c") == "+"
     time.sleep(0.5)
     gdb.raw(b"\x03")                             # ^C
@@ -215,6 +218,35 @@ def test_interrupt_a_sleeping_guest_detach_attach_again_and_kill(broker, guests,
     assert proc.returncode == 1, out
     assert "lgnet: guest died: killed from the debugger" in out, out
     assert "lgnet: gdb connected from 127.0.0.1:" in out
+
+
+def test_gdb_interrupts_a_sleeping_guest_and_kills_it(guests, tmp_path):
+    """gdb's ^C (SIGINT to gdb, 0x03 on the wire) stops a guest asleep in HALT; kill ends it."""
+    proc = guests.launch(tmp_path / "lan0.net", kernel="bundled", args=["ip=10.0.0.1/24"],
+                         options=["--gdb", "0"])
+    port = int(re.search(r"127\.0\.0\.1:(\d+)", proc.stdout.readline().decode()).group(1))
+    continuing = tmp_path / "continuing"
+    gdb = subprocess.Popen(
+        ["gdb", "-nx", "-batch", "-ex", "file %s" % BUNDLED_KERNEL,
+         "-ex", "target remote :%d" % port, "-ex", "shell touch %s" % continuing,
+         "-ex", "continue", "-ex", "info registers eip", "-ex", "kill"],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    try:
+        wait_for("gdb to continue", lambda: continuing.exists() or gdb.poll() is not None)
+        time.sleep(0.5)
+        gdb.send_signal(signal.SIGINT)
+        out = gdb.communicate(timeout=SECONDS)[0]
+    finally:
+        if gdb.poll() is None:
+            gdb.kill()
+            gdb.communicate()
+    assert "Program received signal SIGINT, Interrupt." in out, out
+    assert re.search(r"^eip\s+0xc01[0-9a-f]+\s", out, re.M), out
+    assert "[Inferior 1 (Remote target) killed]" in out, out
+    console = guests.finish(proc)
+    assert proc.returncode == 1, console
+    assert "lgnet: guest died: killed from the debugger" in console, console
 
 
 def test_a_guest_held_in_gdb_still_stops_when_its_launcher_is_told_to(guests, tmp_path):
