@@ -62,7 +62,7 @@ JOIN_SECONDS = 1.0
 
 # Stop replies: the signal gdb reports, and why.
 STOP_ATTACHED = "T05"                # SIGTRAP: stopped because gdb arrived
-STOP_STEPPED = "T05"
+STOP_STEPPED = "T05"                 # SIGTRAP: one instruction done
 STOP_INTERRUPTED = "T02"             # SIGINT: gdb's ^C
 STOP_BREAKPOINT = {0: "T05swbreak:;", 1: "T05hwbreak:;"}
 EXIT_POWER_DOWN = "W00"              # the guest powered down: "exited normally"
@@ -74,7 +74,6 @@ ERROR_INVALID = "E16"                # EINVAL: no such register, or a malformed 
 _U32 = struct.Struct("<I")
 _X87_REGISTER = struct.Struct("<QH")         # mantissa, sign and exponent: 80 bits
 
-# gdb's i386 register numbers, in order: (name, Unicorn register, kind, type, group).
 _CORE = [("eax", x86.UC_X86_REG_EAX, "int32"), ("ecx", x86.UC_X86_REG_ECX, "int32"),
          ("edx", x86.UC_X86_REG_EDX, "int32"), ("ebx", x86.UC_X86_REG_EBX, "int32"),
          ("esp", x86.UC_X86_REG_ESP, "data_ptr"), ("ebp", x86.UC_X86_REG_EBP, "data_ptr"),
@@ -88,6 +87,7 @@ _X87_CONTROL = [("fctrl", x86.UC_X86_REG_FPCW), ("fstat", x86.UC_X86_REG_FPSW),
                 ("ftag", x86.UC_X86_REG_FPTAG), ("fiseg", x86.UC_X86_REG_FCS),
                 ("fioff", x86.UC_X86_REG_FIP), ("foseg", x86.UC_X86_REG_FDS),
                 ("fooff", x86.UC_X86_REG_FDP), ("fop", x86.UC_X86_REG_FOP)]
+# gdb's i386 register numbers, in order: (name, Unicorn register, bits, type, group).
 REGISTERS = ([(name, reg, 32, type_, "general") for name, reg, type_ in _CORE]
              + [(name, reg, 80, type_, "float") for name, reg, type_ in _X87]
              + [(name, reg, 32, "int", "float") for name, reg in _X87_CONTROL])
