@@ -208,6 +208,8 @@ def test_the_protocol_by_hand_interrupt_detach_attach_again_and_vkill(guests, tm
     time.sleep(0.5)
     gdb.raw(b"\x03")                             # ^C
     assert gdb.reply() == "T02"
+    gdb.raw(b"$c#63\x03")                        # c and ^C in one segment
+    assert gdb.read(1) == b"+" and gdb.reply() == "T02"
     assert gdb.ask("D") == "OK"
     gdb.close()
 

@@ -328,6 +328,8 @@ class GdbServer:
         """Until the guest is held again (its stop reply sent: True), or it ended or gdb
         left (False). A ^C asks for a stop."""
         while True:
+            if link.take_interrupt():           # it may have come with the resuming packet
+                self._request_stop(STOP_INTERRUPTED)
             readable = select.select([link.sock, self._events_r], [], [])[0]
             if self._events_r in readable:
                 if os.read(self._events_r, 1) == b"h":
@@ -339,8 +341,6 @@ class GdbServer:
             if not link.fill():
                 self._let_go()
                 return False
-            if link.take_interrupt():
-                self._request_stop(STOP_INTERRUPTED)
 
     def _request_stop(self, reply: str) -> None:
         self._stop_reply = reply
