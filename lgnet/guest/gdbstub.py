@@ -402,7 +402,7 @@ class GdbServer:
     def _features(self, args: str) -> str:
         annex, _, window = args.partition(":")
         if annex != "target.xml":
-            return "E00"
+            return ERROR_INVALID
         offset, length = (int(x, 16) for x in window.split(","))
         text = target_description()
         chunk = text[offset:offset + length]
