@@ -221,6 +221,9 @@ TUN_GUEST_SLOT = 1                           # NET_PEERNUM: the guest is slot 1
 BROADCAST_MAC = b"\xff" * ETH_ALEN
 LGUEST_MAC_PREFIX = b"\x02\x00"              # lguest_net: 02:00:<guestid le16>:00:00
 NET_FILE_MODE = 0o600                        # --sharenet creates a missing net file 0600
+# lgnet's own (not lguest's): the ethertype of the Python driver's test frames, IEEE's "local
+# experimental" one. Here because both wings and the filters' `lgnet` word need it.
+ETHERTYPE_LGNET = 0x88B5
 
 
 def peer_key(net_page: int, slot: int) -> int:

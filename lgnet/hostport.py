@@ -16,7 +16,8 @@ import time
 
 from lgnet import abi
 from lgnet.errors import LgnetError
-from lgnet.packets import L, MAX_SHOWN, as_predicate
+from lgnet.filters import Filter, as_predicate
+from lgnet.packets import L, MAX_SHOWN
 
 MAX_FRAME = 1 << 16
 READY = re.compile(r"^lgnet port: up slot (\d+) mac ([0-9a-f:]{17})$")
@@ -108,18 +109,17 @@ class Port:
         return packet
 
     def expect(self, match, timeout: float = 5.0):
-        """The first frame not yet taken that matches (a filter string, see lgnet.packets, or
-        a predicate on a scapy packet), waiting up to `timeout` seconds for it; it is taken,
-        the others stay for later calls. Fails with AssertionError listing what did arrive."""
-        predicate, what = as_predicate(match)
+        """The first frame not yet taken that matches (a pcap-filter(7) string, see
+        lgnet.filters, or a predicate on a scapy packet), waiting up to `timeout` seconds for
+        it; it is taken, the others stay for later calls. Fails with AssertionError listing what did arrive."""
+        matches, what = self._matcher(match)
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 for position, index in enumerate(self._pending):
-                    packet = self._packet(index)
-                    if predicate(packet):
+                    if matches(index):
                         del self._pending[position]
-                        return packet
+                        return self._packet(index)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -141,19 +141,33 @@ class Port:
                 lines.append("    ... and %d more" % (len(self._pending) - MAX_SHOWN))
         return "\n".join(lines)
 
-    def sniff(self, count: int | None = None, timeout: float = 1.0):
-        """Take the frames not yet taken, waiting until there are `count` (or, without a
-        count, for `timeout` seconds): a scapy PacketList, oldest first."""
+    def _matcher(self, match) -> tuple:
+        """(test of a frame's index, how to say what it wants). A filter string runs in
+        libpcap on the bytes as they arrived; a predicate gets the scapy packet."""
+        predicate, what = as_predicate(match)
+        if isinstance(predicate, Filter):
+            return (lambda index: predicate(self._frames[index][1])), what
+        return (lambda index: predicate(self._packet(index))), what
+
+    def sniff(self, count: int | None = None, timeout: float = 1.0, match=None):
+        """Take the frames not yet taken (only those that `match`, a filter string or a
+        predicate, when given; the others stay), waiting until there are `count` (or,
+        without a count, for `timeout` seconds): a scapy PacketList, oldest first."""
         from scapy.plist import PacketList
+        matches = self._matcher(match)[0] if match is not None else (lambda index: True)
         deadline = time.monotonic() + timeout
         with self._cond:
-            while count is None or len(self._pending) < count:
+            while True:
+                wanted = [i for i in self._pending if matches(i)]
+                if count is not None and len(wanted) >= count:
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            taken = self._pending[:count] if count is not None else list(self._pending)
-            del self._pending[:len(taken)]
+            taken = wanted[:count] if count is not None else wanted
+            chosen = set(taken)
+            self._pending = [i for i in self._pending if i not in chosen]
             return PacketList([self._packet(i) for i in taken], name=self.name)
 
     @property

@@ -28,7 +28,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from lgnet import abi
 from lgnet.errors import LgnetError
-from lgnet.packets import FilterError, compile_filter
+from lgnet.filters import FilterError, compile_filter
 from lgnet.guest.images import BUNDLED_KERNEL, BUNDLED_NAME
 
 NAME_PATTERN = r"[a-z][a-z0-9_-]{0,30}"
@@ -99,8 +99,8 @@ class Expectation:
 
     The deliveries considered are those on `net`, from the guest `sender`, to the guest
     `receiver`, within `within` seconds of the start (each only when given), that `match` (a
-    filter expression, lgnet.packets). It holds when exactly `count` of them were seen, or,
-    without a count, at least `least` (1 unless `min:` says otherwise)."""
+    pcap-filter(7) expression, lgnet.filters). It holds when exactly `count` of them were
+    seen, or, without a count, at least `least` (1 unless `min:` says otherwise)."""
     where: str                          # "file:line", for messages
     sender: str | None = None
     receiver: str | None = None

@@ -49,6 +49,21 @@ expect:
     assert lgnet_shm() == []
 
 
+def test_expect_takes_pcap_filter_expressions_as_tcpdump_reads_them(tmp_path):
+    # Byte offsets, named fields, and tcpdump's precedence: the last entry is
+    # (arp or icmp) and host 10.0.0.3 — gamma only hears beta's who-has for 10.0.0.1, so 0;
+    # read with `and` binding tighter it would count that who-has.
+    result, _, _ = lgnet_test(tmp_path, "duration: 3\n" + GUESTS + """
+expect:
+  - {from: beta, to: alpha, match: "ether[12:2] == 0x0806 and arp[7] == 1", min: 1}
+  - {from: alpha, to: beta, match: "icmp[icmptype] == icmp-echoreply and ip[8] > 0", count: 1}
+  - {match: "vlan or ip6", count: 0}
+  - {to: gamma, match: "arp or icmp and host 10.0.0.3", count: 0}
+""")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 of 4 expectations held" in result.stdout
+
+
 def test_one_expectation_fails_exit_1_with_what_was_seen(tmp_path):
     result, _, path = lgnet_test(tmp_path, "duration: 2\n" + GUESTS + """
 expect:
@@ -71,7 +86,8 @@ expect:
 
 @pytest.mark.parametrize("entry, line, message", [
     ('{to: beta, match: "icmp and", within: 5}', 11,
-     "expect[0].match: at the end of filter 'icmp and': expected more"),
+     "expect[0].match: filter 'icmp and': libpcap: can't parse filter expression: "
+     "syntax error"),
     ("{to: delta, match: icmp}", 11,
      "expect[0].to: must be one of the guests ('alpha', 'beta', 'gamma'), got 'delta'"),
     ("{to: beta, count: 1, min: 2}", 11,

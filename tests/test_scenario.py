@@ -305,7 +305,8 @@ BAD = {
         5, "expect[0]: must be a mapping, got 42"),
     "expect bad filter": (
         "guests:\n" + DRIVER + "expect:\n  - {match: 'udp or'}\n",
-        5, "expect[0].match: at the end of filter 'udp or': expected more"),
+        5, "expect[0].match: filter 'udp or': libpcap: can't parse filter expression: "
+           "syntax error"),
     "expect unknown guest": (
         "guests:\n" + DRIVER + "expect:\n  - {from: b}\n",
         5, "expect[0].from: must be one of the guests ('a'), got 'b'"),

@@ -26,7 +26,7 @@ from lgnet.guest.host import GuestStopped, HostLink
 from lgnet.guest.ipstack import IpStack, ip_text, parse_ip_list
 from lgnet.guest.physmem import PhysMap
 
-ETHERTYPE_LGNET = 0x88B5            # IEEE "local experimental": the driver's own test frames
+ETHERTYPE_LGNET = abi.ETHERTYPE_LGNET
 FIRST_FREE_RAM = 0x10000            # below: boot header and command line
 NS_PER_S = 1_000_000_000
 
