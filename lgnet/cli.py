@@ -20,11 +20,14 @@ def cmd_broker(args) -> int:
     if args.die_with_parent:
         from lgnet.guest.launcher import die_with_parent
         die_with_parent()
-    if not args.quiet:
-        print("lgnet broker listening on %s (export LGNET_BROKER=%s)" % (path, path), flush=True)
+    def say_listening() -> None:
+        if not args.quiet:
+            print("lgnet broker listening on %s (export LGNET_BROKER=%s)" % (path, path),
+                  flush=True)
     try:
         run_broker(path, args.watch_fd, args.ready_fd, args.capture,
-                   dict(parse_net_name(text) for text in args.net), args.owns_directory)
+                   dict(parse_net_name(text) for text in args.net), args.owns_directory,
+                   on_listening=say_listening)
     except OSError as exc:
         raise LgnetError("broker: %s" % (exc.strerror or exc)) from None
     return 0
@@ -64,22 +67,42 @@ def cmd_test(args) -> int:
 
 def cmd_dump(args) -> int:
     from lgnet.fabric import capture
-    from lgnet.packets import describe
+    from lgnet.filters import FilterError, compile_filter
+    from lgnet.packets import describe_frame
     path = args.target
     if not os.path.isfile(path):
         if args.pcap is None:
-            raise LgnetError("no capture file %s: give a .pcapng file, or a net name with "
-                             "--pcap DIR (the directory of `lgnet up --pcap DIR`)" % path)
+            raise LgnetError("no capture file %s: give a .pcapng or .pcap file, or a net name "
+                             "with --pcap DIR (the directory of `lgnet up --pcap DIR`)" % path)
         path = os.path.join(args.pcap, args.target + capture.CAPTURE_SUFFIX)
         if not os.path.isfile(path):
             raise LgnetError("no capture of net %r in %s" % (args.target, args.pcap))
-    deliveries = capture.follow(path) if args.follow else capture.read_deliveries(path)
-    first = None
+    if args.count is not None and args.count < 0:
+        raise LgnetError("--count wants a number of frames, 0 or more, got %d" % args.count)
     try:
-        for n, delivery in enumerate(deliveries, 1):
-            first = delivery.time if first is None else first
-            print("%5d %10.6f %s" % (n, delivery.time - first, describe(delivery)), flush=True)
-            if args.count is not None and n >= args.count:
+        keep = compile_filter(" ".join(args.filter)) if args.filter else None
+    except FilterError as error:
+        raise LgnetError(str(error)) from None
+    kind = capture.capture_format(path)           # not a capture: exit 2, even with --count 0
+    if args.follow:
+        if kind != "pcapng":
+            raise LgnetError("--follow reads the pcapng a broker is writing; %s is a classic "
+                             "pcap: drop --follow" % path)
+        frames = ((d.time, d.data, d.comment) for d in capture.follow(path))
+    else:
+        frames = ((r.ts_ns / capture.NS_PER_S, r.data, r.comments[0] if r.comments else "")
+                  for r in capture.read_capture(path))
+    if args.count == 0:
+        return 0
+    shown, first = 0, None
+    try:
+        for n, (ts, data, facts) in enumerate(frames, 1):
+            first = ts if first is None else first
+            if keep is not None and not keep(data):
+                continue
+            print("%5d %10.6f %s" % (n, ts - first, describe_frame(data, facts)), flush=True)
+            shown += 1
+            if shown == args.count:
                 break
     except BrokenPipeError:
         pass
@@ -88,14 +111,22 @@ def cmd_dump(args) -> int:
 
 def cmd_slots(args) -> int:
     from lgnet import netfile
-    if not os.path.isfile(args.netfile):
-        raise LgnetError("no net file %s" % args.netfile)
-    table = netfile.slot_table(args.netfile)
-    print("%4s  %-17s  %-7s  %-6s  %s" % ("slot", "mac", "promisc", "lock", "holder pids"))
+    from lgnet.lab import BROKER_SOCKET, find_net, guest_names
+    path = args.net
+    if args.lab is not None or not os.path.exists(path):
+        path = find_net(args.net, args.lab)
+    netfile.require_net_page(path)
+    # The lab's broker sits beside its net files and knows each launcher's guest name.
+    names = guest_names(os.path.join(args.lab or os.path.dirname(os.path.abspath(path)),
+                                     BROKER_SOCKET))
+    table = netfile.slot_table(path)
+    print("%4s  %-17s  %-7s  %-6s  %-12s  %s" % ("slot", "mac", "promisc", "lock", "guest",
+                                                 "holder pids"))
     for s in table:
-        print("%4d  %-17s  %-7s  %-6s  %s" % (
+        guest = ", ".join(sorted({names[pid] for pid in s.pids if pid in names})) or "-"
+        print("%4d  %-17s  %-7s  %-6s  %-12s  %s" % (
             s.slot, s.mac_text, "yes" if s.promisc else "no",
-            "held" if s.locked else "stale" if s.stale else "free",
+            "held" if s.locked else "stale" if s.stale else "free", guest,
             " ".join(map(str, s.pids)) or ("-" if not s.locked else "(not visible)")))
     if not table:
         print("(no slot in use)")
@@ -173,7 +204,10 @@ def parser() -> argparse.ArgumentParser:
 
     dump = sub.add_parser("dump", help="one decoded line per delivered frame of a capture")
     dump.add_argument("target", metavar="PCAP|NET",
-                      help="a capture file, or a net name with --pcap DIR")
+                      help="a capture file (pcapng or pcap), or a net name with --pcap DIR")
+    dump.add_argument("filter", nargs="*", metavar="EXPRESSION",
+                      help="only the frames this pcap-filter(7) expression keeps, as tcpdump "
+                           "(e.g. 'udp port 7')")
     dump.add_argument("--pcap", metavar="DIR", help="where `lgnet up --pcap DIR` writes")
     dump.add_argument("-f", "--follow", action="store_true",
                       help="keep printing new frames until the broker stops writing")
@@ -181,7 +215,10 @@ def parser() -> argparse.ArgumentParser:
     dump.set_defaults(func=cmd_dump)
 
     slots = sub.add_parser("slots", help="the live slot table of a net file")
-    slots.add_argument("netfile", metavar="NETFILE")
+    slots.add_argument("net", metavar="NETFILE|NET",
+                       help="a net file, or the name of a running lab's net (lan0)")
+    slots.add_argument("--lab", metavar="DIR",
+                       help="the lab's runtime directory (`lgnet up` prints it)")
     slots.set_defaults(func=cmd_slots)
 
     bench = sub.add_parser("bench", help="throughput, latency and scale, with anchors "

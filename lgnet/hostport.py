@@ -79,8 +79,17 @@ class Port:
 
         A packet without an Ethernet layer gets one; an Ethernet or ARP layer without source
         addresses gets this port's MAC, and without a destination the broadcast address (so
-        scapy never resolves anything on the host's own network)."""
-        self.sock.send(self.frame_bytes(packet))
+        scapy never resolves anything on the host's own network).
+
+        A frame longer than lguest_net's receive buffers (ETH_FRAME_LEN, 1514 bytes) is
+        refused (LgnetError): no lguest guest could send it, and the port's link, like a TAP
+        read into such a buffer, would cut it short without a word."""
+        frame = self.frame_bytes(packet)
+        if len(frame) > abi.ETH_FRAME_LEN:
+            raise LgnetError("port %s: a frame of %d bytes is longer than lguest_net's receive "
+                             "buffers (%d bytes, ETH_FRAME_LEN): not sent" % (
+                                 self.name, len(frame), abi.ETH_FRAME_LEN))
+        self.sock.send(frame)
 
     def frame_bytes(self, packet) -> bytes:
         if isinstance(packet, (bytes, bytearray, memoryview)):

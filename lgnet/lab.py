@@ -46,6 +46,9 @@ NET_READY_SECONDS = 20
 POLL_SECONDS = 0.02
 TEST_POLL_SECONDS = 0.2
 DEFAULT_TEST_SECONDS = 10            # `lgnet test` without duration or within
+RUNTIME_PREFIX = "lgnet-"            # a lab's private directory: $TMPDIR/lgnet-XXXXXXXX
+BROKER_SOCKET = "broker.sock"
+NET_SUFFIX = ".net"
 
 
 @dataclass
@@ -120,9 +123,9 @@ class Lab:
         self.scenario = load_scenario(scenario) if isinstance(scenario, (str, os.PathLike)) \
             else scenario
         self.out = out
-        self.runtime = tempfile.mkdtemp(prefix="lgnet-")
+        self.runtime = tempfile.mkdtemp(prefix=RUNTIME_PREFIX)
         os.chmod(self.runtime, 0o700)
-        self.socket_path = os.path.join(self.runtime, "broker.sock")
+        self.socket_path = os.path.join(self.runtime, BROKER_SOCKET)
         self.capture_dir = str(pcap) if pcap is not None else \
             os.path.join(self.runtime, "capture") if capture else None
         self.broker: subprocess.Popen | None = None
@@ -149,7 +152,8 @@ class Lab:
 
     def net_file(self, name: str) -> str:
         network = self.scenario.networks[name]
-        return str(network.file) if network.file else os.path.join(self.runtime, name + ".net")
+        return str(network.file) if network.file else os.path.join(self.runtime,
+                                                                   name + NET_SUFFIX)
 
     def start(self) -> None:
         self.start_broker()
@@ -164,6 +168,9 @@ class Lab:
         if self.capture_dir is not None:
             capture = ["--capture", self.capture_dir]
             for net in self.scenario.networks:
+                # One writer per file: refuse now, with the other lab's pid, rather than let
+                # the broker find out (it checks again, for two labs starting at once).
+                pcapng.check_free(os.path.join(self.capture_dir, net + pcapng.CAPTURE_SUFFIX))
                 capture += ["--net", "%s=%s" % (net, self.net_file(net))]
         self.broker = subprocess.Popen(
             [sys.executable, "-m", "lgnet", "broker", "--quiet", "--die-with-parent",
@@ -240,6 +247,19 @@ class Lab:
             pass
         finally:
             channel.close()
+
+    def whereabouts(self) -> list[str]:
+        """Where this lab keeps things, one line each: its runtime directory, each net file
+        (what `lgnet slots` reads) and each capture file."""
+        lines = ["runtime directory %s (broker socket %s)" % (self.runtime, self.socket_path)]
+        lines += ["net %s: %s (`lgnet slots %s`)" % (net, self.net_file(net),
+                                                     net if self.scenario.networks[net].file
+                                                     is None else self.net_file(net))
+                  for net in self.scenario.networks]
+        if self.capture_dir is not None:
+            lines += ["capture of %s: %s" % (net, self.capture_path(net))
+                      for net in self.scenario.networks]
+        return lines
 
     # --- host ports -----------------------------------------------------------------------
 
@@ -418,6 +438,65 @@ class Lab:
         shutil.rmtree(self.runtime, ignore_errors=True)
 
 
+# --- finding a running lab (`lgnet slots lan0`) ----------------------------------------------
+
+def guest_names(socket_path: str) -> dict[int, str]:
+    """Launcher pid -> guest name, as the lab told its broker; {} when no broker answers."""
+    try:
+        channel = wire.Channel(socket_path)
+    except OSError:
+        return {}
+    try:
+        rows = json.loads(channel.call(wire.OP_STATS).tail or b"[]")
+    except wire.BrokerGone:
+        return {}
+    finally:
+        channel.close()
+    return {row["pid"]: row["name"] for row in rows if row.get("name")}
+
+
+def running_labs() -> list[str]:
+    """The runtime directories of this user's labs whose broker is up."""
+    found = []
+    base = tempfile.gettempdir()
+    for entry in sorted(os.listdir(base)):
+        runtime = os.path.join(base, entry)
+        if not entry.startswith(RUNTIME_PREFIX) or not os.path.isdir(runtime):
+            continue
+        try:
+            wire.Channel(os.path.join(runtime, BROKER_SOCKET)).close()
+        except OSError:
+            continue                              # not ours to read, or its broker is gone
+        found.append(runtime)
+    return found
+
+
+def find_net(name: str, lab: str | None = None) -> str:
+    """The net file of the net `name` in a running lab: the lab whose runtime directory is
+    `lab`, or the only running lab that has such a net."""
+    labs = [lab] if lab is not None else running_labs()
+    having = [runtime for runtime in labs
+              if os.path.isfile(os.path.join(runtime, name + NET_SUFFIX))]
+    if len(having) == 1:
+        return os.path.join(having[0], name + NET_SUFFIX)
+    if lab is not None:
+        raise LgnetError("no net %r in the lab at %s (its nets: %s)" % (
+            name, lab, ", ".join(sorted(f[:-len(NET_SUFFIX)] for f in _listdir(lab)
+                                        if f.endswith(NET_SUFFIX))) or "none"))
+    if not having:
+        raise LgnetError("no running lab has a net %r (labs up: %s); give a net file's path"
+                         % (name, ", ".join(labs) or "none"))
+    raise LgnetError("%d running labs have a net %r: choose one with --lab DIR (%s)"
+                     % (len(having), name, ", ".join(having)))
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
 def terminate(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -428,10 +507,35 @@ def terminate(process: subprocess.Popen) -> None:
             process.wait()
 
 
+class KeptCaptures:
+    """Where `up()` keeps a capture it was not told to keep (pcap=None): nowhere (the lab's
+    own directory, gone with it) unless someone — the pytest plugin's `--lgnet-pcap DIR` —
+    named a directory for now: the first lab then writes into it, the next ones into
+    DIR-2, DIR-3, ... (two labs never share a capture file)."""
+
+    def __init__(self):
+        self.directory: str | None = None
+        self.labs = 0
+
+    def keep_in(self, directory: str | None) -> None:
+        self.directory, self.labs = directory, 0
+
+    def next(self) -> str | None:
+        if self.directory is None:
+            return None
+        self.labs += 1
+        return self.directory if self.labs == 1 else "%s-%d" % (self.directory, self.labs)
+
+
+kept_captures = KeptCaptures()
+
+
 def up(scenario: Scenario | str, out: TextIO | None = None, capture: bool = True,
        pcap: str | None = None) -> Lab:
     """`with lgnet.up("scenarios/three-guests.yaml") as lab:` — always torn down; captures
-    every delivery unless capture=False (pcap=DIR keeps the files)."""
+    every delivery unless capture=False (pcap=DIR keeps the files in DIR)."""
+    if pcap is None and capture:
+        pcap = kept_captures.next()
     return Lab(scenario, out, capture=capture, pcap=pcap)
 
 
@@ -465,6 +569,9 @@ def run_up(path: str, duration: float | None = None, out: TextIO = sys.stdout,
     interrupted = False
     try:
         lab.start()
+        with lab.out_lock:
+            out.write("".join("lgnet up: %s\n" % line for line in lab.whereabouts()))
+            out.flush()
         lab.wait(duration)
     except KeyboardInterrupt:
         interrupted = True

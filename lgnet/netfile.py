@@ -166,6 +166,21 @@ def _mac(page: bytes, slot: int) -> bytes:
 
 # --- the slot table (`lgnet slots NET`) ----------------------------------------------------
 
+def require_net_page(path) -> None:
+    """LgnetError unless `path` looks like a net file: a regular file of exactly one page
+    (what --sharenet makes). Any other file would be read as 682 slots of junk."""
+    from lgnet.filekind import describe_file
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise LgnetError("no net file %s: %s" % (path, e.strerror)) from None
+    if not stat.S_ISREG(st.st_mode) or st.st_size != abi.PAGE_SIZE:
+        what = "%s of %d bytes" % (describe_file(path), st.st_size) \
+            if stat.S_ISREG(st.st_mode) else "not a regular file"
+        raise LgnetError("%s is not a net file (one %d-byte page of %d MAC slots): it is %s"
+                         % (path, abi.PAGE_SIZE, abi.NET_SLOTS, what))
+
+
 @dataclass(frozen=True)
 class SlotInfo:
     """One slot in use: its MAC, whether it is locked, and by which processes.

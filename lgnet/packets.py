@@ -56,11 +56,16 @@ def packet_list(deliveries: Iterable, name: str = "lgnet"):
 
 def describe(delivery) -> str:
     """One line: the scapy summary, then the lguest facts (what `lgnet dump` prints)."""
+    return describe_frame(delivery.data, delivery.comment)
+
+
+def describe_frame(data: bytes, facts: str = "") -> str:
+    """The scapy summary of an Ethernet frame, then its facts in brackets when it has any."""
     try:
-        summary = to_packet(delivery).summary()
+        summary = L.load().Ether(bytes(data)).summary()
     except Exception as exc:          # scapy chokes on a hostile frame: say so, keep going
         summary = "undecodable frame (%s)" % exc
-    return "%s  [%s]" % (summary, delivery.comment)
+    return "%s  [%s]" % (summary, facts) if facts else summary
 
 
 # --- expectations (the scenario's `expect:`) -------------------------------------------------

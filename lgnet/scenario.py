@@ -29,7 +29,9 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from lgnet import abi
 from lgnet.errors import LgnetError
 from lgnet.filters import FilterError, compile_filter
+from lgnet.filekind import describe_file
 from lgnet.guest.images import BUNDLED_KERNEL, BUNDLED_NAME
+from lgnet.guest.loader import load_kernel
 
 NAME_PATTERN = r"[a-z][a-z0-9_-]{0,30}"
 DRIVERS = ("python",)
@@ -191,7 +193,8 @@ class _Node:
             name = _Node(self.file, key_node, self.path).scalar(_is_str, "a string key")
             key = _Node(self.file, key_node, _join(self.path, name))
             if allowed is not None and name not in allowed:
-                key.fail("unknown key (allowed: %s)" % ", ".join(allowed))
+                key.fail("unknown key%s (allowed: %s)" % (_did_you_mean(name, allowed),
+                                                          ", ".join(allowed)))
             pairs.append((name, _Node(self.file, value_node, key.path, key)))
         # compose keeps every pair, so a key given twice is still here to be caught
         _no_repeats(((name, value.key) for name, value in pairs), "key")
@@ -226,7 +229,13 @@ class _Node:
                            "a name matching %s" % NAME_PATTERN)
 
     def choice(self, options: Iterable[str], among: str = "") -> str:
+        options = list(options)
         listed = ", ".join(map(repr, options)) or "none"
+        value = self.value() if isinstance(self.node, ScalarNode) else None
+        if isinstance(value, str) and value not in options:
+            self.fail("must be one of %s, got %r%s" % (
+                "%s (%s)" % (among, listed) if among else listed, value,
+                _did_you_mean(value, options)))
         return self.scalar(lambda v: v in options,
                            "one of %s" % ("%s (%s)" % (among, listed) if among else listed))
 
@@ -234,10 +243,23 @@ class _Node:
         return base / self.text()
 
     def kernel_file(self, base: Path) -> Path:
-        """A kernel image, or `bundled` for the one that ships with lgnet."""
-        if self.text() == BUNDLED_NAME:
+        """A kernel image, or `bundled` for the one that ships with lgnet. The image is
+        read now, as the Launcher will: a file that is no kernel is the scenario's mistake,
+        found before anything runs."""
+        text = self.text()
+        if text == BUNDLED_NAME:
             return BUNDLED_KERNEL
-        return self.existing_file(base)
+        path = self.file_path(base)
+        if not path.is_file():
+            self.fail("no such file: %s%s" % (path, _did_you_mean(text, [BUNDLED_NAME])))
+        try:
+            load_kernel(path)
+        except LgnetError as error:
+            why = str(error)
+            why = why[len(str(path)) + 2:] if why.startswith(str(path) + ": ") else why
+            self.fail("%s is not an lguest kernel (an i386 vmlinux or a bzImage): it is %s "
+                      "(%s)" % (path, describe_file(path), why))
+        return path
 
     def existing_file(self, base: Path) -> Path:
         path = self.file_path(base)
@@ -286,6 +308,33 @@ def _no_repeats(pairs: Iterable[tuple[object, _Node]], noun: str) -> None:
         if value in first:
             node.fail("duplicate %s '%s' (first at line %d)" % (noun, value, first[value].line))
         first[value] = node
+
+
+def _did_you_mean(word: str, options: Iterable[str]) -> str:
+    """" (did you mean 'X'?)" for a near miss — a letter wrong, missing, extra or two swapped
+    (`bundle`, `nmae`), two in longer words — else "". Names that differ only in their digits
+    (lan9, lan1) are different names, not typos."""
+    if len(word) < 3:
+        return ""
+    allowed = 1 + len(word) // 6
+    near = [(_edits(word, o), o) for o in options
+            if re.sub(r"\d", "", o) != re.sub(r"\d", "", word)]
+    near = sorted((d, o) for d, o in near if d <= allowed)
+    return " (did you mean '%s'?)" % near[0][1] if near else ""
+
+
+def _edits(a: str, b: str) -> int:
+    """Edits from a to b: insertions, deletions, substitutions, swaps of neighbours."""
+    rows = [list(range(len(b) + 1))]
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            row[j] = min(rows[-1][j] + 1, row[j - 1] + 1,
+                         rows[-1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
 
 
 def _either(names: Iterable[str]) -> str:

@@ -17,7 +17,9 @@ happens. Name the scenario with a marker, or parametrize the fixture indirectly:
     def test_both(lab): ...
 
 Relative paths are taken from the directory pytest runs in. Every delivery is captured
-(`lab.capture(net)`); with `--lgnet-pcap DIR` the pcapng files are kept in DIR/<test name>/.
+(`lab.capture(net)`); with `--lgnet-pcap DIR` the pcapng files of every lab a test brings up
+— the fixture's, and each `lgnet.up()` without its own pcap= — are kept in DIR/<test name>/
+(a second lab of the same test: DIR/<test name>-2/, and so on).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import re
 
 import pytest
 
-from lgnet.lab import Lab, up
+from lgnet.lab import Lab, kept_captures, up
 
 __all__ = ["Lab", "up", "lab"]
 
@@ -44,8 +46,22 @@ def pytest_configure(config) -> None:
                             % MARKER)
 
 
+@pytest.fixture(autouse=True)
+def _lgnet_keep_captures(request):
+    """With --lgnet-pcap DIR: every lab this test brings up keeps its capture under DIR."""
+    keep = request.config.getoption("--lgnet-pcap")
+    if not keep:
+        yield
+        return
+    kept_captures.keep_in(os.path.join(keep, re.sub(r"[^\w.-]+", "_", request.node.name)))
+    try:
+        yield
+    finally:
+        kept_captures.keep_in(None)
+
+
 @pytest.fixture
-def lab(request):
+def lab(request, _lgnet_keep_captures):
     """A running lab for this test (lgnet.lab.Lab), torn down afterwards."""
     marker = request.node.get_closest_marker(MARKER)
     path = getattr(request, "param", None) or (marker.args[0] if marker and marker.args
@@ -53,7 +69,5 @@ def lab(request):
     if path is None:
         raise pytest.UsageError("the lab fixture needs a scenario: @pytest.mark.%s(path) or "
                                 "indirect parametrization" % MARKER)
-    keep = request.config.getoption("--lgnet-pcap")
-    pcap = os.path.join(keep, re.sub(r"[^\w.-]+", "_", request.node.name)) if keep else None
-    with up(str(path), pcap=pcap) as running:
+    with up(str(path)) as running:
         yield running

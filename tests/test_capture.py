@@ -299,9 +299,9 @@ def test_lgnet_slots_shows_the_live_table(tmp_path):
         pids["port"] = port.run.process.pid
     assert table.returncode == 0, table.stderr
     rows = [line.split() for line in table.stdout.splitlines()]
-    assert rows[0] == ["slot", "mac", "promisc", "lock", "holder", "pids"]
-    by_pid = {int(r[4]): r for r in rows[1:]}
+    assert rows[0] == ["slot", "mac", "promisc", "lock", "guest", "holder", "pids"]
+    by_pid = {int(r[5]): r for r in rows[1:]}
     assert set(by_pid) == set(pids.values())
-    assert by_pid[pids["port"]][1:4] == ["03:aa:00:00:00:01", "yes", "held"]
+    assert by_pid[pids["port"]][1:5] == ["03:aa:00:00:00:01", "yes", "held", "port0"]
     assert by_pid[pids["alpha"]][2:4] == ["no", "held"]
     assert sorted(int(r[0]) for r in rows[1:]) == [0, 1, 2]

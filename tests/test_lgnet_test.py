@@ -92,7 +92,8 @@ expect:
      "expect[0].to: must be one of the guests ('alpha', 'beta', 'gamma'), got 'delta'"),
     ("{to: beta, count: 1, min: 2}", 11,
      "expect[0].min: cannot be combined with 'count' (line 11)"),
-    ("{to: beta, whithin: 5}", 11, "expect[0].whithin: unknown key (allowed: from, to, net, "
+    ("{to: beta, whithin: 5}", 11, "expect[0].whithin: unknown key (did you mean 'within'?) "
+                                   "(allowed: from, to, net, "
                                    "match, count, min, within)"),
     ("icmp reaches beta", 11, "expect[0]: must be a mapping, got 'icmp reaches beta'"),
 ])

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import ENV, REPO, lgnet_shm
+from lgnet.fabric import capture as pcap
 
 pytestmark = pytest.mark.timeout(90)
 FILE_NAME = "test_echo.py"
@@ -35,7 +36,11 @@ def test_the_readme_scapy_example_runs_as_written(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
     assert re.search(r"port0 slot \d+ -> (alpha|beta) slot \d+ key lan0\+0x", result.stdout)
-    # The plugin's --lgnet-pcap kept the `lab` fixture's capture, per test.
-    assert [p.relative_to(keep).as_posix() for p in keep.rglob("*.pcapng")] == [
-        "test_a_promiscuous_port_sees_what_others_exchange/lan0.pcapng"]
+    # The plugin's --lgnet-pcap kept every lab's capture, per test: the `lab` fixture's and
+    # the one lgnet.up() brought up.
+    assert sorted(p.relative_to(keep).as_posix() for p in keep.rglob("*.pcapng")) == [
+        "test_a_promiscuous_port_sees_what_others_exchange/lan0.pcapng",
+        "test_alpha_answers_arp_ping_and_udp_echo/lan0.pcapng"]
+    kept = pcap.read_deliveries(keep / "test_alpha_answers_arp_ping_and_udp_echo" / "lan0.pcapng")
+    assert {d.receiver for d in kept} >= {"alpha", "port0"}
     assert lgnet_shm() == []

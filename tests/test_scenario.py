@@ -1,17 +1,21 @@
 """scenario.py: YAML -> model, and one exact message (file:line: key: what) per mistake."""
+import shutil
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from lgnet.errors import LgnetError
+from lgnet.guest.images import BUNDLED_KERNEL
 from lgnet.scenario import Expectation, GuestSpec, Network, Scenario, Step, load_scenario
 
 
 @pytest.fixture
 def lab(tmp_path):
-    """A scenario directory with the input files a guest may name."""
-    for name in ("vmlinux", "disk.img", "initrd.img"):
+    """A scenario directory with the input files a guest may name (the kernel: a copy of
+    the bundled one, since a scenario's kernel is read when the scenario is loaded)."""
+    shutil.copy(BUNDLED_KERNEL, tmp_path / "vmlinux")
+    for name in ("disk.img", "initrd.img"):
         (tmp_path / name).write_bytes(b"\0" * 16)
     return tmp_path
 
@@ -134,7 +138,8 @@ DRIVER = "  - name: a\n    driver: python\n"
 BAD = {
     "unknown top-level key": (
         "guests:\n" + DRIVER + "durration: 3\n",
-        4, "durration: unknown key (allowed: duration, networks, guests, expect)"),
+        4, "durration: unknown key (did you mean 'duration'?) (allowed: duration, networks, "
+           "guests, expect)"),
     "guests missing": (
         "duration: 3\n",
         1, "guests: is required"),
@@ -220,6 +225,29 @@ BAD = {
     "kernel missing": (
         "guests:\n  - name: a\n    kernel: bzImage\n",
         3, "guests[0].kernel: no such file: {lab}/bzImage"),
+    "kernel near miss": (
+        "guests:\n  - name: a\n    kernel: bundle\n",
+        3, "guests[0].kernel: no such file: {lab}/bundle (did you mean 'bundled'?)"),
+    "kernel is text": (
+        "guests:\n  - name: a\n    kernel: x.yaml\n# long enough to be read as a bzImage\n",
+        3, "guests[0].kernel: {lab}/x.yaml is not an lguest kernel (an i386 vmlinux or a "
+           "bzImage): it is text ('guests:') (Could not find kernel in bzImage)"),
+    "kernel too short": (
+        "guests:\n  - name: a\n    kernel: disk.img\n",
+        3, "guests[0].kernel: {lab}/disk.img is not an lguest kernel (an i386 vmlinux or a "
+           "bzImage): it is data starting with zero bytes (Reading kernel: the file is too "
+           "short)"),
+    "kernel is a 64-bit program": (
+        "guests:\n  - name: a\n    kernel: /bin/true\n",
+        3, "guests[0].kernel: /bin/true is not an lguest kernel (an i386 vmlinux or a bzImage): "
+           "it is a 64-bit x86-64 ELF file (Malformed elf header)"),
+    "driver near miss": (
+        "guests:\n  - name: a\n    driver: pyhton\n",
+        3, "guests[0].driver: must be one of 'python', got 'pyhton' (did you mean 'python'?)"),
+    "guest key near miss": (
+        "guests:\n  - nmae: a\n    driver: python\n",
+        2, "guests[0].nmae: unknown key (did you mean 'name'?) (allowed: name, mem, kernel, "
+           "driver, nets, promisc, ip, cmdline, args, block, initrd, script)"),
     "kernel is a directory": (
         "guests:\n  - name: a\n    kernel: .\n",
         3, "guests[0].kernel: no such file: {lab}"),

@@ -149,6 +149,32 @@ def test_expect_fails_with_a_readable_list_of_what_arrived(echo_lab):
     assert port.expect("lgnet", timeout=1)[Ether].src == other.mac
 
 
+def test_a_port_refuses_a_frame_longer_than_lguest_net_s_buffers(echo_lab):
+    port, spy = echo_lab.port("lan0"), echo_lab.port("lan0", promisc=True)
+    long = Ether(dst=spy.mac, type=PAYLOAD_TYPE) / bytes(1942 - 14)
+    with pytest.raises(LgnetError) as caught:
+        port.send(long)
+    assert str(caught.value) == ("port %s: a frame of 1942 bytes is longer than lguest_net's "
+                                 "receive buffers (1514 bytes, ETH_FRAME_LEN): not sent"
+                                 % port.name)
+    largest = Ether(dst=spy.mac, type=PAYLOAD_TYPE) / bytes(1500)
+    port.send(largest)                                  # 1514 bytes: whole, as offered
+    got = spy.expect("lgnet and greater 1514", timeout=5)
+    assert bytes(got) == port.frame_bytes(largest) and len(got) == 1514
+    assert not spy.sniff(timeout=0.3, match="greater 1515")  # nothing cut short slipped through
+
+
+def test_sniff_takes_only_the_frames_a_filter_keeps(echo_lab):
+    port, other = echo_lab.port("lan0"), echo_lab.port("lan0")
+    for n in range(3):
+        other.send(Ether(dst=port.mac, type=PAYLOAD_TYPE) / (b"%d" % n + bytes(45)))
+    other.send(Ether(dst=port.mac) / IP(src=ME, dst="10.0.0.50") / UDP(dport=9) / b"x")
+    udp = port.sniff(count=1, timeout=5, match="udp dst port 9")
+    assert len(udp) == 1 and udp[0][UDP].dport == 9
+    rest = port.sniff(count=3, timeout=5)
+    assert [bytes(p.payload)[:1] for p in rest] == [b"0", b"1", b"2"]
+
+
 def test_capture_is_a_packet_list_annotated_with_guest_names(echo_lab):
     port = echo_lab.port("lan0", name="asker", mac="02:42:00:00:00:01")
     assert port.mac == "02:42:00:00:00:01"

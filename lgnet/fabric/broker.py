@@ -582,8 +582,12 @@ class Broker:
     # --- what the lab asks --------------------------------------------------------------
 
     def stats(self) -> list[dict]:
-        """Every guest this broker has served: the ended ones, then the live ones."""
-        return self.ended + [self.guest_stats(g) for g in self.engine.guests if g is not None]
+        """Every guest this broker has served: the ended ones, then the live ones, each with
+        the name the lab gave its launcher (None if it gave none)."""
+        rows = self.ended + [self.guest_stats(g) for g in self.engine.guests if g is not None]
+        for row in rows:
+            row["name"] = self.names.get(row["pid"])
+        return rows
 
     def broker_stats(self) -> dict:
         """The broker's own counters, with its CPU time and context switches so far."""
@@ -602,12 +606,15 @@ class Broker:
 
 def run_broker(socket_path: str, watch_fd: int | None = None, ready_fd: int | None = None,
                capture_dir: str | None = None, net_names: dict[str, str] | None = None,
-               owns_directory: bool = False) -> None:
+               owns_directory: bool = False, on_listening=None) -> None:
     """Serve until told to stop. With owns_directory (a lab's private runtime directory),
-    the directory goes with the broker, so even a SIGKILLed lab leaves nothing behind."""
+    the directory goes with the broker, so even a SIGKILLed lab leaves nothing behind.
+    on_listening() runs once the socket is bound (so "listening" is never said in vain)."""
     try:
         capture = Capture(capture_dir, net_names) if capture_dir is not None else None
         broker = Broker(socket_path, watch_fd, capture)
+        if on_listening is not None:
+            on_listening()
         if ready_fd is not None:
             os.write(ready_fd, b"ready\n")
             os.close(ready_fd)

@@ -32,6 +32,7 @@ the same source descriptor, to increasing slots, share a send number.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import struct
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from lgnet import abi
+from lgnet.errors import LgnetError
 
 # --- pcapng (https://www.ietf.org/archive/id/draft-ietf-opsawg-pcapng): the blocks we use ---
 
@@ -302,6 +304,73 @@ def read_deliveries(path) -> list[Delivery]:
     return deliveries(Reader(path))
 
 
+# --- any capture file, finished: what `lgnet dump` reads ---------------------------------
+
+PCAP_MAGICS = (0xA1B2C3D4, 0xA1B23C4D)      # classic pcap: microseconds, nanoseconds
+PCAP_FILE_HEADER = 24
+PCAP_RECORD_HEADER = 16
+LINKTYPE_NAMES = {LINKTYPE_ETHERNET: "Ethernet"}
+
+
+def capture_format(path) -> str:
+    """'pcapng' or 'pcap', or LgnetError saying what the file is instead."""
+    from lgnet.filekind import describe
+    try:
+        with open(path, "rb") as f:
+            head = f.read(PCAP_FILE_HEADER)
+    except OSError as error:
+        raise LgnetError("cannot read %s: %s" % (path, error.strerror)) from None
+    if len(head) >= 4:
+        if struct.unpack_from("<I", head)[0] == SHB_TYPE:
+            return "pcapng"
+        if {struct.unpack_from("<I", head)[0], struct.unpack_from(">I", head)[0]} \
+                & set(PCAP_MAGICS):
+            return "pcap"
+    raise LgnetError("%s is not a capture (pcapng or pcap): it is %s" % (path, describe(head)))
+
+
+def read_capture(path) -> Iterator[Record]:
+    """Every frame of a finished capture, pcapng (this file's reader) or classic pcap
+    (scapy's reader), oldest first. Raises LgnetError before the first frame for a file that
+    is not a capture, and after the last whole frame for one that is cut short."""
+    kind = capture_format(path)
+    size = os.path.getsize(path)
+    if kind == "pcapng":
+        reader = Reader(path)
+        yield from reader.records()
+        whole = reader.offset
+    else:
+        whole = yield from _pcap_records(path)
+    if whole != size:
+        raise LgnetError("%s is truncated: %d bytes after its last whole frame (at byte %d)"
+                         % (path, size - whole, whole))
+
+
+def _pcap_records(path):
+    """Classic pcap through scapy; returns how many bytes were whole records."""
+    from scapy.utils import RawPcapReader
+    reader = RawPcapReader(str(path))
+    quiet = logging.getLogger("scapy.runtime")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)      # its "packet has been truncated": we say it, once
+    try:
+        if reader.linktype != LINKTYPE_ETHERNET:
+            raise LgnetError("%s: link type %d, not Ethernet: lgnet reads Ethernet captures"
+                             % (path, reader.linktype))
+        whole = PCAP_FILE_HEADER
+        ns = getattr(reader, "nano", False)
+        for data, meta in reader:
+            if len(data) < meta.caplen:
+                break                          # the last record, cut short
+            whole += PCAP_RECORD_HEADER + len(data)
+            ts_ns = meta.sec * NS_PER_S + (meta.usec if ns else meta.usec * 1000)
+            yield Record(ts_ns, data, meta.wirelen, 0)
+        return whole
+    finally:
+        quiet.setLevel(level)
+        reader.close()
+
+
 def writer_active(path) -> bool:
     """Is a broker still writing this capture? (It holds an exclusive flock while it does.)"""
     try:
@@ -322,17 +391,61 @@ def writer_active(path) -> bool:
 FLUSH_BLOCKS = 256                   # a capture writes at least every this many frames
 
 
+class CaptureBusy(LgnetError):
+    """Another process (another lab's broker) is writing this capture file."""
+
+    def __init__(self, path: str, pid: int | None):
+        self.path, self.pid = path, pid
+        super().__init__("capture %s is being written by another lgnet broker (pid %s): one "
+                         "file has one writer; give this lab a --pcap DIR of its own"
+                         % (path, pid if pid is not None else "not visible"))
+
+
+def writer_pid(path) -> int | None:
+    """The pid holding the writer's flock on a capture file (from /proc/locks), or None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    inode = "%02x:%02x:%d" % (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    try:
+        with open("/proc/locks") as locks:
+            for line in locks:
+                fields = line.split()
+                # "2: FLOCK  ADVISORY  WRITE 12846 fe:00:2146588 0 EOF" (waiters carry "->")
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == inode:
+                    return int(fields[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def check_free(path) -> None:
+    """Raise CaptureBusy if a broker is writing `path` (what a lab asks before it starts)."""
+    if writer_active(path):
+        raise CaptureBusy(str(path), writer_pid(path))
+
+
 class NetCapture:
-    """The open capture file of one net; blocks wait in `pending` until flush()."""
+    """The open capture file of one net; blocks wait in `pending` until flush().
+
+    One file, one writer: the file is locked (flock, exclusive) *before* it is emptied, so a
+    second broker pointed at a file in use gets CaptureBusy and leaves the file alone. (Two
+    writers appending to one file is what tshark calls "damaged or corrupt".)"""
 
     def __init__(self, name: str, path: str, source: str, application: str):
         self.name = name
         self.path = path
         self.pending: list[bytes] = []     # the pieces of whole blocks
         self.blocks = 0                    # how many blocks they make
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
-                          CAPTURE_FILE_MODE)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, CAPTURE_FILE_MODE)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = -1
+            raise CaptureBusy(path, writer_pid(path)) from None
+        os.ftruncate(self.fd, 0)
         os.write(self.fd, section_header(application)
                  + interface_description(name, "lgnet net %s (%s)" % (name, source)))
 
@@ -349,6 +462,11 @@ class NetCapture:
             self.flush()
             os.close(self.fd)             # also drops the flock: `dump --follow` ends
             self.fd = -1
+
+
+def _one_word(name: str) -> str:
+    """Names in a comment are one word each: the comment is parsed back."""
+    return re.sub(r"\s+", "_", name)
 
 
 class _LastSend:
@@ -382,6 +500,17 @@ class Capture:
         # The per-frame shortcut: (sender guest, receive binding) -> _fixed_facts().
         self.facts: dict[tuple, tuple] = {}
         self.dirty = False
+        # The nets a lab named are claimed now, before the broker says it is ready: a lab
+        # pointed at another running lab's files is refused at its start (CaptureBusy).
+        self.claimed: dict[str, NetCapture] = {}
+        try:
+            for source, name in self.net_names.items():
+                name = _one_word(name)
+                path = os.path.join(directory, name + CAPTURE_SUFFIX)
+                self.claimed[source] = NetCapture(name, path, source, application)
+        except BaseException:
+            self.close()
+            raise
 
     def learn_net(self, identity: tuple, fd: int) -> None:
         """A launcher handed over a net file: open its capture (once per net)."""
@@ -391,17 +520,26 @@ class Capture:
             source = os.readlink("/proc/self/fd/%d" % fd)
         except OSError:
             source = "net-%d-%d" % identity[:2]
-        name = self.net_names.get(os.path.realpath(source))
-        if name is None:
-            name = os.path.splitext(os.path.basename(source))[0] or "net"
-        name = re.sub(r"\s+", "_", name)            # one word: the comment is parsed back
-        taken = {c.name for c in self.nets.values()}
-        unique, n = name, 1
-        while unique in taken:
+        claimed = self.claimed.pop(os.path.realpath(source), None)
+        if claimed is not None:
+            self.nets[identity] = claimed
+            return
+        name = _one_word(os.path.splitext(os.path.basename(source))[0] or "net")
+        # A net the lab did not name: its own file, under a name no other net of ours and no
+        # other broker is writing (lan0, lan0-2, ...).
+        taken = {c.name for c in self.nets.values()} | {c.name for c in self.claimed.values()}
+        n = 1
+        while True:
+            unique = name if n == 1 else "%s-%d" % (name, n)
             n += 1
-            unique = "%s-%d" % (name, n)
-        path = os.path.join(self.directory, unique + CAPTURE_SUFFIX)
-        self.nets[identity] = NetCapture(unique, path, source, self.application)
+            if unique in taken:
+                continue
+            try:
+                self.nets[identity] = NetCapture(unique, os.path.join(
+                    self.directory, unique + CAPTURE_SUFFIX), source, self.application)
+                return
+            except CaptureBusy:
+                continue
 
     def flush(self) -> None:
         """Write what was delivered since the last flush (the broker calls this once per
@@ -412,12 +550,12 @@ class Capture:
                 net.flush()
 
     def close(self) -> None:
-        for net in self.nets.values():
+        for net in list(self.nets.values()) + list(self.claimed.values()):
             net.close()
 
     def guest_name(self, guest) -> str:
         name = self.names.get(guest.owner)
-        return re.sub(r"\s+", "_", name) if name else "guest%d" % guest.id
+        return _one_word(name) if name else "guest%d" % guest.id
 
     # --- the engine's hook: called under lguest_lock after a completed transfer ------------
 
