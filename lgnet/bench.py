@@ -761,6 +761,23 @@ def write_json(result: dict, path: str) -> None:
         out.write("\n")
 
 
+PLOT_NEEDS = "matplotlib is not installed (pip install 'lgnet[bench]')"
+
+
+def plot_unavailable(path: str) -> str | None:
+    """Why `plot(result, path)` could not write its file, known before any benchmark runs:
+    no matplotlib, or no directory to write into; None when it can."""
+    import importlib
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        return "%s is not a directory we may write into" % directory
+    try:
+        importlib.import_module("matplotlib")          # what plot() will need
+    except ImportError:
+        return PLOT_NEEDS
+    return None
+
+
 def plot(result: dict, path: str) -> str | None:
     """Throughput vs frame size for lgnet and the anchors; None, or why it was skipped."""
     try:
@@ -768,7 +785,7 @@ def plot(result: dict, path: str) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed (pip install 'lgnet[bench]')"
+        return PLOT_NEEDS
     series: dict[str, dict[int, float]] = {}
     for r in result["rows"]:
         if r["kind"] != "stream":

@@ -111,14 +111,18 @@ def cmd_dump(args) -> int:
 
 def cmd_slots(args) -> int:
     from lgnet import netfile
-    from lgnet.lab import BROKER_SOCKET, find_net, guest_names
+    from lgnet.lab import BROKER_SOCKET, find_net, guest_names, running_labs
     path = args.net
     if args.lab is not None or not os.path.exists(path):
         path = find_net(args.net, args.lab)
     netfile.require_net_page(path)
-    # The lab's broker sits beside its net files and knows each launcher's guest name.
+    # The lab's broker sits beside its own net files and knows each launcher's guest name;
+    # a net file elsewhere (a scenario's `file:`) may belong to any running lab.
     names = guest_names(os.path.join(args.lab or os.path.dirname(os.path.abspath(path)),
                                      BROKER_SOCKET))
+    if not names and args.lab is None:
+        for runtime in running_labs():
+            names.update(guest_names(os.path.join(runtime, BROKER_SOCKET)))
     table = netfile.slot_table(path)
     print("%4s  %-17s  %-7s  %-6s  %-12s  %s" % ("slot", "mac", "promisc", "lock", "guest",
                                                  "holder pids"))
@@ -137,6 +141,9 @@ def cmd_bench(args) -> int:
     from lgnet import bench
     opts = bench.BenchOptions.make(sizes=args.sizes, seconds=args.seconds, rounds=args.rounds,
                                    guests=args.guests, quick=args.quick)
+    unplottable = bench.plot_unavailable(args.plot) if args.plot else None
+    if unplottable:
+        raise LgnetError("--plot %s: %s" % (args.plot, unplottable))   # before a long run
     print("lgnet bench: %d round(s); progress below, the table at the end" % opts.rounds,
           flush=True)
     result = bench.run_bench(opts, progress=sys.stdout)

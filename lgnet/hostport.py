@@ -120,7 +120,8 @@ class Port:
     def expect(self, match, timeout: float = 5.0):
         """The first frame not yet taken that matches (a pcap-filter(7) string, see
         lgnet.filters, or a predicate on a scapy packet), waiting up to `timeout` seconds for
-        it; it is taken, the others stay for later calls. Fails with AssertionError listing what did arrive."""
+        it; it is taken, the others stay for later calls. Fails with AssertionError listing
+        what did arrive."""
         matches, what = self._matcher(match)
         deadline = time.monotonic() + timeout
         with self._cond:

@@ -545,6 +545,10 @@ COLUMNS = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "tx_carrier_error
            "rx_dropped")
 HEADINGS = ("guest", "tx pkts", "tx bytes", "rx pkts", "rx bytes", "carrier err", "drops",
             "ended")
+# Why a guest's own "tx N packets" may be another number: it counts frames it sent, the broker
+# counts deliveries (README, "What the results table counts").
+TABLE_NOTE = ("(the broker's counts, per delivery: a broadcast that reaches N guests is N tx "
+              "pkts; a guest's own count is per frame sent)")
 
 
 def results_table(guests: list[GuestRun]) -> str:
@@ -577,7 +581,7 @@ def run_up(path: str, duration: float | None = None, out: TextIO = sys.stdout,
         interrupted = True
     finally:
         lab.stop()
-    out.write("\n" + results_table(lab.guests) + "\n")
+    out.write("\n" + results_table(lab.guests) + "\n" + TABLE_NOTE + "\n")
     if pcap is not None:
         out.write("capture: %s\n" % " ".join(sorted(
             os.path.join(pcap, f) for f in os.listdir(pcap) if f.endswith(pcapng.CAPTURE_SUFFIX))))
