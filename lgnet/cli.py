@@ -282,7 +282,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and args.command == "dump" and not any(word.startswith("-") for word in extra):
+        args.filter += extra           # as tcpdump: options first, then the expression
+    elif extra:
+        p.error("unrecognized arguments: %s" % " ".join(extra))
     try:
         return args.func(args)
     except LgnetError as exc:

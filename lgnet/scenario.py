@@ -16,6 +16,7 @@ here except to see that a named input file exists.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -252,11 +253,9 @@ class _Node:
         path = self.file_path(base)
         if not path.is_file():
             self.fail("no such file: %s%s" % (path, _did_you_mean(text, [BUNDLED_NAME])))
-        try:
-            load_kernel(path)
-        except LgnetError as error:
-            why = str(error)
-            why = why[len(str(path)) + 2:] if why.startswith(str(path) + ": ") else why
+        st = path.stat()
+        why = _not_a_kernel(str(path), st.st_mtime_ns, st.st_size)
+        if why:
             self.fail("%s is not an lguest kernel (an i386 vmlinux or a bzImage): it is %s "
                       "(%s)" % (path, describe_file(path), why))
         return path
@@ -308,6 +307,18 @@ def _no_repeats(pairs: Iterable[tuple[object, _Node]], noun: str) -> None:
         if value in first:
             node.fail("duplicate %s '%s' (first at line %d)" % (noun, value, first[value].line))
         first[value] = node
+
+
+@functools.lru_cache(maxsize=16)
+def _not_a_kernel(path: str, mtime_ns: int, size: int) -> str | None:
+    """Why the Launcher would refuse this image (its own words), or None. Once per version
+    of a file: a scenario of 128 guests names the same kernel 128 times."""
+    try:
+        load_kernel(path)
+    except LgnetError as error:
+        why = str(error)
+        return why[len(path) + 2:] if why.startswith(path + ": ") else why
+    return None
 
 
 def _did_you_mean(word: str, options: Iterable[str]) -> str:

@@ -121,6 +121,8 @@ def test_dump_count_0_prints_nothing_and_count_n_stops_after_n(tmp_path):
     assert nothing.returncode == 0 and nothing.stdout == ""
     two = run_lgnet("dump", path, "udp", "--count", "2")
     assert two.returncode == 0 and numbers(two.stdout) == [6, 7]
+    as_tcpdump = run_lgnet("dump", path, "--count", "2", "udp", "and", "src", "port", "7")
+    assert as_tcpdump.returncode == 0 and numbers(as_tcpdump.stdout) == [7], as_tcpdump.stderr
     negative = run_lgnet("dump", path, "--count", "-1")
     assert negative.returncode == 2 and "--count" in negative.stderr
 
