@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from scapy.layers.l2 import ARP
@@ -194,6 +195,36 @@ def test_slots_finds_a_running_lab_s_net_by_name_and_shows_guest_names():
     assert set(rows) == {"alpha", "beta", "spy"}
     for name, row in rows.items():
         assert row[3] == "held" and row[5] == str(pids[name])
+
+
+def test_lgnet_up_says_where_its_net_files_are_and_slots_reads_them_with_names():
+    up = subprocess.Popen([sys.executable, "-m", "lgnet", "up", str(REPO / "scenarios" /
+                          "echo.yaml"), "--duration", "30"], cwd=REPO, env=ENV,
+                          stdout=subprocess.PIPE, text=True)
+    try:
+        said = {}
+        for line in up.stdout:
+            m = re.match(r"^lgnet up: runtime directory (\S+) \(broker socket (\S+)\)$", line)
+            if m:
+                said["runtime"], said["socket"] = m.groups()
+            m = re.match(r"^lgnet up: net lan0: (\S+) \(`lgnet slots lan0`\)$", line)
+            if m:
+                said["net"] = m.group(1)
+                break
+        assert said["net"] == os.path.join(said["runtime"], "lan0.net")
+        assert said["socket"] == os.path.join(said["runtime"], "broker.sock")
+        deadline = time.monotonic() + 20
+        while True:
+            table = run_lgnet("slots", "lan0", "--lab", said["runtime"])
+            guests = [line.split()[4] for line in table.stdout.splitlines()[1:]]
+            if sorted(guests) == ["alpha", "beta"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert table.returncode == 0 and sorted(guests) == ["alpha", "beta"], table.stdout
+        assert run_lgnet("slots", said["net"]).stdout == table.stdout
+    finally:
+        up.terminate()
+        up.communicate(timeout=20)
 
 
 # --- one writer per capture file ---------------------------------------------------------
