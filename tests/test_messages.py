@@ -41,7 +41,7 @@ def test_a_second_broker_on_the_same_socket_says_only_that_it_is_in_use(tmp_path
                                   "(did you mean 'bundled'?)"),
     ("{name: a, kernal: bundled}", "guests[0].kernal: unknown key (did you mean 'kernel'?) "
                                    "(allowed: name, mem, kernel, driver, nets, promisc, ip, "
-                                   "cmdline, args, block, initrd, script)"),
+                                   "cmdline, args, block, initrd, script, gdb)"),
     ("{name: a, driver: pyhton}", "guests[0].driver: must be one of 'python', got 'pyhton' "
                                   "(did you mean 'python'?)"),
     ("{name: a, kernel: notes.txt}", "guests[0].kernel: {dir}/notes.txt is not an lguest "

@@ -247,7 +247,7 @@ BAD = {
     "guest key near miss": (
         "guests:\n  - nmae: a\n    driver: python\n",
         2, "guests[0].nmae: unknown key (did you mean 'name'?) (allowed: name, mem, kernel, "
-           "driver, nets, promisc, ip, cmdline, args, block, initrd, script)"),
+           "driver, nets, promisc, ip, cmdline, args, block, initrd, script, gdb)"),
     "kernel is a directory": (
         "guests:\n  - name: a\n    kernel: .\n",
         3, "guests[0].kernel: no such file: {lab}"),
