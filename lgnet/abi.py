@@ -199,7 +199,9 @@ LGUEST_DEVICE_S_DRIVER_OK = 4
 LGUEST_DEVICE_S_REMOVED = 8
 LGUEST_DEVICE_S_REMOVED_ACK = 16
 LGUEST_DEVICE_S_FAILED = 128
-MAX_DEVICES = PAGE_SIZE // LGUEST_DEVICE_DESC_SIZE
+# "Assume each one wants up to two dma arrays per device": the Launcher's table of
+# descriptors, and the Guest's scan of it, stop at LGUEST_MAX_DMA / 2.
+MAX_DEVICES = LGUEST_MAX_DMA // 2
 
 # The reference Launcher sits at 0xB8000000; everything below is guest-physical, and device
 # pages are handed out downward from there.
@@ -309,11 +311,14 @@ MSG_BAD_STACK_PAGES = "bad stack pages %u"
 MSG_BAD_PGDIR = "bad page directory %#x"     # lgnet's wording: lguest shadowed instead
 KERNEL_LOAD_ADDRESS = 0x100000               # vmlinux is loaded at physical 1 MiB
 DEFAULT_PAGE_OFFSET = 0xC0000000
-BZIMAGE_GZIP_MAGIC = b"\x1f\x8b\x08"
-BZIMAGE_GZIP_OS_UNIX = 3                     # byte 9 of the gzip header we look for
-BZIMAGE_MAX_KERNEL = 1 << 20                 # inflate at most 1 MiB
+GZIP_ID1 = 0x1F                              # a gzip header starts 1F 8B <method> ...
+GZIP_ID2 = 0x8B
+GZIP_OS_OFFSET = 9                           # ... and byte 9 says where it was compressed
+BZIMAGE_GZIP_OS_UNIX = 3                     # the only OS byte the Launcher accepts
 MOVL_ABS_OPCODE = 0xA1                       # "movl addr, %eax": page_offset guessing
-PAGE_OFFSET_VOTES = 3
+# intuit_page_offset returns when `++possibilities[byte] > 3`: on the fourth sighting (its
+# comment says "appears three times"; the code wins).
+PAGE_OFFSET_SIGHTINGS = 4
 MiB = 1024 * 1024
 
 MSG_MALFORMED_ELF = "Malformed elf header"

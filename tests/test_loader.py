@@ -6,7 +6,9 @@ byte against ABI.md §7.
 """
 from __future__ import annotations
 
+import random
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -73,15 +75,30 @@ def movl(address: int) -> bytes:
     return bytes([abi.MOVL_ABS_OPCODE]) + struct.pack("<I", address)
 
 
-def bzimage(payload: bytes, os_byte: int = abi.BZIMAGE_GZIP_OS_UNIX) -> bytes:
-    # A setup sector of junk, a decoy gzip header "compressed" on another OS, then the kernel.
-    decoy = b"\x1f\x8b\x08\x00" + bytes(5) + b"\x0b"
-    return b"MZ" + bytes(510) + b"HdrS" + bytes(100) + decoy + bytes(50) \
-        + gzip_stream(payload, os_byte) + b"trailing"
+def bzimage(payload: bytes, os_byte: int = abi.BZIMAGE_GZIP_OS_UNIX, decoy: bytes = b"\x1f\x8c",
+            stream: bytes | None = None) -> bytes:
+    """A setup sector of junk, a decoy (by default a 0x1F that starts no header), then the
+    kernel's gzip stream and some trailing bytes."""
+    stream = gzip_stream(payload, os_byte) if stream is None else stream
+    return b"MZ" + bytes(510) + b"HdrS" + bytes(100) + decoy + bytes(50) + stream + b"trailing"
+
+
+def real_gzip(payload: bytes) -> bytes:
+    """What a kernel build does: GNU gzip, which marks its streams "compressed under Unix"."""
+    return subprocess.run(["gzip", "-9", "-n", "-c"], input=payload, stdout=subprocess.PIPE,
+                          check=True, timeout=60).stdout
+
+
+def big_kernel(size: int) -> bytes:
+    """A kernel of `size` bytes: PAGE_OFFSET sighted four times, the magic and entry code, then
+    seeded noise without a single 0xA1 to vote (so the guess cannot depend on the noise)."""
+    head = movl(0xC0101234) * 4 + MAGIC + b"\xeb\xfe"
+    noise = random.Random(10).randbytes(size - len(head))
+    return head + noise.translate(bytes.maketrans(b"\xa1", b"\xa0"))
 
 
 BZ_KERNEL = (b"\x55" * 32 + movl(0xC0101234) + b"\x90" * 7 + movl(0xC0345678) + b"\x90"
-             + movl(0xC0000010) + b"\x90" * 100 + MAGIC + b"\xeb\xfe")
+             + movl(0xC0000010) + movl(0xC0000020) + b"\x90" * 100 + MAGIC + b"\xeb\xfe")
 
 
 # --- vmlinux ----------------------------------------------------------------------------------
@@ -157,21 +174,23 @@ def test_bzimage_is_inflated_at_1mib(tmp_path):
     assert kernel.end == LOAD + len(BZ_KERNEL)
 
 
-def test_bzimage_page_offset_is_the_first_byte_with_three_votes(tmp_path):
-    payload = (movl(0xC0000000) * 2 + movl(0x80000000) * 3 + movl(0xC0000000) * 5
-               + MAGIC + b"\xeb\xfe")
+def test_bzimage_page_offset_is_the_first_byte_sighted_a_fourth_time(tmp_path):
+    # intuit_page_offset: `++possibilities[...] > 3`. 0x80 is sighted three times first, but
+    # 0xC0 is the first to be sighted a fourth time.
+    payload = (movl(0xC0000000) * 2 + movl(0x80000000) * 3 + movl(0xC0000000) * 2
+               + movl(0x80000000) + MAGIC + b"\xeb\xfe")
     kernel = load_kernel(write(tmp_path, "bzImage", bzimage(payload)))
-    assert kernel.page_offset == 0x80000000
+    assert kernel.page_offset == 0xC0000000
 
 
-def test_bzimage_without_votes(tmp_path):
-    payload = movl(0xC0000000) * 2 + movl(0x80000000) * 2 + MAGIC
+def test_bzimage_without_a_fourth_sighting(tmp_path):
+    payload = movl(0xC0000000) * 3 + movl(0x80000000) * 3 + MAGIC
     with pytest.raises(LgnetError, match="could not determine page offset"):
         load_kernel(write(tmp_path, "bzImage", bzimage(payload)))
 
 
 def test_bzimage_without_magic(tmp_path):
-    payload = movl(0xC0000000) * 3 + b"\x90" * 10
+    payload = movl(0xC0000000) * 4 + b"\x90" * 10
     with pytest.raises(LgnetError, match=r"Is this image a genuine lguest\?"):
         load_kernel(write(tmp_path, "bzImage", bzimage(payload)))
 
@@ -181,6 +200,62 @@ def test_bzimage_without_a_unix_gzip_stream(tmp_path):
         load_kernel(write(tmp_path, "bzImage", b"MZ" + bytes(1000)))
     with pytest.raises(LgnetError, match="Could not find kernel in bzImage"):
         load_kernel(write(tmp_path, "bzImage", bzimage(BZ_KERNEL, os_byte=0)))
+
+
+def test_bzimage_search_gives_up_at_the_first_header_not_compressed_under_unix(tmp_path):
+    # load_bzimage's state machine: a header "compressed" elsewhere ends the search, even
+    # with a good Unix stream right after it.
+    elsewhere = b"\x1f\x8b\x08\x00" + bytes(5) + b"\x0b"
+    with pytest.raises(LgnetError, match="Could not find kernel in bzImage"):
+        load_kernel(write(tmp_path, "bzImage", bzimage(BZ_KERNEL, decoy=elsewhere)))
+
+
+def test_bzimage_search_never_checks_the_method_byte(tmp_path):
+    # 1F 8B <method 7> ... OS 3 is *the* header: the search stops there and unpacking fails
+    # (gzread's error), rather than looking on for a deflate stream.
+    other_method = b"\x1f\x8b\x07\x00" + bytes(5) + b"\x03"
+    with pytest.raises(LgnetError, match="reading image from bzImage"):
+        load_kernel(write(tmp_path, "bzImage", bzimage(BZ_KERNEL, decoy=other_method)))
+
+
+def test_bzimage_search_reads_each_byte_once(tmp_path):
+    # A 0x1F right before the header is taken as the header's start; the 0x1F that breaks
+    # the pair is consumed, not looked at again: the Launcher never sees this header.
+    with pytest.raises(LgnetError, match="Could not find kernel in bzImage"):
+        load_kernel(write(tmp_path, "bzImage",
+                          bzimage(BZ_KERNEL, decoy=b"", stream=b"\x1f" + gzip_stream(BZ_KERNEL))))
+    # Nor does it see a header inside the 52 bytes it read as a would-be ELF header.
+    early = gzip_stream(BZ_KERNEL)
+    with pytest.raises(LgnetError, match="Could not find kernel in bzImage"):
+        load_kernel(write(tmp_path, "bzImage", b"MZ" + early + bytes(100)))
+    assert load_kernel(write(tmp_path, "bzImage", bytes(52) + early)).segments \
+        == [(LOAD, BZ_KERNEL)]
+
+
+def test_bzimage_inflates_to_its_end_at_1mib_whatever_its_size(tmp_path):
+    # Real kernels inflate to several MiB: all of it goes at 1 MiB, as gzread() put it.
+    payload = big_kernel(6 * abi.MiB + 123)
+    path = write(tmp_path, "bzImage", bzimage(b"", stream=real_gzip(payload)))
+    mem = 16 * abi.MiB
+    ram = bytearray(mem)
+    boot = boot_guest(ram, mem, path, [])
+    assert ram[LOAD:LOAD + len(payload)] == payload
+    assert boot.page_offset == 0xC0000000
+    assert boot.start == PAGE_OFFSET + LOAD + payload.index(MAGIC) + len(MAGIC)
+
+
+def test_bzimage_that_does_not_fit_in_guest_ram_is_refused(tmp_path):
+    payload = big_kernel(6 * abi.MiB)
+    path = write(tmp_path, "bzImage", bzimage(b"", stream=real_gzip(payload)))
+    with pytest.raises(LgnetError, match=r"inflates to more than 3145728 bytes at 0x100000: "
+                                         r"it does not fit in 4 MiB of memory"):
+        boot_guest(bytearray(4 * abi.MiB), 4 * abi.MiB, path, [])
+
+
+def test_bzimage_with_a_truncated_stream(tmp_path):
+    stream = real_gzip(big_kernel(abi.MiB))
+    with pytest.raises(LgnetError, match="reading image from bzImage: the gzip stream ends"):
+        load_kernel(write(tmp_path, "bzImage", bzimage(b"", stream=stream[:len(stream) // 2])))
 
 
 def test_bzimage_with_a_corrupt_stream(tmp_path):

@@ -13,9 +13,10 @@ Theory of operation. A kernel is either a vmlinux (ELF) or a bzImage:
   must be the same for all. The entry point is not e_entry but just after the
   "GenuineLguest" magic, plus page_offset: lguest's Guest entry code follows that string.
 * bzImage: the self-decompressing wrapper is skipped; we look for the gzip stream inside
-  (a header "1f 8b 08" whose OS byte is 3, "Unix"), inflate it to physical 1 MiB and, with no
-  ELF header to tell us, guess PAGE_OFFSET from the code itself: "movl addr, %eax" is
-  "A1 <addr>", and the top byte of those addresses is PAGE_OFFSET's.
+  as load_bzimage's state machine did (the first "1f 8b" header; its OS byte must be 3,
+  "Unix", or there is no kernel), inflate all of it *at* physical 1 MiB (as far as guest
+  RAM goes) and, with no ELF header to tell us, guess PAGE_OFFSET from the code itself:
+  "movl addr, %eax" is "A1 <addr>", and the top byte of those addresses is PAGE_OFFSET's.
 
 Then the initrd goes at the top of RAM, the page directory one page below it, and the linear
 page tables (every page of RAM at page_offset) below that; the boot header at physical 0 gets
@@ -43,7 +44,6 @@ _U32 = struct.Struct("<I")
 _ELF32_EHDR_SIZE = 52
 _ELF32_PHDR_SIZE = 32
 _ELF_MAGIC = b"\x7fELF"
-_GZIP_OS_OFFSET = 9
 _ADDRESS_SPACE = 1 << 32
 
 
@@ -138,39 +138,59 @@ def _map_elf(data: bytes, path) -> KernelImage:
 
 
 def _intuit_page_offset(image: bytes, path) -> int:
-    """Tally the byte four after each 0xA1 ("movl addr, %eax"); the first to reach three
-    votes is the top byte of PAGE_OFFSET. "This is amazingly reliable." """
+    """Tally the byte four after each 0xA1 ("movl addr, %eax"); the first byte sighted a
+    fourth time is the top byte of PAGE_OFFSET. "This is amazingly reliable." """
     votes = [0] * 256
     opcode = bytes([abi.MOVL_ABS_OPCODE])
     i = image.find(opcode)
     while 0 <= i < len(image) - 4:
         top = image[i + 4]
         votes[top] += 1
-        if votes[top] == abi.PAGE_OFFSET_VOTES:
+        if votes[top] == abi.PAGE_OFFSET_SIGHTINGS:
             return top << 24
         i = image.find(opcode, i + 1)
     raise _fail(path, abi.MSG_NO_PAGE_OFFSET)
 
 
-def _load_bzimage(data: bytes, path) -> KernelImage:
-    """Skip the decompressor: find the gzip stream "compressed under Unix" and inflate it."""
-    at = data.find(abi.BZIMAGE_GZIP_MAGIC)
-    while at >= 0:
-        if at + _GZIP_OS_OFFSET < len(data) and data[at + _GZIP_OS_OFFSET] == \
-                abi.BZIMAGE_GZIP_OS_UNIX:
-            break
-        at = data.find(abi.BZIMAGE_GZIP_MAGIC, at + 1)
-    else:
-        raise _fail(path, abi.MSG_NO_BZIMAGE_KERNEL)
+def _find_gzip_header(data: bytes) -> int | None:
+    """Where load_bzimage's byte-at-a-time state machine starts unpacking, or None.
 
+    Its rules, kept exactly: 0x1F then 0x8B starts a header (a byte that breaks the pair is
+    consumed, not looked at again as a new 0x1F); the method and the next six bytes are
+    skipped unseen; byte 9 must be 3, "compressed under UNIX", and if it is not the search
+    gives up for good rather than trying the next header. The search starts after the
+    52 bytes load_kernel had already read to see whether the file was an ELF."""
+    at = data.find(abi.GZIP_ID1, _ELF32_EHDR_SIZE)
+    while 0 <= at < len(data) - 1:
+        if data[at + 1] != abi.GZIP_ID2:
+            at = data.find(abi.GZIP_ID1, at + 2)
+            continue
+        if at + abi.GZIP_OS_OFFSET >= len(data):
+            return None                    # the file ends inside the header
+        return at if data[at + abi.GZIP_OS_OFFSET] == abi.BZIMAGE_GZIP_OS_UNIX else None
+    return None
+
+
+def _load_bzimage(data: bytes, path, room: int, mem: int | None) -> KernelImage:
+    """Skip the decompressor: find the gzip stream and inflate all of it at physical 1 MiB."""
+    at = _find_gzip_header(data)
+    if at is None:
+        raise _fail(path, abi.MSG_NO_BZIMAGE_KERNEL)
+    # The Launcher gzread() to the end of the stream with no limit but the memory behind
+    # 1 MiB; we ask for one byte more than fits, so a kernel too big for the guest (or a
+    # stream that inflates forever) is refused without inflating the rest.
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)      # a gzip wrapper around deflate
     try:
-        image = inflater.decompress(data[at:], abi.BZIMAGE_MAX_KERNEL)
+        image = inflater.decompress(memoryview(data)[at:], max(room, 0) + 1)
     except zlib.error as error:
         raise _fail(path, "%s: %s" % (abi.MSG_READING_BZIMAGE, error)) from None
-    if inflater.unconsumed_tail and not inflater.eof:
-        raise _fail(path, "%s: the kernel is larger than %d bytes"
-                    % (abi.MSG_READING_BZIMAGE, abi.BZIMAGE_MAX_KERNEL))
+    if len(image) > room:
+        where = ("%d MiB of memory" % (mem // abi.MiB) if mem is not None
+                 else "guest-physical memory (below %#x)" % abi.LGUEST_GUEST_TOP)
+        raise _fail(path, "the kernel inflates to more than %d bytes at %#x: it does not fit "
+                    "in %s" % (room, abi.KERNEL_LOAD_ADDRESS, where))
+    if not inflater.eof:
+        raise _fail(path, "%s: the gzip stream ends early" % abi.MSG_READING_BZIMAGE)
     if not image:
         raise _fail(path, abi.MSG_NO_BZIMAGE_KERNEL)
     # A bzImage is always loaded at physical 1 MiB (CONFIG_PHYSICAL_START).
@@ -180,14 +200,18 @@ def _load_bzimage(data: bytes, path) -> KernelImage:
                        abi.KERNEL_LOAD_ADDRESS + len(image))
 
 
-def load_kernel(path) -> KernelImage:
-    """Read a vmlinux or bzImage; raise LgnetError with lguest's words if it will not do."""
+def load_kernel(path, mem: int | None = None) -> KernelImage:
+    """Read a vmlinux or bzImage; raise LgnetError with lguest's words if it will not do.
+
+    A bzImage inflates from 1 MiB up to the end of `mem` bytes of RAM (without `mem`, up to
+    LGUEST_GUEST_TOP); whether a vmlinux fits is boot_guest's check."""
     data = _read_file(path, abi.MSG_READING_KERNEL)
     if len(data) < _ELF32_EHDR_SIZE:
         raise _fail(path, "%s: the file is too short" % abi.MSG_READING_KERNEL)
     if data.startswith(_ELF_MAGIC):
         return _map_elf(data, path)
-    return _load_bzimage(data, path)
+    top = abi.LGUEST_GUEST_TOP if mem is None else mem
+    return _load_bzimage(data, path, top - abi.KERNEL_LOAD_ADDRESS, mem)
 
 
 # --- memory layout ----------------------------------------------------------------------------
@@ -240,7 +264,7 @@ def boot_guest(ram, mem: int, kernel_path, args: list[str],
     if len(ram) < mem:
         raise LgnetError("the guest's RAM buffer holds %d bytes, not %d" % (len(ram), mem))
 
-    kernel = load_kernel(kernel_path)
+    kernel = load_kernel(kernel_path, mem)
     cmdline = _command_line(args)
     lowest_kernel = min(paddr for paddr, _ in kernel.segments)
     kernel_end = max([kernel.end] + [paddr + len(data) for paddr, data in kernel.segments])
