@@ -94,26 +94,40 @@ JHASH_GOLDEN_RATIO = 0x9E3779B9
 
 # --- §3 Host messages (kill reasons, printf-style as lguest wrote them) ---------------------
 
-MSG_BAD_READ = "bad read address %#x"
-MSG_BAD_WRITE = "bad write address %#x len %u"
-MSG_BAD_DMA_ENTRY = "bad DMA entry: %u@%#x"
-MSG_BAD_BIND_KEY = "bad dma key %#x"
+# core.c's accessors each had their words: lgread_u32/lgwrite_u32 name the address, lgread/
+# lgwrite the address and length.
+MSG_BAD_READ = "bad read address %#lx"                  # lgread_u32
+MSG_BAD_READ_LEN = "bad read address %#lx len %u"       # lgread
+MSG_BAD_WRITE = "bad write address %#lx len %u"         # lgwrite
+MSG_BAD_WRITE_U32 = "bad write address %#lx"            # lgwrite_u32
+MSG_BAD_DMA_ENTRY = "bad DMA entry: %u@%#lx"
+MSG_BAD_BIND_KEY = "bad dma key %#lx"
 MSG_BAD_SEND_KEY = "bad sending DMA key"
 MSG_BAD_GETDMA_KEY = "bad registered DMA buffer"
 MSG_BAD_SEND_ADDRESS = "bad address in sending DMA"
 MSG_BAD_DMA_PAGES = "Error mapping DMA pages"
 MSG_BAD_REGISTERED_READ = "bad address in registered DMA struct"
 MSG_BAD_REGISTERED_WRITE = "bad address writing to registered DMA"
-MSG_FAILED_INIT = "failed hypercall initialize"
 MSG_BAD_ASYNC_FETCH = "Fetching async hypercalls"
 MSG_CRASH = "CRASH: %s"
-MSG_NO_INIT = "hypercall %u before LGUEST_INIT"
+# hypercalls.c printed eax with %li: format signed_long(eax), so 0xFFFFFFFF reads "-1".
+MSG_NO_INIT = "hypercall %li before LGUEST_INIT"
 MSG_DOUBLE_INIT = "already have lguest_data"
-MSG_BAD_HYPERCALL = "Bad hypercall %u"
-MSG_BAD_LGUEST_DATA = "bad guest page %#x"
+MSG_BAD_HYPERCALL = "Bad hypercall %li"                 # lguest's own ends in "\n"
+# LGUEST_INIT's lguest_data out of bounds, or unwritable: 2.6.23's %p printed a pointer as
+# eight zero-padded hex digits without "0x".
+MSG_BAD_LGUEST_DATA = "bad guest page %08x"
 MSG_GUEST_FAULT = "guest fault at EIP %#x: %s"
 MSG_POWER_DOWN = "Power down"
 CRASH_MESSAGE_MAX = 128
+
+
+
+def signed_long(value: int) -> int:
+    """An i386 register as C's %li printed it: a signed 32-bit long."""
+    value &= U32_MASK
+    return value - (1 << 32) if value & 0x80000000 else value
+
 
 # --- §4 Hypercalls ------------------------------------------------------------------------
 

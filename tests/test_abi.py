@@ -133,9 +133,15 @@ def test_key_elsewhere_is_private_to_the_guest():
     mem = _memory()
     assert keys.resolve(mem, 3, 0x100) == Key(False, 3, 0x100)
     assert keys.resolve(mem, 4, 0x100) != keys.resolve(mem, 3, 0x100)
-    # Keys are not checked against pfn_limit nor backing: a hole or a high address is private.
-    assert keys.resolve(mem, 3, 0x1C000) == Key(False, 3, 0x1C000)
-    assert keys.resolve(mem, 3, 0xB8000000) == Key(False, 3, 0xB8000000)
+    # Keys are not checked against pfn_limit: a mapping above it still names a key.
+    mem.add_region(0x40000, bytearray(4096), name="above pfn_limit")
+    assert keys.resolve(mem, 3, 0x40010) == Key(False, 3, 0x40010)
+
+
+@pytest.mark.parametrize("addr", [0x10000, 0x1C000, 0xB8000000, 0xC0000000])
+def test_key_with_nothing_mapped_behind_it_resolves_to_none(addr):
+    """get_futex_key fails where there is no mapping: the hole above RAM, the top."""
+    assert keys.resolve(_memory(), 3, addr) is None
 
 
 @pytest.mark.parametrize("addr", [1, 2, 3, 0x18001, 0x18FFE])

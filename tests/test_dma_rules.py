@@ -209,12 +209,26 @@ def test_bind_duplicates_are_not_detected_and_arrays_are_checked_only_when_used(
 
 
 def test_bind_key_is_not_checked_against_pfn_limit():
-    """Keys are futex addresses, not DMA buffers: an aligned key anywhere binds (privately)."""
-    kit, a, b = pair()
+    """Keys are futex addresses, not DMA buffers: an aligned key with something mapped
+    behind it binds, even above pfn_limit."""
+    kit = Kit()
+    b = kit.guest(NetFile(), NET_B, pfn_limit=NET_B // abi.PAGE_SIZE)   # the net page is above
     entries = kit.put_array(b, ARR, [[(BUF, 100)]])
-    assert kit.bind(b, 0xB8000000, ARR, 1, IRQ) == 1
+    assert kit.bind(b, KB, ARR, 1, IRQ) == 1
     assert b.dead is None
-    assert kit.engine.user_get_dma(b, 0xB8000000) == entries[0]
+    assert kit.engine.user_get_dma(b, KB) == entries[0]
+
+
+def test_bind_key_with_nothing_mapped_behind_it_kills():
+    """get_futex_key failed where the Launcher had no mapping: the hole above RAM."""
+    kit, a, b = pair()
+    kit.put_array(b, ARR, [[(BUF, 100)]])
+    assert kit.bind(b, 0xC0000000, ARR, 1, IRQ) == 0
+    assert b.dead == "bad dma key 0xc0000000"
+    assert all(bd.interrupt == 0 for bd in b.dma)
+    kit2, _, b2 = pair()
+    assert kit2.bind(b2, HOLE, ARR, 1, IRQ) == 0
+    assert b2.dead == "bad dma key 0x1c000"
 
 
 def test_bind_misaligned_key_kills():
@@ -235,6 +249,42 @@ def test_send_misaligned_key_kills_the_sender():
     assert send_from_a(kit, a, [(SRC, 10)], key=KA + 1) is Send.BAD_KEY
     assert a.dead == "bad sending DMA key"
     assert b.dead is None and b.irqs_pending == 0 and a.pending_dma is None
+
+
+def test_send_key_with_nothing_mapped_behind_it_kills_the_sender():
+    kit, a, b = pair()
+    rx(kit, b, [[(BUF, 100)]])
+    assert send_from_a(kit, a, [(SRC, 10)], key=0xC0000000) is Send.BAD_KEY
+    assert a.dead == "bad sending DMA key"
+    assert a.pending_dma is None                        # nothing for its Launcher either
+    assert b.dead is None and b.irqs_pending == 0
+
+
+def test_dma_transfer_struct_lguest_dma_straddling_the_end_of_ram():
+    """lgread/lgwrite_u32 were copy_*_user: the sender's struct lguest_dma may run from the
+    end of RAM into the page mapped right after it (A's net page here), used_len too."""
+    kit, a, b = pair()
+    entries = rx(kit, b, [[(BUF, 100)]])
+    udma = RAM_SIZE - 2
+    kit.put(a, SRC, PAYLOAD[:10])
+    assert a.memory.scatter(udma, abi.pack_dma([(SRC, 10)]))
+    assert kit.send(a, KA, udma) is Send.DELIVERED
+    assert a.dead is None and b.dead is None
+    assert a.memory.read_u32(udma) == 10
+    assert kit.used_len(b, entries[0]) == 10 and kit.get(b, BUF, 10) == PAYLOAD[:10]
+
+
+def test_dma_transfer_receivers_entry_straddling_the_end_of_ram():
+    kit, a, b = pair()
+    b.memory.add_region(RAM_SIZE, bytearray(abi.PAGE_SIZE), name="descriptors")
+    array = RAM_SIZE - abi.LGUEST_DMA_SIZE - 2          # entry 1 runs past the end of RAM
+    kit.put_dma(b, array, [(BUF, 100)], used_len=7)
+    assert b.memory.scatter(array + abi.LGUEST_DMA_SIZE, abi.pack_dma([(BUF + 200, 100)]))
+    assert kit.bind(b, KB, array, 2, IRQ) == 1
+    assert send_from_a(kit, a, [(SRC, 10)]) is Send.DELIVERED
+    assert a.dead is None and b.dead is None
+    assert b.memory.read_u32(array + abi.LGUEST_DMA_SIZE) == 10
+    assert kit.get(b, BUF + 200, 10) == PAYLOAD[:10]
 
 
 def test_send_private_key_goes_to_own_launcher_even_with_nothing_bound():
@@ -579,7 +629,7 @@ def test_getdma_unreadable_entry_kills_and_is_enoent():
     kit.set_used_len(b, entry, 1)
     assert kit.bind(b, 0x300, array, 2, IRQ) == 1       # entry 1 lies past the end of RAM
     assert kit.engine.user_get_dma(b, 0x300) == -errno.ENOENT
-    assert b.dead == "bad read address 0x10000"
+    assert b.dead == "bad read address 0x10000 len 100"     # lgread of the entry
     assert kit.used_len(b, entry) == 1
 
 
@@ -587,6 +637,32 @@ def test_getdma_misaligned_key_kills():
     kit, a, b = pair()
     assert kit.engine.user_get_dma(b, 0x302) == -errno.ENOENT
     assert b.dead == "bad registered DMA buffer"
+
+
+def test_getdma_key_with_nothing_mapped_behind_it_kills():
+    kit, a, b = pair()
+    assert kit.engine.user_get_dma(b, 0xC0000000) == -errno.ENOENT
+    assert b.dead == "bad registered DMA buffer"
+
+
+def test_getdma_free_buffer_whose_array_sits_at_guest_physical_0_is_enoent():
+    """get_dma_buffer answered with an address and 0 meant none: user_get_dma said ENOENT
+    and wrote no irq at address 0."""
+    kit, a, b = pair()
+    kit.put_array(b, 0, [[(BUF, 100)]])
+    assert kit.bind(b, 0x300, 0, 1, IRQ) == 1
+    assert kit.engine.user_get_dma(b, 0x300) == -errno.ENOENT
+    assert kit.used_len(b, 0) == 0 and b.dead is None
+
+
+def test_getdma_entry_straddling_the_end_of_ram_is_found():
+    kit, a, b = pair()
+    b.memory.add_region(RAM_SIZE, bytearray(abi.PAGE_SIZE), name="descriptors")
+    array = RAM_SIZE - 2
+    assert b.memory.scatter(array, abi.pack_dma([(BUF, 100)]))
+    assert kit.bind(b, 0x300, array, 1, IRQ) == 1
+    assert kit.engine.user_get_dma(b, 0x300) == array
+    assert b.memory.read_u32(array) == IRQ and b.dead is None
 
 
 # --- LHREQ_IRQ, the guest table, release on close ------------------------------------------
@@ -632,7 +708,7 @@ def test_release_all_dma_on_close():
 def test_memory_faults_kill_through_the_engine():
     kit, a, b = pair()
     assert a.memory.read(HOLE, 4) == bytes(4)
-    assert a.dead == "bad read address 0x1c000"
+    assert a.dead == "bad read address 0x1c000 len 4"
     assert kit.wakes.woken == [a.id]
 
 

@@ -52,9 +52,9 @@ def test_failed_read_returns_zeros_and_kills_bad_read_address():
     assert mem.read(0, 4) == b"\x01\x02\x03\x04"
     assert kills == []
     assert mem.read(0x14000, 6) == bytes(6)
-    assert kills == ["bad read address 0x14000"]
+    assert kills == ["bad read address 0x14000 len 6"]        # lgread's words
     assert mem.read_u32(0x20000) == 0
-    assert kills[-1] == "bad read address 0x20000"
+    assert kills[-1] == "bad read address 0x20000"             # lgread_u32's
 
 
 def test_failed_write_kills_bad_write_address_len_and_writes_nothing():
@@ -64,7 +64,7 @@ def test_failed_write_kills_bad_write_address_len_and_writes_nothing():
     assert kills == ["bad write address 0x1fffc len 4"]
     assert bytes(top) == before
     assert mem.write_u32(0x14000, 5) is False
-    assert kills[-1] == "bad write address 0x14000 len 4"
+    assert kills[-1] == "bad write address 0x14000"            # lgwrite_u32's words
     assert mem.write(0x10, b"xyz") is True
     assert ram[0x10:0x13] == b"xyz"
 
@@ -110,3 +110,46 @@ def test_views_are_live_windows():
     assert ram[0x40:0x44] == b"live"
     assert mem.region_at(0x1F800).name == "top"
     assert mem.region_at(0x14000) is None
+
+
+def _adjacent():
+    """RAM, the descriptor page right after it, a hole, then two device pages side by side."""
+    kills = []
+    mem = GuestMemory(pfn_limit=LIMIT, on_fault=kills.append)
+    ram, desc = bytearray(0x10000), bytearray(4096)
+    low, high = bytearray(4096), bytearray(4096)
+    mem.add_region(0, ram, name="ram")
+    mem.add_region(0x10000, desc, name="descriptors")
+    mem.add_region(0x1E000, low, name="device 1")
+    mem.add_region(0x1F000, high, name="device 0")
+    return mem, ram, desc, low, high, kills
+
+
+def test_access_across_adjacent_regions_succeeds_as_copy_user_did():
+    mem, ram, desc, low, high, kills = _adjacent()
+    # The end of RAM and the descriptor page: one contiguous range to copy_*_user.
+    assert mem.write(0xFFFE, b"abcd") is True
+    assert (ram[-2:], desc[:2]) == (b"ab", b"cd")
+    assert mem.read(0xFFFC, 8) == bytes(2) + b"abcd" + bytes(2)
+    assert mem.write_u32(0xFFFE, 0x11223344) and mem.read_u32(0xFFFE) == 0x11223344
+    assert (ram[-2:], desc[:2]) == (b"\x44\x33", b"\x22\x11")
+    # Two device pages side by side, written and read in one go.
+    assert mem.write(0x1EFF0, bytes(range(32))) is True
+    assert (low[-16:], high[:16]) == (bytes(range(16)), bytes(range(16, 32)))
+    assert mem.read(0x1EFF0, 32) == bytes(range(32))
+    assert mem.accessible(0xFFF0, 0x20) and mem.pieces(0xFFF0, 0x20) is not None
+    assert kills == []
+
+
+def test_access_over_a_real_hole_or_past_pfn_limit_still_fails():
+    mem, ram, desc, low, high, kills = _adjacent()
+    # The descriptor page ends at 0x11000; the device pages start at 0x1E000.
+    assert mem.read(0x10FFE, 4) == bytes(4)
+    assert kills == ["bad read address 0x10ffe len 4"]
+    assert mem.write(0x10FFE, b"ab") is True and mem.write(0x10FFE, b"abc") is False
+    assert desc[-2:] == b"ab"                                   # nothing of the refused write
+    assert kills[-1] == "bad write address 0x10ffe len 3"
+    assert mem.read_u32(0x1DFFE) == 0 and kills[-1] == "bad read address 0x1dffe"
+    # The last device page ends exactly at pfn_limit: lguest_address_ok refuses the end.
+    assert not mem.accessible(0x1FFFC, 4)
+    assert mem.write_u32(0x1FFFC, 1) is False and kills[-1] == "bad write address 0x1fffc"

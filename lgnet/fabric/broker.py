@@ -46,6 +46,7 @@ from lgnet.fabric.devlguest import LguestFile
 from lgnet.fabric.dma import Engine, Guest
 from lgnet.fabric.hypercalls import Outcome, drain_async, ring_empty
 from lgnet.fabric.memory import GuestMemory
+from lgnet.fabric.tsc import host_tsc_khz
 
 UCRED = struct.Struct("3i")          # struct ucred: pid, uid, gid
 RESTOCK_SECONDS = 0.0005             # how long "one chance to restock" waits for a free buffer
@@ -113,7 +114,8 @@ class Broker:
         self.socket_path = socket_path
         self.watch_fd = watch_fd
         self.lock = threading.Lock()
-        self.engine = Engine(wake=self._wake, restock=self._restock, lock=self.lock)
+        self.engine = Engine(wake=self._wake, restock=self._restock, lock=self.lock,
+                             tsc_khz=host_tsc_khz())
         self.names: dict[int, str] = {}                  # launcher pid -> guest name (lab's)
         self.capture = capture
         if capture is not None:

@@ -123,7 +123,6 @@ _USED = abi.DMA_USED_LEN_OFFSET
 _LIST = abi.DMA_ADDR_OFFSET                       # the list starts after used_len
 _LEN0 = abi.DMA_LEN_OFFSET - _LIST                # len[0] in the raw list
 _UNPACK_LIST = struct.Struct("<%dI%dH" % (_N, _N)).unpack
-_ZERO_LIST = bytes(_SIZE - _LIST)                 # what a failed lgread yields
 _PAGE = abi.PAGE_SIZE
 _MASK = abi.U32_MASK
 _U32 = struct.Struct("<I")
@@ -145,13 +144,16 @@ class Engine:
     def __init__(self, wake: Callable[[Guest], None] = _nothing,
                  restock: Callable[[Guest], None] = _nothing,
                  lock: ContextManager | None = None,
-                 max_guests: int = abi.MAX_GUESTS):
+                 max_guests: int = abi.MAX_GUESTS, tsc_khz: int = 0):
         self.wake = wake
         self.restock = restock
         self.lock = lock if lock is not None else contextlib.nullcontext()
         self.guests: list[Guest | None] = [None] * max_guests
         self.dma_hash: list[list[Binding]] = [[] for _ in range(abi.DMA_HASH_BUCKETS)]
         self.generation = 0            # bumped by every change to dma_hash
+        # What LGUEST_INIT tells guests of the host's TSC: its rate, or 0 for "do not trust
+        # it" (the caller measures; see fabric/tsc.py).
+        self.tsc_khz = tsc_khz
         # Optional observer of every completed transfer (capture); None costs nothing.
         self.on_transfer: Callable[..., None] | None = None
 
@@ -301,9 +303,8 @@ class Engine:
             # "no free buffer", so there is no second try.
             return Send.FAILED
         if found is not None:
-            index, region, off = found
+            index, dst_dma = found
             entry = dst.dmas + index * _SIZE
-            dst_dma = region.view[off + _LIST:off + _SIZE].tobytes()   # the scan checked it
             copied, offered = self._do_dma(src, src_dma, dstg, dst_dma)
             src.memory.write_u32(udma + _USED, copied)
             self._count(src, dstg, copied, offered)
@@ -328,8 +329,10 @@ class Engine:
         guest."""
         found = guest.memory.locate(addr, _SIZE)
         if found is None:
-            guest.memory.fault(abi.MSG_BAD_READ % addr)
-            return 0, _ZERO_LIST
+            # Across two regions (the end of RAM and the descriptor page), or zeros after
+            # lgread killed the guest.
+            raw = guest.memory.read(addr, _SIZE)
+            return _U32.unpack_from(raw)[0], raw[_LIST:]
         region, off = found
         view = region.view
         return _U32.unpack_from(view, off)[0], view[off + _LIST:off + _SIZE].tobytes()
@@ -346,9 +349,9 @@ class Engine:
             dst.counters.rx_bytes += copied
 
     def _find_free_buffer(self, dst: Binding):
-        """Scan from next_dma (with wrap) for used_len == 0: (index, region, offset) of that
-        entry, None when every entry is used, _BAD_ARRAY when an entry is unreadable (its
-        owner is killed)."""
+        """Scan from next_dma (with wrap) for used_len == 0: (index, raw list) of that entry,
+        None when every entry is used, _BAD_ARRAY when an entry is unreadable (its owner is
+        killed)."""
         memory = dst.guest.memory
         num = dst.num_dmas
         start = dst.next_dma
@@ -366,21 +369,17 @@ class Engine:
             for i in range(num):
                 off = base + (start + i) % num * _SIZE
                 if words[off >> 2] == 0:
-                    return (start + i) % num, region, off
+                    return (start + i) % num, region.view[off + _LIST:off + _SIZE].tobytes()
             return None
         for i in range(num):
+            # lgread_other of each entry: it may lie across two regions.
             index = (start + i) % num
-            found = memory.locate(dst.dmas + index * _SIZE, _SIZE)
-            if found is None:
+            raw = memory.gather(dst.dmas + index * _SIZE, _SIZE)
+            if raw is None:
                 self.kill_guest(dst.guest, abi.MSG_BAD_REGISTERED_READ)
                 return _BAD_ARRAY
-            region, off = found
-            if off & 3 == 0 and region.words is not None:
-                used = region.words[off >> 2]
-            else:
-                used = _U32.unpack_from(region.view, off)[0]
-            if used == 0:
-                return index, region, off
+            if _U32.unpack_from(raw)[0] == 0:
+                return index, raw[_LIST:]
         return None
 
     def _do_dma(self, src: Guest, src_dma: bytes, dst: Guest, dst_dma: bytes) -> tuple[int, int]:
@@ -500,8 +499,8 @@ class Engine:
                     continue
                 for j in range(binding.num_dmas):
                     addr = binding.dmas + j * abi.LGUEST_DMA_SIZE
-                    if guest.memory.view(addr, abi.LGUEST_DMA_SIZE) is None:
-                        guest.memory.fault(abi.MSG_BAD_READ % addr)
+                    if not guest.memory.accessible(addr, abi.LGUEST_DMA_SIZE):
+                        guest.memory.fault(abi.MSG_BAD_READ_LEN % (addr, abi.LGUEST_DMA_SIZE))
                         return None
                     if guest.memory.read_u32(addr + abi.DMA_USED_LEN_OFFSET) == 0:
                         return addr, binding.interrupt
@@ -511,7 +510,9 @@ class Engine:
     def user_get_dma(self, guest: Guest, key_addr: int) -> int:
         """LHREQ_GETDMA: the buffer's address with the irq stored in its used_len; -ENOENT."""
         found = self.get_dma_buffer(guest, key_addr)
-        if found is None:
+        # get_dma_buffer answered with an address, 0 meaning none: a free buffer whose array
+        # sits at guest-physical 0 was "none" to user_get_dma too, and got no irq written.
+        if found is None or found[0] == 0:
             return -errno.ENOENT
         addr, irq = found
         guest.memory.write_u32(addr + abi.DMA_USED_LEN_OFFSET, irq)

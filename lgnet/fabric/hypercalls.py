@@ -38,7 +38,7 @@ def hypercall(engine: Engine, guest: Guest, eax: int, edx: int, ebx: int, ecx: i
     """One synchronous hypercall, after draining the async ring."""
     if guest.lguest_data is None:
         if eax != abi.LHCALL_LGUEST_INIT:
-            engine.kill_guest(guest, abi.MSG_NO_INIT % eax)
+            engine.kill_guest(guest, abi.MSG_NO_INIT % abi.signed_long(eax))
         else:
             lguest_init(engine, guest, edx)
         return Outcome()
@@ -52,18 +52,49 @@ def hypercall(engine: Engine, guest: Guest, eax: int, edx: int, ebx: int, ecx: i
 
 
 def lguest_init(engine: Engine, guest: Guest, addr: int) -> None:
-    """LGUEST_INIT: remember struct lguest_data and fill in what the Host provides."""
+    """LGUEST_INIT: remember struct lguest_data and fill in what the Host provides: the
+    Switcher's reservation, the TSC rate and the guest id (the clock too, in lgnet)."""
     memory = guest.memory
-    if memory.view(addr, abi.LGUEST_DATA_SIZE) is None:
-        engine.kill_guest(guest, abi.MSG_FAILED_INIT)
+    # lguest checked the whole struct against pfn_limit, then its get_user/put_user failed
+    # on a hole: the same words either way.
+    if not memory.accessible(addr, abi.LGUEST_DATA_SIZE):
+        engine.kill_guest(guest, abi.MSG_BAD_LGUEST_DATA % addr)
         return
     guest.lguest_data = addr
-    # The whole of lguest_data lies in one region (checked just above) and regions never
-    # move: remember where the async ring is, so draining it finds no address to check.
-    region, offset = memory.locate(addr, abi.LGUEST_DATA_SIZE)
-    guest.ring = (region, offset + abi.LGUEST_DATA_HCALL_STATUS, offset + abi.LGUEST_DATA_HCALLS)
+    memory.write_u32(addr + abi.LGUEST_DATA_RESERVE_MEM, abi.SWITCHER_RESERVE)
+    memory.write_u32(addr + abi.LGUEST_DATA_TSC_KHZ, engine.tsc_khz)
     memory.write(addr + abi.LGUEST_DATA_GUESTID, guest.id.to_bytes(2, "little"))
+    # Regions never move: remember where the async ring is, so draining it finds no address
+    # to check. It lies in one region but for a guest that puts lguest_data across two.
+    found = memory.locate(addr, abi.LGUEST_DATA_SIZE)
+    if found is not None:
+        region, offset = found
+        guest.ring = (region.view, offset + abi.LGUEST_DATA_HCALL_STATUS,
+                      offset + abi.LGUEST_DATA_HCALLS, abi.ASYNC_HCALL.unpack_from)
+    else:
+        spanned = _Spanned(memory, addr)
+        guest.ring = (spanned, abi.LGUEST_DATA_HCALL_STATUS, abi.LGUEST_DATA_HCALLS,
+                      spanned.unpack_call)
     write_time(guest)
+
+
+class _Spanned:
+    """lguest_data over two regions: its ring's bytes through checked access (already known
+    to be acceptable), indexed like a window onto the struct."""
+
+    def __init__(self, memory, base: int):
+        self.memory = memory
+        self.base = base
+
+    def __getitem__(self, offset: int) -> int:
+        return self.memory.gather(self.base + offset, 1)[0]
+
+    def __setitem__(self, offset: int, value: int) -> None:
+        self.memory.scatter(self.base + offset, bytes([value]))
+
+    def unpack_call(self, _window, offset: int) -> tuple[int, ...]:
+        return abi.ASYNC_HCALL.unpack(self.memory.gather(self.base + offset,
+                                                         abi.ASYNC_HCALL.size))
 
 
 def write_time(guest: Guest) -> None:
@@ -81,9 +112,7 @@ def drain_async(engine: Engine, guest: Guest, outcome: Outcome,
     if guest.ring is None:
         engine.kill_guest(guest, abi.MSG_BAD_ASYNC_FETCH)
         return 0
-    region, status_at, calls_at = guest.ring
-    view = region.view
-    unpack = abi.ASYNC_HCALL.unpack_from
+    view, status_at, calls_at, unpack = guest.ring
     ran = 0
     while ran < limit:
         n = guest.next_hcall
@@ -107,8 +136,8 @@ def ring_empty(guest: Guest) -> bool:
     """Is the entry at the Host's cursor free (nothing queued for us to run)?"""
     if guest.ring is None:
         return True
-    region, status_at, _calls_at = guest.ring
-    return region.view[status_at + guest.next_hcall] == abi.HCALL_STATUS_EMPTY
+    view, status_at, _calls_at, _unpack = guest.ring
+    return view[status_at + guest.next_hcall] == abi.HCALL_STATUS_EMPTY
 
 
 def do_hcall(engine: Engine, guest: Guest, eax: int, edx: int, ebx: int, ecx: int,
@@ -131,4 +160,4 @@ def do_hcall(engine: Engine, guest: Guest, eax: int, edx: int, ebx: int, ecx: in
     elif eax == abi.LHCALL_FLUSH_ASYNC or eax in CPU_STATE_CALLS:
         pass
     else:
-        engine.kill_guest(guest, abi.MSG_BAD_HYPERCALL % eax)
+        engine.kill_guest(guest, abi.MSG_BAD_HYPERCALL % abi.signed_long(eax))

@@ -7,8 +7,10 @@ the file:
 - in a *shared* region (a net file): (file identity, offset in the file);
 - anywhere else (*private*): (this guest, the address itself).
 
-Keys must be 4-byte aligned (they are u32 futex addresses). They are not checked against
-pfn_limit: only DMA *buffers* are. The identity is hashed into dma_hash's 61 buckets with the
+Keys must be 4-byte aligned (they are u32 futex addresses) and something must be mapped
+behind them: get_futex_key failed for an address without a mapping (the hole above RAM,
+0xC0000000), and the caller killed the guest. They are not checked against pfn_limit: only
+DMA *buffers* are. The identity is hashed into dma_hash's 61 buckets with the
 Jenkins hash the kernel used (jhash2, the lookup2 variant of 2.6.23), never Python's hash(),
 so the chains — and the "first entry on the chain" rules that depend on their order — are the
 kernel's.
@@ -46,7 +48,8 @@ class Key:
 
 
 def resolve(memory: GuestMemory, guest_id: int, addr: int) -> Key | None:
-    """get_futex_key: None for a misaligned address (the caller kills the guest)."""
+    """get_futex_key: None for a misaligned or unmapped address (the caller kills the
+    guest)."""
     if addr % abi.KEY_ALIGN:
         return None
     # The answer depends only on the layout (the memo is emptied when it changes) and, for a
@@ -55,7 +58,9 @@ def resolve(memory: GuestMemory, guest_id: int, addr: int) -> Key | None:
     if key is not None and (key.shared or key.space == guest_id):
         return key
     region = memory.region_at(addr)
-    if region is not None and region.shared is not None:
+    if region is None:
+        return None
+    if region.shared is not None:
         key = Key(True, region.shared, addr - region.base)
     else:
         key = Key(False, guest_id, addr)

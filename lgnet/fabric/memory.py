@@ -2,12 +2,15 @@
 
 Rules of this file: every access the Host makes to a guest's memory goes through here, and
 here alone decides whether an address is acceptable. lguest's rule is `lguest_address_ok`:
-the end of the access must lie below pfn_limit and must not wrap around 32 bits. lgnet adds
-one rule lguest got for free from the MMU: an address below pfn_limit that nothing backs (a
-hole between RAM and the device pages) is refused too.
+the end of the access must lie below pfn_limit and must not wrap around 32 bits. Past that,
+lguest's accessors were copy_*_user on the Launcher's address space, and they fail where the
+MMU finds nothing: a range is acceptable when regions that follow each other without a gap
+back all of it (the end of RAM and the descriptor page, two device pages), and refused when
+any byte of it falls in a hole.
 
 A failed checked access does what lguest's lgread/lgwrite did: it kills the guest that owns
-this memory (through `on_fault`, first reason wins) and the caller carries on with zeros.
+this memory (through `on_fault`, first reason wins, in the words of the accessor that
+failed) and the caller carries on with zeros.
 
 Memory is a set of regions — RAM at 0, the descriptor page just above it, device pages below
 LGUEST_GUEST_TOP — each backed by any writable buffer (bytearray, mmap of shared memory or of
@@ -93,7 +96,8 @@ class GuestMemory:
         return end // abi.PAGE_SIZE < self.pfn_limit and end >= addr
 
     def locate(self, addr: int, length: int) -> tuple[Region, int] | None:
-        """The region that backs all of [addr, addr+length), with the offset in it."""
+        """The one region that backs all of [addr, addr+length), with the offset in it.
+        (A range over two regions is acceptable but has no single window: see pieces.)"""
         end = (addr + length) & _MASK           # address_ok, inline: this is the hot path
         if end // _PAGE >= self.pfn_limit or end < addr:
             return None
@@ -102,6 +106,29 @@ class GuestMemory:
                 return region, addr - region.base
         return None
 
+    def pieces(self, addr: int, length: int) -> list[tuple[Region, int, int]] | None:
+        """The regions that back [addr, addr+length) one after another, as (region, offset,
+        bytes): what copy_*_user walked over contiguous mappings. None when address_ok
+        refuses the range or a hole interrupts it."""
+        if not self.address_ok(addr, length):
+            return None
+        found = []
+        for region in self.regions:                 # sorted by base
+            if not length:
+                break
+            if region.end <= addr:
+                continue
+            if region.base > addr:
+                return None                         # a hole
+            n = min(length, region.end - addr)
+            found.append((region, addr - region.base, n))
+            addr += n
+            length -= n
+        return None if length else found
+
+    def accessible(self, addr: int, length: int) -> bool:
+        return self.locate(addr, length) is not None or self.pieces(addr, length) is not None
+
     def region_at(self, addr: int) -> Region | None:
         for region in self.regions:
             if region.base <= addr < region.end:
@@ -109,7 +136,7 @@ class GuestMemory:
         return None
 
     def view(self, addr: int, length: int) -> memoryview | None:
-        """A live window onto guest memory, or None when the range is not acceptable."""
+        """A live window onto guest memory, or None when no one region backs the range."""
         found = self.locate(addr, length)
         if found is None:
             return None
@@ -122,28 +149,57 @@ class GuestMemory:
         if self.on_fault is not None:
             self.on_fault(reason)
 
+    def gather(self, addr: int, length: int) -> bytes | None:
+        """The bytes of an acceptable range, across regions if need be; None otherwise."""
+        window = self.view(addr, length)
+        if window is not None:
+            return bytes(window)
+        found = self.pieces(addr, length)
+        if found is None:
+            return None
+        return b"".join(region.view[off:off + n] for region, off, n in found)
+
+    def scatter(self, addr: int, data) -> bool:
+        """Copy data over an acceptable range, across regions if need be; False (nothing
+        written) otherwise."""
+        window = self.view(addr, len(data))
+        if window is not None:
+            window[:] = data
+            return True
+        found = self.pieces(addr, len(data))
+        if found is None:
+            return False
+        data = memoryview(data).cast("B")
+        at = 0
+        for region, off, n in found:
+            region.view[off:off + n] = data[at:at + n]
+            at += n
+        return True
+
     def read(self, addr: int, length: int) -> bytes:
         """lgread: the bytes, or zeros after killing the guest."""
-        window = self.view(addr, length)
-        if window is None:
-            self.fault(abi.MSG_BAD_READ % addr)
+        data = self.gather(addr, length)
+        if data is None:
+            self.fault(abi.MSG_BAD_READ_LEN % (addr, length))
             return bytes(length)
-        return bytes(window)
+        return data
 
     def write(self, addr: int, data) -> bool:
         """lgwrite: copy data in, or kill the guest."""
-        window = self.view(addr, len(data))
-        if window is None:
+        if not self.scatter(addr, data):
             self.fault(abi.MSG_BAD_WRITE % (addr, len(data)))
             return False
-        window[:] = data
         return True
 
     def read_u32(self, addr: int) -> int:
+        """lgread_u32: the value, or 0 after killing the guest."""
         found = self.locate(addr, 4)
         if found is None:
-            self.fault(abi.MSG_BAD_READ % addr)
-            return 0
+            data = self.gather(addr, 4)             # the last bytes of one region, maybe
+            if data is None:
+                self.fault(abi.MSG_BAD_READ % addr)
+                return 0
+            return _U32.unpack(data)[0]
         region, off = found
         if off & 3 == 0 and region.words is not None:
             return region.words[off >> 2]
@@ -153,8 +209,10 @@ class GuestMemory:
         """lgwrite_u32, as one aligned 32-bit store where the address allows it."""
         found = self.locate(addr, 4)
         if found is None:
-            self.fault(abi.MSG_BAD_WRITE % (addr, 4))
-            return False
+            if not self.scatter(addr, _U32.pack(value & abi.U32_MASK)):
+                self.fault(abi.MSG_BAD_WRITE_U32 % addr)
+                return False
+            return True
         region, off = found
         if off & 3 == 0 and region.words is not None:
             region.words[off >> 2] = value & abi.U32_MASK
