@@ -10,7 +10,7 @@ import os
 import sys
 
 import lgnet
-from lgnet import wire
+from lgnet import abi, wire
 from lgnet.errors import USER_ERROR_EXIT, LgnetError
 
 
@@ -38,13 +38,24 @@ def cmd_launch(args) -> int:
     from lgnet.guest.launcher import LaunchConfig, launch_main
     kernel = resolve_kernel(args.kernel)
     config = LaunchConfig(mem_mb=parse_mem(args.mem), kernel=kernel, args=args.args,
-                          sharenets=args.sharenet, block=args.block, initrd=args.initrd,
-                          tunnet=args.tunnet, verbose=args.verbose, broker=args.broker,
-                          console_input=not args.no_console_input,
+                          devices=args.devices, initrd=args.initrd, verbose=args.verbose,
+                          broker=args.broker, console_input=not args.no_console_input,
                           gdb=parse_port(args.gdb) if args.gdb is not None else None)
     if not kernel.startswith("python:") and not os.path.exists(kernel):
         raise LgnetError("kernel image '%s': no such file" % kernel)
     return launch_main(config, args.die_with_parent)
+
+
+class DeviceOption(argparse.Action):
+    """--sharenet, --tunnet, --block: each may repeat, and all of them land in one list of
+    (option name, argument) in command-line order, the order of the guest's devices (the
+    names are LaunchConfig.devices' kinds)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        # A new list each time, as argparse's own "append" does: the default is shared.
+        devices = list(getattr(namespace, self.dest) or [])
+        devices.append((self.option_strings[0].lstrip("-"), value))
+        setattr(namespace, self.dest, devices)
 
 
 def parse_net_name(text: str) -> tuple[str, str]:
@@ -259,11 +270,16 @@ def parser() -> argparse.ArgumentParser:
 
     launch = sub.add_parser("launch", help="run one guest (lguest's Launcher)")
     launch.add_argument("-v", "--verbose", action="store_true")
-    launch.add_argument("--sharenet", action="append", default=[], metavar="FILE",
-                        help="join the network of this net file (created if missing)")
-    launch.add_argument("--block", metavar="FILE", help="a block device backed by FILE")
+    launch.set_defaults(devices=[])
+    launch.add_argument("--sharenet", action=DeviceOption, dest="devices", metavar="FILE",
+                        help="join the network of this net file (created if missing); "
+                        "devices are added in command-line order, at most %d and the "
+                        "console" % (abi.MAX_DEVICES - 1))
+    launch.add_argument("--tunnet", action=DeviceOption, dest="devices",
+                        metavar="IP|bridge:NAME", help="a network to the host")
+    launch.add_argument("--block", action=DeviceOption, dest="devices", metavar="FILE",
+                        help="a block device backed by FILE")
     launch.add_argument("--initrd", metavar="FILE", help="an initrd placed at the top of RAM")
-    launch.add_argument("--tunnet", metavar="IP|bridge:NAME", help="a network to the host")
     launch.add_argument("--broker", help="the broker's socket (default: $LGNET_BROKER)")
     launch.add_argument("--no-console-input", action="store_true",
                         help="do not read stdin into the guest's console")

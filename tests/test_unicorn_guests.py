@@ -117,6 +117,18 @@ def test_the_block_device_refuses_what_the_reference_launcher_refused(guests, br
     assert [row["dead"] for row in stats(broker) if row["pid"] == proc.pid] == [reason]
 
 
+def test_a_block_request_of_any_nonzero_type_is_a_write(guests, broker, tmp_path):
+    from tests.guests.blocky import PATTERN
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(8 * abi.SECTOR_SIZE))
+    proc = guests.launch(kernel="python:tests.guests.blocky", block=disk, args=["block=type2"])
+    out = guests.finish(proc)
+    assert proc.returncode == 0, out
+    data = disk.read_bytes()
+    assert data[abi.SECTOR_SIZE:abi.SECTOR_SIZE + len(PATTERN)] == PATTERN
+    assert data[:abi.SECTOR_SIZE] == bytes(abi.SECTOR_SIZE) and len(data) == 8 * abi.SECTOR_SIZE
+
+
 def test_a_real_guest_pings_a_host_port_and_the_port_sees_the_request(tmp_path):
     from scapy.layers.inet import ICMP, IP
     from scapy.layers.l2 import ARP, Ether

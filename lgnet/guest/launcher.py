@@ -38,16 +38,22 @@ PR_SET_PDEATHSIG = 1
 GDB_LISTENING = "lgnet: gdb server on %s:%d (in gdb: target remote :%d)"
 EXIT_KILLED = 1
 
+# The Launcher's device options; each adds one device, in the order given.
+SHARENET = "sharenet"
+TUNNET = "tunnet"
+BLOCK = "block"
+DEVICE_OPTIONS = (SHARENET, TUNNET, BLOCK)
+
 
 @dataclass
 class LaunchConfig:
     mem_mb: int
     kernel: str
     args: list[str] = field(default_factory=list)
-    sharenets: list[str] = field(default_factory=list)
-    block: str | None = None
+    # (option, argument) in command-line order: ("sharenet", FILE), ("tunnet", IP|bridge:NAME|
+    # fd:N), ("block", FILE). "The first network device on the command line is eth0."
+    devices: list[tuple[str, str]] = field(default_factory=list)
     initrd: str | None = None
-    tunnet: str | None = None
     verbose: bool = False
     broker: str | None = None
     console_input: bool = True
@@ -82,18 +88,25 @@ class Launcher:
     # --- set-up -------------------------------------------------------------------------
 
     def setup_devices(self) -> None:
+        """One device per option, in command-line order, then the console."""
         cfg = self.config
-        for path in cfg.sharenets:
-            net = netfile.NetFile.reserve(path)
-            self.closers.append(net.close)
-            self.devices.add_net(net)
-            self.verbose("device %d: net slot %d on %s\n" % (len(self.devices.list) - 1,
-                                                              net.slot, path))
-        if cfg.tunnet:
-            # After the shared nets: a host port's bridge finds its net as eth0, the link eth1.
-            self.devices.add_tun(cfg.tunnet, self.out, cfg.verbose)
-        if cfg.block:
-            self.devices.add_block(cfg.block)
+        # The descriptor table holds LGUEST_MAX_DEVICES, the console included: refuse before
+        # any net slot, TAP or file is taken.
+        if len(cfg.devices) + 1 > abi.MAX_DEVICES:
+            raise LgnetError(abi.MSG_TOO_MANY_DEVICES)
+        for option, arg in cfg.devices:
+            if option == SHARENET:
+                net = netfile.NetFile.reserve(arg)
+                self.closers.append(net.close)
+                self.devices.add_net(net)
+                self.verbose("device %d: net slot %d on %s\n" % (len(self.devices.list) - 1,
+                                                                  net.slot, arg))
+            elif option == TUNNET:
+                self.devices.add_tun(arg, self.out, cfg.verbose)
+            elif option == BLOCK:
+                self.devices.add_block(arg)
+            else:
+                raise ValueError("unknown device option %r" % option)
         self.devices.add_console(self.out, cfg.console_input)
 
     def create_memory(self) -> tuple[mmap.mmap, int]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from lgnet import abi, wire
+from lgnet.errors import LgnetError
 from lgnet.guest.loader import write_device_descriptors
 from lgnet.guest.physmem import PhysMap
 
@@ -47,7 +48,7 @@ class DeviceList:
 
     def add(self, device: Device) -> Device:
         if len(self.list) >= abi.MAX_DEVICES:
-            raise ValueError("too many devices")
+            raise LgnetError(abi.MSG_TOO_MANY_DEVICES)
         self.list.append(device)
         return device
 

@@ -1,7 +1,8 @@
 """The block device: a file behind one lguest_block_page.
 
 The guest fills in the request (type, sector, bytes) and sends DMA to the page's key: the data
-for a write, an empty DMA for a read whose reply buffer it bound at that key. The reference
+for a write (any type but 0), an empty DMA for a read (type 0) whose reply buffer it bound at
+that key. The reference
 Launcher's rules: an offset past the end is an error; a request without a reply buffer is an
 error; a write past the end is truncated back and fails the guest; result = 1 + (bytes != len);
 then the reply buffer's used_len and the interrupt.
@@ -45,7 +46,8 @@ def handle_block_output(phys, channel, pieces, device: Device) -> int:
     if reply is None:
         raise GuestStopped("Block request didn't give us a dma buffer")
     reply_pieces, used_len_addr, irq = reply
-    if kind == abi.BLOCK_TYPE_WRITE:
+    # 2.6.23's test was `if (p->type)`: any type but 0 (read) is a write.
+    if kind != abi.BLOCK_TYPE_READ:
         done = os.pwritev(fd, pieces, offset)
         if offset + done > length:
             os.ftruncate(fd, length)          # trim it back, then fail the guest
