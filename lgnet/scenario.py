@@ -442,7 +442,7 @@ def _guest(fields: _Fields, networks: dict[str, Network], base: Path) -> GuestSp
         promisc=fields.get_or("promisc", _Node.flag, False),
         ip=ip,
         args=args,
-        block=fields.get_or("block", lambda n: n.existing_file(base), None),
+        block=fields.get_or("block", lambda n: _block(n, base, nets), None),
         initrd=fields.get_or("initrd", lambda n: n.existing_file(base), None),
         script=fields.get_or("script", lambda n: _script(n, nets, addressed), ()),
         gdb=fields.get_or("gdb", _port, None))
@@ -475,7 +475,20 @@ def _nets(node: _Node, networks: dict[str, Network]) -> tuple[str, ...]:
     names = [(item.choice(networks, "the networks"), item)
              for item in node.items("network names")]
     _no_repeats(names, "network")
+    if len(names) > abi.MAX_DEVICES - 1:
+        node.fail(_TOO_MANY_DEVICES % len(names))
     return tuple(name for name, _ in names)
+
+
+# The Launcher's descriptor table: one device per net, one for a block file, the console.
+_TOO_MANY_DEVICES = ("%%d devices and the console: too many devices (a guest has at most %d, "
+                     "the console included)" % abi.MAX_DEVICES)
+
+
+def _block(node: _Node, base: Path, nets: tuple[str, ...]) -> Path:
+    if len(nets) + 1 > abi.MAX_DEVICES - 1:
+        node.fail(_TOO_MANY_DEVICES % (len(nets) + 1))
+    return node.existing_file(base)
 
 
 def _args(fields: _Fields) -> tuple[str, ...]:

@@ -269,6 +269,17 @@ BAD = {
     "promisc not a boolean": (
         "guests:\n" + DRIVER + "    promisc: maybe\n",
         4, "guests[0].promisc: must be true or false, got 'maybe'"),
+    "more nets than a guest has devices": (
+        "networks: {%s}\nguests:\n" % ", ".join("n%d: {}" % i for i in range(16))
+        + DRIVER + "    nets: [%s]\n" % ", ".join("n%d" % i for i in range(16)),
+        5, "guests[0].nets: 16 devices and the console: too many devices (a guest has at most "
+        "16, the console included)"),
+    "a block device one too many": (
+        "networks: {%s}\nguests:\n" % ", ".join("n%d: {}" % i for i in range(15))
+        + DRIVER + "    nets: [%s]\n    block: disk.img\n" % ", ".join("n%d" % i
+                                                                   for i in range(15)),
+        6, "guests[0].block: 16 devices and the console: too many devices (a guest has at "
+        "most 16, the console included)"),
     "nets not a list": (
         "networks: {lan0: {}}\nguests:\n" + DRIVER + "    nets: lan0\n",
         5, "guests[0].nets: must be a list of network names, got 'lan0'"),

@@ -53,6 +53,7 @@ RESTOCK_SECONDS = 0.0005             # how long "one chance to restock" waits fo
 LISTEN_BACKLOG = 256
 WAKE_MAX_SECONDS = 0.010             # a held wake-up waits at most this long
 RING_PASS_CALLS = 16                 # queued calls run per guest per pass between socket looks
+FREE_USED_LEN = bytes(4)             # a used_len of 0: the entry is free
 
 
 class BrokerStop(Exception):
@@ -560,7 +561,8 @@ class Broker:
                 continue
             for i in range(binding.num_dmas):
                 addr = binding.dmas + i * abi.LGUEST_DMA_SIZE
-                if guest.memory.locate(addr, 4) and guest.memory.read_u32(addr) == 0:
+                # Only a look: an unreadable entry is for the transfer to kill over.
+                if guest.memory.gather(addr, 4) == FREE_USED_LEN:
                     return True
         return False
 
