@@ -606,8 +606,9 @@ class Capture:
 
     @staticmethod
     def _delivered(memory, entry: int, copied: int) -> bytes:
-        """The first `copied` bytes of the receive buffer, through non-faulting views."""
-        desc = memory.view(entry, abi.LGUEST_DMA_SIZE)
+        """The first `copied` bytes of the receive buffer, through non-faulting views (the
+        entry itself may run from the end of RAM into the next page, as lguest allowed)."""
+        desc = memory.gather(entry, abi.LGUEST_DMA_SIZE)
         if desc is None:
             return b""
         first = _U16.unpack_from(desc, abi.DMA_LEN_OFFSET)[0]
