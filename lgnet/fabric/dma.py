@@ -91,7 +91,7 @@ class Guest:
     pending_dma: tuple[int, int] | None = None   # (dma address, key) for the Launcher
     lguest_data: int | None = None
     next_hcall: int = 0                # cursor into the async hypercall ring
-    ring: tuple | None = None          # (region, status offset, calls offset) of that ring
+    ring: tuple | None = None          # (window, status offset, calls offset, unpack): the ring
     dma: list[Binding] = field(default_factory=list)
     counters: Counters = field(default_factory=Counters)
     # key address -> (dma_hash generation, memory layout, Key, first other binder or None):
