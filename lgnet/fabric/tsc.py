@@ -8,10 +8,13 @@ same way with what Linux shows:
 - constant: the `constant_tsc` flag in /proc/cpuinfo (X86_FEATURE_CONSTANT_TSC itself);
 - not unstable: the kernel's current clocksource is `tsc`. A kernel that marks its TSC
   unstable switches to another clocksource, so this holds only while it trusts the TSC (a
-  host that simply prefers another clocksource gets 0 too: the cautious answer);
+  host that simply prefers another clocksource gets 0 too: the cautious answer). No
+  `nonstop_tsc` is asked for, as lguest asked for none: a TSC that stops in deep C-states
+  gets marked unstable by the kernel, and then it is no longer the clocksource;
 - the rate: the first "cpu MHz" of /proc/cpuinfo, in kHz. The kernel's calibrated tsc_khz
-  is not shown to user space; with a constant TSC the kernel reports its nominal rate there,
-  but on a host that scales its clock it may show the current speed instead.
+  is not shown to user space; "cpu MHz" is the CPU's clock (the kernel's cpu_khz, or the
+  speed it measured just now), which is the TSC's rate on a constant-TSC host running at its
+  nominal speed (in a VM, usually exactly) and may differ on a host that scales its clock.
 
 The broker reads it once, at start (this is I/O: the engine only carries the number).
 """
