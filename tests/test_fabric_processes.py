@@ -98,6 +98,16 @@ def test_sigkill_of_the_broker_stops_every_launcher_and_leaves_no_shm(tmp_path):
         broker.stdout.close()
 
 
+def test_a_crash_message_in_the_last_bytes_of_ram_is_read_across_into_the_next_page(
+        guests, broker):
+    proc = guests.launch(kernel="python:tests.guests.lastbytes")
+    out = guests.finish(proc)
+    assert proc.returncode == 1, out
+    assert "lgnet: guest died: CRASH: at the end of RAM\n" in out, out
+    assert [row["dead"] for row in stats(broker) if row["pid"] == proc.pid] == [
+        "CRASH: at the end of RAM"]
+
+
 def test_a_second_connection_cannot_act_for_another_guest(guests, broker, tmp_path):
     proc = guests.launch(tmp_path / "lan0.net", args=["script=wait:3"])
     deadline = time.monotonic() + 10
