@@ -318,6 +318,20 @@ STACK_PAGES_MAX = 2                          # SET_STACK: a kernel stack of at m
 X86_CR0_PE = 0x1
 X86_CR0_WP = 0x10000                         # ring 1 honours read-only pages
 X86_CR0_PG = 0x80000000
+X86_CR0_TS = 0x8                             # set while the guest asked for TS: FPU -> #NM
+# Traps (interrupts_and_traps.c, core.c's run_guest). The CPU pushes an error code for these
+# (has_err()); the Host itself handles #GP (in/out emulation), #PF (cr2) and #NM (TS), so
+# those, its hypercall trap and interrupt gates never go straight to the guest (direct_trap).
+TRAP_INVALID_OPCODE = 6
+TRAP_DEVICE_NOT_AVAILABLE = 7
+TRAP_GENERAL_PROTECTION = 13
+TRAP_PAGE_FAULT = 14
+TRAPS_WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17})
+TRAPS_THE_HOST_TAKES = frozenset({TRAP_DEVICE_NOT_AVAILABLE, TRAP_GENERAL_PROTECTION,
+                                  TRAP_PAGE_FAULT, LGUEST_TRAP_ENTRY})
+GP_ERROR_IDT = 0x2                           # a #GP error code names an IDT vector: n << 3 | 2
+MSG_UNHANDLED_TRAP = "unhandled trap %i at %s (%s)"     # lguest's "%li at %#lx (%#lx)"
+
 MSG_BAD_IDT_TYPE = "bad IDT type %i"
 MSG_TOO_MANY_GDT = "too many gdt entries %i"
 MSG_BAD_STACK_SEGMENT = "bad stack segment %i"
@@ -346,3 +360,8 @@ MSG_READING_BZIMAGE = "reading image from bzImage"
 MSG_TOO_MANY_DEVICES = "too many devices"
 MSG_NO_FREE_SLOTS = "No free slots in network file %s"
 MSG_CANNOT_OPEN_NET_FILE = "cannot open net file '%s'"   # err(): ": <strerror>" follows
+
+
+def c_hex(value: int) -> str:
+    """C's "%#lx", as lguest's messages print it: 0 is plain "0", not "0x0"."""
+    return "%#x" % value if value else "0"

@@ -68,6 +68,9 @@ CONTROL_DEAD = abi.LGUEST_IRQS           # 1 = the Host killed this guest
 # served): the guest rings the doorbell only while this is 0, the broker clears it once the
 # ring is empty. One message per burst of queued calls, not one per call.
 CONTROL_KICK = CONTROL_DEAD + 1
+# 1 = a BREAK waits for this guest (lguest's break_out): a guest that runs without hypercalls
+# makes one at its next exit, whose reply carries FLAG_AGAIN.
+CONTROL_BREAK = CONTROL_KICK + 1
 
 
 @dataclass(frozen=True)

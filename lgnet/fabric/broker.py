@@ -262,6 +262,8 @@ class Broker:
             self._release_breakers(guest)
         elif guest is not None and conn in self._breakers_of(guest):
             self._breakers_of(guest).remove(conn)
+            if not self._breakers_of(guest):
+                self._release_breakers(guest)
         conn.file.close()
         conn.release()
         conn.sock.close()
@@ -425,6 +427,8 @@ class Broker:
             # Kick the guest out of run, and hold this request until BREAK 0.
             self.breakers.setdefault(guest.id, []).append(conn)
             owner = self.owners.get(guest.id)
+            if owner is not None and owner.control is not None:
+                owner.control[wire.CONTROL_BREAK] = 1
             if owner is not None and owner.halted:
                 self._answer(owner, guest)
             return
@@ -432,6 +436,9 @@ class Broker:
         conn.reply(0)
 
     def _release_breakers(self, guest: Guest) -> None:
+        owner = self.owners.get(guest.id)
+        if owner is not None and owner.control is not None:
+            owner.control[wire.CONTROL_BREAK] = 0
         for waiting in self.breakers.pop(guest.id, []):
             waiting.reply(0)
 

@@ -4,7 +4,8 @@ What this room is for: lguest ran a guest kernel on the real CPU, in ring 1, and
 with the Switcher whenever it made a hypercall, took a trap or was due an interrupt. Here the
 CPU is Unicorn's (QEMU's TCG) and the Switcher is this file: it builds the guest's CPU state
 the way lguest's Host did, serves the hypercalls that only change CPU state, forwards the rest
-to the Host through a HostLink, and delivers the interrupts the Host raised.
+to the Host through a HostLink, reflects the guest's traps into its own IDT, and delivers the
+interrupts the Host raised.
 
 Rules of this file:
 
@@ -13,13 +14,12 @@ Rules of this file:
   interrupt hook, without stopping the emulator (a stop and restart costs about four times
   as much). Everything else (FLUSH_ASYNC, LGUEST_INIT, CRASH, SET_CLOCKEVENT, HALT, BIND_DMA,
   SEND_DMA, and any unknown number, which the Host kills for) goes to ``host.hypercall``.
-* The CPU writes only its own guest: lguest_data (time, irq_enabled, reserve_mem), the
-  interrupt frame on the guest's stack, and the Switcher's entry in the guest's page
-  directories. The Host's memory objects never see this file, nor it theirs.
+* The CPU writes only its own guest: lguest_data (time, irq_enabled, cr2, reserve_mem), the
+  interrupt and trap frames on the guest's stack, and the Switcher's entry in the guest's
+  page directories. The Host's memory objects never see this file, nor it theirs.
 * A guest's misbehaviour ends the guest with a reason (``host.kill``), a bug in lgnet stays a
-  traceback. lguest reflected the guest's own traps (page faults, GP, int $0x80) into the
-  guest's IDT; lgnet's guests have no user mode and no fault handlers worth having, so any
-  CPU exception kills the guest: "guest fault at EIP 0x...: what".
+  traceback. A trap is the guest's to handle, as under lguest: only a trap it gave no
+  handler for kills it, with lguest's "unhandled trap N at EIP (cr2 or error code)".
 
 Theory of operation.
 
@@ -54,16 +54,30 @@ Theory of operation.
    fault, as they did under lguest. Unicorn's interrupt hook sees every ``int`` and every
    exception before the IDT would, so there is no IDT and no TSS: the hook is the Switcher.
 
-5. Hypercalls. ``int $0x1f``: eax = call, edx/ebx/ecx = arguments; a forwarded call's result
-   goes back in eax (served calls leave eax alone, as lguest did). A served call before
-   LGUEST_INIT kills, as in lguest; forwarded ones are the Host's to judge. The async ring:
-   the Host drains it before every synchronous call and ignores the CPU-state calls in it;
-   so just before forwarding a call, the CPU applies those calls itself, in ring order, from
-   the same cursor the Host will drain from. Since a forwarded call returns only once the
-   Host has drained that run, every queued call is applied exactly once. (A served call made
-   while entries wait also drops the TLB, for the SET_PTEs among them.)
+5. Hypercalls. ``int $0x1f``: eax = call, edx/ebx/ecx = arguments. eax keeps the call
+   number, as lguest left it, except after BIND_DMA, whose result goes there. A served call
+   before LGUEST_INIT kills, as in lguest; forwarded ones are the Host's to judge. The async
+   ring (lguest's do_hypercalls): it is drained before every synchronous call, served or
+   forwarded, and at every other exit (trap, slice end). The Host drains it and ignores the
+   CPU-state calls in it; so first the CPU applies those calls itself, in ring order, from
+   the same cursor the Host drains from, then the Host drains the same run — with the
+   forwarded call, or with a FLUSH_ASYNC of the CPU's. Every queued call is applied exactly
+   once, before anything the guest does next.
 
-6. Interrupts (lguest's maybe_do_interrupt). Before the guest resumes — after each hypercall,
+6. Traps (run_guest's switch, deliver_trap). A hook sees the trap and stops the emulator;
+   the run loop takes it at rest. #PF writes the faulting address to lguest_data.cr2; #NM is
+   the guest's only while it asked for TS (see _set_ts); in/out never trap here: Unicorn
+   calls the I/O hooks, which do what lguest's emulate_insn() did, and turn what it would
+   not emulate (string I/O) into the guest's #GP. Then, if the guest's IDT has a present
+   gate for the vector, push eflags, cs, eip and — for 8, 10-14 and 17 — the error code on
+   the guest's stack and enter it (an interrupt gate clears irq_enabled); if not, kill. An
+   ``int $n`` reaches the guest's gate only where lguest let the CPU go there directly (a
+   trap gate for a vector below 32 or the syscall vector, DPL ≥ 1); anywhere else it is a
+   #GP with error code n << 3 | 2, as lguest's DPL-0 gates made it. Unicorn withholds the
+   error code and remembers every exception it raised (a second #GP or #PF would become a
+   double fault): _Exceptions reads the one and clears the other.
+
+7. Interrupts (lguest's maybe_do_interrupt). Before the guest resumes — after each hypercall,
    and between run slices — take the lowest bit of ``host.pending_irqs()`` & ~blocked;
    skip while EIP is in [noirq_start, noirq_end) or irq_enabled is 0 (a guest halted in
    HALT is woken with irq_enabled forced to 0x200); if the guest gave a gate for vector
@@ -73,9 +87,10 @@ Theory of operation.
    lguest made for ring 3 is recorded, not used). A HALT that returns with nothing the guest
    may take sleeps again, as lguest's halted guest did. The guest runs in slices of
    SLICE_INSTRUCTIONS counted instructions, so a guest that computes without hypercalls still
-   gets its timer and its packets (never timed slices: see SLICE_INSTRUCTIONS).
-
-7. Time. lguest_data.time (CLOCK_REALTIME) is rewritten each time the guest resumes.
+   gets its timer and its packets (never timed slices: see SLICE_INSTRUCTIONS); and at each
+   slice end a BREAK the Waker raised is answered (one FLUSH_ASYNC, whose reply makes the
+   Launcher service console and tun input), as lguest answered it at each host tick.
+   lguest_data.time (CLOCK_REALTIME) is rewritten each time the guest resumes.
 
 8. A debugger (lgnet.guest.gdbstub) may hold the guest. The run loop asks it only at rest:
    after a slice ends (at its count, or stopped by a breakpoint's code hook) and before a
@@ -95,9 +110,10 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_MEM_FETCH_UNMAPPED,
-                     UC_HOOK_MEM_READ_UNMAPPED, UC_HOOK_MEM_WRITE_UNMAPPED, UC_MODE_32,
-                     UC_PROT_ALL, Uc, UcError)
+from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_INSN_INVALID,
+                     UC_HOOK_INTR, UC_HOOK_MEM_FETCH_UNMAPPED, UC_HOOK_MEM_READ_UNMAPPED,
+                     UC_HOOK_MEM_WRITE_UNMAPPED, UC_MODE_32, UC_PROT_ALL, Uc, UcError)
+from unicorn import uc_version
 from unicorn import unicorn_const as ucc
 from unicorn import x86_const as x86
 
@@ -150,15 +166,13 @@ _GATE_KEEP_HIGH = 0xFFFFEF00             # lguest kept offset, present, DPL and 
 _HOST_GDT_ENTRIES = frozenset({abi.GDT_ENTRY_LGUEST_CS, abi.GDT_ENTRY_LGUEST_DS,
                                abi.GDT_ENTRY_TSS, abi.GDT_ENTRY_DOUBLEFAULT_TSS})
 
-# What a fault is called in a kill reason; 14 adds CR2.
-_TRAP_NAMES = {
-    0: "divide error", 1: "debug trap", 3: "breakpoint", 4: "overflow",
-    5: "bound range exceeded", 6: "invalid opcode", 7: "device not available",
-    8: "double fault", 10: "invalid TSS", 11: "segment not present", 12: "stack fault",
-    13: "general protection fault", 16: "x87 floating-point error", 17: "alignment check",
-    18: "machine check", 19: "SIMD floating-point exception",
-}
-_PAGE_FAULT = 14
+# The instructions lguest's emulate_insn() knew: in/out with an immediate port or (%dx), the
+# low bit choosing a byte or a word/long, after at most an operand-size prefix.
+_OPERAND_PREFIX = 0x66
+_IO_OPCODES = {0xE4: True, 0xEC: True, 0xE6: False, 0xEE: False}    # & 0xFE -> is "in"
+_INT_N = 0xCD                            # `int $n`; int3 and into are one byte
+_STRING_IO_REGS = (x86.UC_X86_REG_EIP, x86.UC_X86_REG_ESI, x86.UC_X86_REG_EDI,
+                   x86.UC_X86_REG_ECX)
 _ACCESS_NAMES = {ucc.UC_MEM_READ_UNMAPPED: "read", ucc.UC_MEM_WRITE_UNMAPPED: "write",
                  ucc.UC_MEM_FETCH_UNMAPPED: "fetch"}
 
@@ -220,6 +234,88 @@ class _Registers:
             raise UcError(status, reg)
 
 
+class _Exceptions:
+    """What Unicorn's CPU keeps of the exception it raised last: its error code, whether an
+    ``int`` raised it, and its double-fault memory.
+
+    Unicorn hands an exception to UC_HOOK_INTR without the error code a real CPU would push,
+    and it never forgets it (QEMU's env->old_exception stays set, as if the exception were
+    still being delivered): the guest's next #GP or #PF then becomes a double fault and a
+    third stops the CPU. Neither is in Unicorn's API, but both are in the CPU state that
+    uc_context_save() copies out. So once per process a probe CPU raises a #GP with a
+    selector of our choosing and then an ``int``, and we note where those answers sit in the
+    saved state. take() reads them for the trap just raised and writes "no exception in
+    flight" back with uc_context_restore(), which is what a real delivery does.
+    """
+
+    _SELECTOR = 0x5A5C                   # beyond the probe's GDT: #GP with this error code
+    _layout: tuple[int, int, int] | None = None     # error code, is-int, old exception
+
+    def __init__(self):
+        if _Exceptions._layout is None:
+            _Exceptions._layout = self._probe()
+        self._error, self._is_int, self._old = _Exceptions._layout
+
+    @staticmethod
+    def _state(uc: Uc) -> tuple[object, bytes]:
+        context = uc.context_save()
+        return context, ctypes.string_at(context.context.value, context.size)
+
+    @classmethod
+    def _probe(cls) -> tuple[int, int, int]:
+        uc = Uc(UC_ARCH_X86, UC_MODE_32)
+        uc.mem_map(0, 2 * abi.PAGE_SIZE)
+        gdt, selector_at = 0x1000, 0x800
+        uc.mem_write(gdt, bytes(8) + _flat_segment(0xB, 0) + _flat_segment(0x3, 0))
+        uc.mem_write(selector_at, struct.pack("<H", cls._SELECTOR))
+        # movw selector_at, %ds (#GP: no such descriptor); int $0x21
+        uc.mem_write(0, b"\x8e\x1d" + _U32.pack(selector_at) + bytes([_INT_N, 0x21]))
+        uc.reg_write(x86.UC_X86_REG_GDTR, (0, gdt, 3 * 8 - 1, 0))
+        uc.reg_write(x86.UC_X86_REG_CR0, abi.X86_CR0_PE)
+        uc.reg_write(x86.UC_X86_REG_CS, 0x08)
+        for seg in (x86.UC_X86_REG_SS, x86.UC_X86_REG_DS):
+            uc.reg_write(seg, 0x10)
+        uc.reg_write(x86.UC_X86_REG_ESP, 0x1800)
+        seen: list[bytes] = []
+
+        def stop(uc, _intno, _user):
+            seen.append(cls._state(uc)[1])
+            uc.emu_stop()
+
+        before = cls._state(uc)[1]
+        hook = uc.hook_add(UC_HOOK_INTR, stop)
+        uc.emu_start(0, abi.PAGE_SIZE, count=4)
+        uc.emu_start(6, abi.PAGE_SIZE, count=4)
+        uc.hook_del(hook)
+        if len(seen) != 2:
+            raise RuntimeError("Unicorn %s: the probe CPU raised %d exceptions, not 2"
+                               % (uc_version(), len(seen)))
+        gp, soft = seen
+
+        def i32(raw: bytes, at: int) -> int:
+            return struct.unpack_from("<i", raw, at)[0]
+
+        last = len(before) - 8
+        error = [at for at in range(0, last, 4)
+                 if i32(before, at) == 0 and i32(gp, at) == cls._SELECTOR
+                 and i32(gp, at + 4) == 0 and i32(soft, at + 4) == 1]
+        old = [at for at in range(0, last, 4)
+               if i32(before, at) == -1 and i32(gp, at) == abi.TRAP_GENERAL_PROTECTION]
+        if len(error) != 1 or len(old) != 1:
+            raise RuntimeError("Unicorn %s keeps its exception state where lgnet cannot find "
+                               "it (%d, %d candidates): traps cannot be reflected"
+                               % (uc_version(), len(error), len(old)))
+        return error[0], error[0] + 4, old[0]
+
+    def take(self, uc: Uc) -> tuple[int, bool]:
+        """(error code, raised by an ``int``) of the exception just raised, now forgotten."""
+        context, raw = self._state(uc)
+        error, is_int = struct.unpack_from("<iI", raw, self._error)
+        ctypes.memmove(context.context.value + self._old, struct.pack("<i", -1), 4)
+        uc.context_restore(context)
+        return error & abi.U32_MASK, bool(is_int)
+
+
 # A run slice, in guest instructions: about 1-2.5 ms at the 40-100 M instructions/s Unicorn
 # reaches here. Slices are counted, not timed: an emu_stop() from another thread (a timer, as
 # Unicorn's own timeout= uses) can make Unicorn run some instructions twice — measured here, a
@@ -246,9 +342,22 @@ class Debugger(Protocol):
 
 @dataclass(frozen=True)
 class Gate:
-    """One IDT entry as lguest kept it: the handler's address and the gate type."""
+    """One IDT entry as lguest kept it: the handler's address, the gate type, its DPL."""
     offset: int
     type: int
+    dpl: int
+
+
+@dataclass(frozen=True)
+class _Trap:
+    """A trap the hooks saw, for the run loop to take with the emulator at rest.
+
+    error None: Unicorn raised it and holds its error code (see _Exceptions). restore: the
+    registers of a string I/O instruction as they were before it, which lguest's CPU would
+    never have begun (it raised #GP first)."""
+    vector: int
+    error: int | None = None
+    restore: tuple[tuple[int, int], ...] = ()
 
 
 class GuestCpu:
@@ -282,7 +391,9 @@ class GuestCpu:
         self._syscall_gate: Gate | None = None
         self._gdt = [(0, 0)] * abi.GDT_ENTRIES
         self.stack = (0, 0, 0)                 # SET_STACK: ss, esp, pages
-        self.ts = 0                            # TS: the guest's CR0.TS wish
+        self.ts = 0                            # TS: the guest's CR0.TS wish, in force
+        self._trap: _Trap | None = None
+        self._exceptions = _Exceptions()
         self.tls = 0                           # LOAD_TLS: where the TLS descriptors came from
 
         self._uc = Uc(UC_ARCH_X86, UC_MODE_32)
@@ -325,6 +436,9 @@ class GuestCpu:
         self._pc_reg = _Registers(uc, (x86.UC_X86_REG_EIP,))
         self._hooks = [
             uc.hook_add(UC_HOOK_INTR, self._on_trap),
+            uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid),
+            uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, x86.UC_X86_INS_IN),
+            uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, x86.UC_X86_INS_OUT),
             uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED
                         | UC_HOOK_MEM_FETCH_UNMAPPED, self._on_unmapped),
         ]
@@ -373,6 +487,18 @@ class GuestCpu:
         if pte is None or not pte & _PTE_PRESENT or (write and not pde & pte & _PTE_WRITABLE):
             return None
         return (pte & _PAGE_MASK) | (vaddr & (abi.PAGE_SIZE - 1))
+
+    def _read_code(self, vaddr: int, length: int) -> bytes | None:
+        """Instruction bytes at a virtual address (one page at a time), or None."""
+        out = b""
+        while len(out) < length:
+            phys = self._virt_to_phys((vaddr + len(out)) & abi.U32_MASK, write=False)
+            room = abi.PAGE_SIZE - (vaddr + len(out)) % abi.PAGE_SIZE
+            piece = None if phys is None else self._phys(phys, min(room, length - len(out)))
+            if piece is None:
+                return None
+            out += bytes(piece)
+        return out
 
     # --- the Switcher, the GDT and ring 1 -------------------------------------------------
 
@@ -465,6 +591,10 @@ class GuestCpu:
             return False
         if self._reason is not None:
             return False
+        if self._trap is not None:
+            self._take_trap()
+            if self._reason is not None:
+                return False
         self._pc = self._eip()
         if self._pc == exit_pc:
             self._kill(self._pc, "jumped into the Switcher")
@@ -602,28 +732,26 @@ class GuestCpu:
 
     def _on_trap(self, uc: Uc, intno: int, _user) -> None:
         if intno != abi.LGUEST_TRAP_ENTRY:
-            what = _TRAP_NAMES.get(intno, "trap %d" % intno)
-            if intno == _PAGE_FAULT:
-                what = "page fault at %#010x" % uc.reg_read(x86.UC_X86_REG_CR2)
-            self._kill(self._eip(), what)
+            # Anything but a hypercall is taken with the emulator at rest (see _take_trap).
+            self._trap = _Trap(intno)
+            uc.emu_stop()
             return
         call, arg1, arg2, arg3 = self._args.read()
         try:
             serve = self._hcalls.get(call)
-            if serve is not None:
-                if self._data is None:
+            if self._data is None:
+                if serve is not None:
                     self._kill_guest(abi.MSG_NO_INIT % call)
                     return
-                if self._data[abi.LGUEST_DATA_HCALL_STATUS:abi.LGUEST_DATA_HCALLS] != _EMPTY_RING:
-                    self._flush_tlb()    # queued SET_PTEs must be seen; the Host drains later
+            elif self._do_async_hcalls(sync_follows=serve is None):
+                return                  # a queued call killed the guest
+            if serve is not None:
                 serve(arg1, arg2, arg3)
             else:
-                if self._data is not None:
-                    self._apply_async_ring()
-                    if self._reason is not None:
-                        return
                 result = self.host.hypercall(call, arg1, arg2, arg3)
-                self._args.write(x86.UC_X86_REG_EAX, result)
+                # lguest left the call number in eax: only BIND_DMA answers there.
+                if call == abi.LHCALL_BIND_DMA:
+                    self._args.write(x86.UC_X86_REG_EAX, result)
                 if call == abi.LHCALL_LGUEST_INIT and self._data is None:
                     self._lguest_init(arg1)
                 elif call == abi.LHCALL_HALT:
@@ -632,6 +760,56 @@ class GuestCpu:
                 self._back_from_hypercall()
         except GuestStopped as stopped:
             self._finish(stopped.reason)
+
+    def _on_invalid(self, uc: Uc, _user) -> bool:
+        """An instruction Unicorn cannot decode: the CPU's #UD, for the guest to take."""
+        self._trap = _Trap(abi.TRAP_INVALID_OPCODE, error=0)
+        uc.emu_stop()
+        return True
+
+    # lguest's CPU trapped every in/out of a ring-1 guest with #GP; emulate_insn() then made
+    # `in` read all ones and skipped `out`, and anything else (string I/O, another prefix,
+    # code below page_offset) went to the guest as the #GP it was. Unicorn runs in/out
+    # without a fault but calls these hooks first, with EIP on the instruction.
+
+    def _on_in(self, uc: Uc, _port: int, size: int, _user) -> int:
+        eip, eax = uc.reg_read(x86.UC_X86_REG_EIP), uc.reg_read(x86.UC_X86_REG_EAX)
+        emulated = self._emulate_io(eip)
+        if emulated is None or not emulated[0]:
+            self._refuse_io(uc, eip)
+            return 0
+        _, insn, shift = emulated
+        eax = abi.U32_MASK if insn & 1 else eax | (0xFFFF << shift) & abi.U32_MASK
+        uc.reg_write(x86.UC_X86_REG_EAX, eax)
+        return eax & ((1 << 8 * size) - 1)     # what the instruction itself writes back
+
+    def _on_out(self, uc: Uc, _port: int, _size: int, _value: int, _user) -> None:
+        eip = uc.reg_read(x86.UC_X86_REG_EIP)
+        emulated = self._emulate_io(eip)
+        if emulated is None or emulated[0]:
+            self._refuse_io(uc, eip)
+
+    def _emulate_io(self, eip: int) -> tuple[bool, int, int] | None:
+        """emulate_insn()'s decoding: (is "in", opcode, shift of the all-ones), or None."""
+        if eip < self.page_offset:
+            return None
+        raw = self._read_code(eip, 2)
+        if raw is None:
+            return None
+        insn, shift = raw[0], 0
+        if insn == _OPERAND_PREFIX:
+            insn, shift = raw[1], 16
+        is_in = _IO_OPCODES.get(insn & 0xFE)
+        return None if is_in is None else (is_in, insn, shift)
+
+    def _refuse_io(self, uc: Uc, eip: int) -> None:
+        """#GP(0) on an I/O instruction lguest would not emulate, as if it never began:
+        its registers go back as they are now (Unicorn has already stored the first zero of
+        an `ins`, which we cannot take back)."""
+        saved = tuple((reg, eip if reg == x86.UC_X86_REG_EIP else uc.reg_read(reg))
+                      for reg in _STRING_IO_REGS)
+        self._trap = _Trap(abi.TRAP_GENERAL_PROTECTION, error=0, restore=saved)
+        uc.emu_stop()
 
     def _on_unmapped(self, uc: Uc, access: int, address: int, size: int, value: int,
                      _user) -> bool:
@@ -720,7 +898,8 @@ class GuestCpu:
                 self._kill_guest(abi.MSG_BAD_IDT_TYPE % type_)
                 return
             high &= _GATE_KEEP_HIGH
-            gate = Gate((low & 0xFFFF) | (high & 0xFFFF0000), type_)
+            gate = Gate((low & 0xFFFF) | (high & 0xFFFF0000), type_,
+                        (high & _DESC_DPL_MASK) >> _DESC_DPL_SHIFT)
         if num < abi.IDT_ENTRIES:
             self._idt[num] = gate
         elif num == abi.SYSCALL_VECTOR:
@@ -736,7 +915,35 @@ class GuestCpu:
         self.stack = (ss, esp, pages)
 
     def _set_ts(self, ts: int, _a2: int, _a3: int) -> None:
+        """lguest set the real CR0.TS before every entry while the guest wanted it, so the
+        guest's next FPU or SSE instruction trapped (#NM) for its lazy FPU switch. Unicorn's
+        CPU honours CR0.TS the same way, and a CR0 write from the hook applies at once."""
         self.ts = ts
+        cr0 = self._uc.reg_read(x86.UC_X86_REG_CR0)
+        cr0 = cr0 | abi.X86_CR0_TS if ts else cr0 & ~abi.X86_CR0_TS
+        self._uc.reg_write(x86.UC_X86_REG_CR0, cr0)
+
+    def _ring_queued(self) -> bool:
+        return self._data[abi.LGUEST_DATA_HCALL_STATUS:abi.LGUEST_DATA_HCALLS] != _EMPTY_RING
+
+    def _do_async_hcalls(self, sync_follows: bool) -> bool:
+        """lguest's do_hypercalls(): the async ring is drained before any synchronous call,
+        and at every exit. True if that killed the guest.
+
+        The CPU applies the ring's CPU-state calls, in ring order, from the cursor the Host
+        drains from; the Host then drains the same run (ignoring those calls) — with the
+        synchronous call that follows (sync_follows), or else with a FLUSH_ASYNC of ours,
+        which does nothing but the draining. Either way every queued call is applied once,
+        before the guest's next call or instruction. (Kill reasons of one run are recorded
+        CPU-state calls first, then the Host's.)"""
+        if not self._ring_queued():
+            return False
+        self._apply_async_ring()
+        if self._reason is not None:
+            return True
+        if not sync_follows:
+            self.host.hypercall(abi.LHCALL_FLUSH_ASYNC, 0, 0, 0)
+        return self._reason is not None
 
     def _apply_async_ring(self) -> None:
         """Apply the CPU-state calls queued in the async ring, from the Host's cursor.
@@ -758,6 +965,71 @@ class GuestCpu:
                     break
         self._ring_next = n
 
+    # --- traps: lguest's run_guest() and deliver_trap() ---------------------------------
+
+    def _take_trap(self) -> None:
+        """The Switcher came back with a trap: handle it as lguest's Host did, or reflect it
+        into the guest's IDT, or kill the guest that gave no handler."""
+        trap, self._trap = self._trap, None
+        uc = self._uc
+        for reg, value in trap.restore:
+            uc.reg_write(reg, value)
+        if trap.error is None:
+            error, software = self._exceptions.take(uc)
+        else:
+            error, software = trap.error, False
+        num = trap.vector
+        eip, cs, _esp, _eflags = self._frame.read()
+        if cs & 3 != abi.GUEST_PL:
+            self._kill(eip, "trap %d in ring %d (lgnet's guests have no user mode)"
+                       % (num, cs & 3))
+            return
+        if software:
+            # `int n` (EIP is past it). lguest's real IDT held the guest's own gate only for
+            # the traps that go direct; every other vector had the Host's DPL-0 gate, so an
+            # `int` there was a #GP naming the vector, at the `int` itself.
+            gate = self._gate(num)
+            if gate is not None and self._direct(num, gate) and gate.dpl >= cs & 3:
+                self._push_frame(gate, None, "trap %d" % num, direct=True)
+                return
+            eip = self._int_start(eip, num)
+            self._frame.write(x86.UC_X86_REG_EIP, eip)
+            num, error = abi.TRAP_GENERAL_PROTECTION, (num << 3) | abi.GP_ERROR_IDT
+        detail = error
+        if num == abi.TRAP_PAGE_FAULT:
+            # The guest learns the faulting address from lguest_data.cr2. (Before LGUEST_INIT
+            # lguest wrote it through a NULL lguest_data: to guest-physical 8, the boot page.)
+            detail = uc.reg_read(x86.UC_X86_REG_CR2)
+            target = self._data if self._data is not None else self._phys(0, abi.PAGE_SIZE)
+            _U32.pack_into(target, abi.LGUEST_DATA_CR2, detail)
+        elif num == abi.TRAP_DEVICE_NOT_AVAILABLE and not self.ts:
+            return                      # the Host's own FPU business: absorbed
+        gate = self._gate(num)
+        if gate is None:
+            self._kill_guest(abi.MSG_UNHANDLED_TRAP % (num, abi.c_hex(eip), abi.c_hex(detail)))
+            return
+        self._push_frame(gate, error if num in abi.TRAPS_WITH_ERROR_CODE else None,
+                         "trap %d" % num, direct=self._direct(num, gate))
+
+    def _gate(self, num: int) -> Gate | None:
+        if num < abi.IDT_ENTRIES:
+            return self._idt[num]
+        return self._syscall_gate if num == abi.SYSCALL_VECTOR else None
+
+    @staticmethod
+    def _direct(num: int, gate: Gate) -> bool:
+        """lguest's direct_trap(): would the CPU enter this guest gate without the Host?"""
+        if num >= abi.FIRST_EXTERNAL_VECTOR and num != abi.SYSCALL_VECTOR:
+            return False
+        return num not in abi.TRAPS_THE_HOST_TAKES and gate.type == abi.IDT_TRAP_GATE
+
+    def _int_start(self, next_eip: int, num: int) -> int:
+        """Where the `int` that raised num began: `int $n` is two bytes, int3/into one."""
+        raw = self._read_code((next_eip - 2) & abi.U32_MASK, 2)
+        if raw is not None and raw[0] == _INT_N and raw[1] == num:
+            return (next_eip - 2) & abi.U32_MASK
+        return (next_eip - 1) & abi.U32_MASK
+
     # --- resuming the guest: time and interrupts -------------------------------------------
 
     def _back_from_hypercall(self) -> None:
@@ -773,11 +1045,19 @@ class GuestCpu:
                                    (now // _NSEC) & abi.U32_MASK, now % _NSEC)
 
     def _resume(self) -> None:
-        """What lguest did on every way back into the guest."""
+        """What lguest did on every way back into the guest (run_guest's loop): drain the
+        async ring, service the Waker's BREAK, then time and interrupts."""
         data = self._data
         if data is None:
             return
         while True:
+            if self._do_async_hcalls(sync_follows=False):
+                return
+            if self.host.break_pending():
+                # A BREAK waits for us: a guest computing without hypercalls still gets its
+                # console and tun input at the end of each slice, as lguest's did at each
+                # host tick. The reply to any call carries it; FLUSH_ASYNC does nothing else.
+                self.host.hypercall(abi.LHCALL_FLUSH_ASYNC, 0, 0, 0)
             now = time.time_ns()
             abi.TIMESPEC.pack_into(data, abi.LGUEST_DATA_TIME,
                                    (now // _NSEC) & abi.U32_MASK, now % _NSEC)
@@ -805,31 +1085,44 @@ class GuestCpu:
         if not ready:
             return
         irq = (ready & -ready).bit_length() - 1
-        eip, cs, esp, eflags = self._frame.read()
+        eip, cs, _esp, _eflags = self._frame.read()
         if self._noirq[0] <= eip < self._noirq[1]:
             return
         if self._halted:
             _U32.pack_into(data, abi.LGUEST_DATA_IRQ_ENABLED, abi.IRQ_ENABLED_ON)
             self._halted = False
-        irq_enabled = _U32.unpack_from(data, abi.LGUEST_DATA_IRQ_ENABLED)[0]
-        if not irq_enabled:
+        if not _U32.unpack_from(data, abi.LGUEST_DATA_IRQ_ENABLED)[0]:
             return
         gate = self._idt[abi.FIRST_EXTERNAL_VECTOR + irq]
         if gate is None or cs & 3 != abi.GUEST_PL:
             return      # no handler yet (it stays pending); lgnet guests have no user mode
-        if not irq_enabled & abi.IRQ_ENABLED_ON:
+        if self._push_frame(gate, None, "interrupt %d" % irq):
+            self.host.ack_irq(irq)
+
+    def _push_frame(self, gate: Gate, error: int | None, what: str,
+                    direct: bool = False) -> bool:
+        """lguest's set_guest_interrupt(), in ring 1: push eflags, cs, eip (and the error
+        code) on the guest's stack and enter the handler. The pushed IF says whether
+        irq_enabled was on, and an interrupt gate turns it off; a trap the CPU would have
+        taken directly (direct_trap) pushes the real eflags and leaves irq_enabled alone.
+        False if the frame could not be written: the guest is dead."""
+        data = self._data
+        eip, cs, esp, eflags = self._frame.read()
+        if not direct and data is not None and not (
+                _U32.unpack_from(data, abi.LGUEST_DATA_IRQ_ENABLED)[0] & abi.IRQ_ENABLED_ON):
             eflags &= ~abi.IRQ_ENABLED_ON
-        frame_esp = (esp - 12) & abi.U32_MASK
-        for i, word in enumerate((eip, cs, eflags)):
-            phys = self._virt_to_phys((frame_esp + 4 * i) & abi.U32_MASK)
+        words = (eip, cs, eflags) if error is None else (error, eip, cs, eflags)
+        frame_esp = (esp - 4 * len(words)) & abi.U32_MASK
+        for i, word in enumerate(words):
+            where = (frame_esp + 4 * i) & abi.U32_MASK
+            phys = self._virt_to_phys(where)
             target = None if phys is None else self._phys(phys, 4)
             if target is None:
-                self._kill(eip, "page fault at %#010x pushing interrupt %d"
-                           % ((frame_esp + 4 * i) & abi.U32_MASK, irq))
-                return
+                self._kill(eip, "page fault at %#010x pushing %s" % (where, what))
+                return False
             _U32.pack_into(target, 0, word)
-        self.host.ack_irq(irq)
         self._frame.write(x86.UC_X86_REG_ESP, frame_esp)
         self._frame.write(x86.UC_X86_REG_EIP, gate.offset)
-        if gate.type == abi.IDT_INTERRUPT_GATE:
+        if not direct and data is not None and gate.type == abi.IDT_INTERRUPT_GATE:
             _U32.pack_into(data, abi.LGUEST_DATA_IRQ_ENABLED, 0)
+        return True

@@ -29,6 +29,7 @@ class HostLink(Protocol):
     def ack_irq(self, irq: int) -> None: ...
     def kill(self, reason: str) -> None: ...
     def notify(self) -> None: ...
+    def break_pending(self) -> bool: ...
 
 
 class BrokerHost:
@@ -84,6 +85,10 @@ class BrokerHost:
             return
         control[wire.CONTROL_KICK] = 1
         self.channel.send(wire.OP_NOTIFY)
+
+    def break_pending(self) -> bool:
+        """The Waker asked for a BREAK: the reply to our next call will say so (FLAG_AGAIN)."""
+        return bool(self.control[wire.CONTROL_BREAK])
 
     def dead(self) -> bool:
         return bool(self.control[wire.CONTROL_DEAD])
