@@ -45,6 +45,7 @@ PRELUDE = r"""
 .equ NOIRQ_END, LGUEST_DATA + %(noirq_end)d
 .equ HCALL_STATUS, LGUEST_DATA + %(hcall_status)d
 .equ HCALLS, LGUEST_DATA + %(hcalls)d
+.equ CR2, LGUEST_DATA + %(cr2)d
 
 /* (macro arguments must not contain spaces) */
 .macro HCALL call, a1=0, a2=0, a3=0
@@ -60,13 +61,13 @@ PRELUDE = r"""
 .endm
 
 /* LOAD_IDT_ENTRY(vector, low word, high word) of a gate to handler, type 0xE or 0xF. */
-.macro IDT vec, handler, type
+.macro IDT vec, handler, type, dpl=0
     movl $\handler, %%ebx
     andl $0xffff, %%ebx
     orl $0x00610000, %%ebx
     movl $\handler, %%ecx
     andl $0xffff0000, %%ecx
-    orl $(0x8000 | (\type << 8)), %%ecx
+    orl $(0x8000 | (\type << 8) | (\dpl << 13)), %%ecx
     movl $\vec, %%edx
     movl $6, %%eax
     int $0x1f
@@ -99,7 +100,8 @@ _start:
 """ % dict(page_offset=PAGE_OFFSET, lguest_data=LGUEST_DATA, mark=MARK,
            irq_enabled=abi.LGUEST_DATA_IRQ_ENABLED, blocked=abi.LGUEST_DATA_BLOCKED_INTERRUPTS,
            noirq_start=abi.LGUEST_DATA_NOIRQ_START, noirq_end=abi.LGUEST_DATA_NOIRQ_END,
-           hcall_status=abi.LGUEST_DATA_HCALL_STATUS, hcalls=abi.LGUEST_DATA_HCALLS)
+           hcall_status=abi.LGUEST_DATA_HCALL_STATUS, hcalls=abi.LGUEST_DATA_HCALLS,
+           cr2=abi.LGUEST_DATA_CR2)
 
 
 # --- building and running guests ---------------------------------------------------------
@@ -177,6 +179,8 @@ class FakeHost:
         self.on_halt = on_halt
         self.results = results or {}
         self.ring_seen: list[bytes] = []
+        self.breaking = False                # a BREAK waits (the Waker's, in the broker)
+        self.breaks_answered = 0
 
     def hypercall(self, call: int, arg1: int, arg2: int, arg3: int) -> int:
         self.calls.append((call, arg1, arg2, arg3))
@@ -187,6 +191,9 @@ class FakeHost:
             self.on_halt(self)
         if call == abi.LHCALL_FLUSH_ASYNC:
             self.drain_ring()
+        if self.breaking:                    # this reply carries FLAG_AGAIN
+            self.breaking = False
+            self.breaks_answered += 1
         if call not in abi.HYPERCALL_NAMES:
             raise GuestStopped(abi.MSG_BAD_HYPERCALL % call)
         return self.results.get(call, 0)
@@ -214,7 +221,7 @@ class FakeHost:
         self.kills.append(reason)
 
     def break_pending(self) -> bool:
-        return False
+        return self.breaking
 
 
 class Machine:
@@ -699,3 +706,376 @@ count:
     in_memory, in_register = machine.mark(0), machine.mark(1)
     assert in_memory > 100_000
     assert in_memory - in_register in (0, 1)      # 1: stopped between the two increments
+
+
+# --- lguest's do_hypercalls: the async ring first, eax -----------------------------------
+
+def test_the_async_ring_is_drained_before_a_call_the_cpu_serves(machine_for):
+    machine, _ = machine_for(r"""
+    INIT
+""" + QUEUE_SET_STACK % dict(ss=0x69) + r"""
+    HCALL 7, 0x69, 0xC0060000, 1            /* served here, but after the queued one */
+    CRASH "ring"
+""")
+    host = FakeHost(machine.ram)
+    cpu = machine.cpu(host)
+    assert run(cpu) == "CRASH: ring"
+    assert cpu.stack == (0x69, 0xC0060000, 1)
+    # The Host drained the ring (with the CPU's FLUSH_ASYNC) before the served call ran.
+    assert [c[0] for c in host.calls] == [abi.LHCALL_LGUEST_INIT, abi.LHCALL_FLUSH_ASYNC,
+                                         abi.LHCALL_CRASH]
+    assert host.ring_seen[0][0] == abi.HCALL_STATUS_PENDING
+
+
+def test_a_bad_queued_call_kills_before_a_served_call_runs(machine_for):
+    machine, _ = machine_for(r"""
+    INIT
+""" + QUEUE_SET_STACK % dict(ss=0x68) + r"""
+    HCALL 5
+    movl $1, MARK
+    CRASH "not reached"
+""")
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host)) == abi.MSG_BAD_STACK_SEGMENT % 0x68
+    assert machine.mark(0) == 0 and [c[0] for c in host.calls] == [abi.LHCALL_LGUEST_INIT]
+
+
+def test_the_async_ring_is_drained_at_every_exit(machine_for):
+    """No hypercall at all after queueing: the next slice end drains the ring."""
+    machine, _ = machine_for(r"""
+    INIT
+""" + QUEUE_SET_STACK % dict(ss=0x68) + r"""
+spin:
+    incl MARK
+    jmp spin
+""")
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host, slice_instructions=1000)) == abi.MSG_BAD_STACK_SEGMENT % 0x68
+    assert 0 < machine.mark(0) <= 1000
+
+
+def test_eax_keeps_the_call_number_except_after_bind_dma(machine_for):
+    machine, _ = machine_for(r"""
+    INIT
+    movl %eax, MARK
+    HCALL 5, 1                              /* FLUSH_TLB, served here */
+    movl %eax, MARK + 4
+    HCALL 9, 1000000                        /* SET_CLOCKEVENT, the Host's */
+    movl %eax, MARK + 8
+    HCALL 12, 0x1000, 0x2000, 0x801         /* BIND_DMA: its result */
+    movl %eax, MARK + 12
+    CRASH "eax"
+""")
+    host = FakeHost(machine.ram, results={abi.LHCALL_SET_CLOCKEVENT: 0x777,
+                                          abi.LHCALL_BIND_DMA: 0x1234})
+    assert run(machine.cpu(host)) == "CRASH: eax"
+    assert [machine.mark(n) for n in range(4)] == [abi.LHCALL_LGUEST_INIT,
+                                                   abi.LHCALL_FLUSH_TLB,
+                                                   abi.LHCALL_SET_CLOCKEVENT, 0x1234]
+
+
+# --- traps: reflected into the guest's IDT (deliver_trap) ---------------------------------
+
+def test_a_page_fault_reaches_the_guests_handler_with_cr2_and_its_error_code(machine_for):
+    """Two faults in a row: the handler reads cr2 from lguest_data, maps the page and returns
+    to the faulting instruction, which then succeeds (read, then a write to a read-only
+    page: error codes 0 and 3)."""
+    machine, image = machine_for(r"""
+    INIT
+    IDT 14, pf_handler, 0xE
+    movl $0x5a5a5a5a, PAGE_OFFSET + 0xB0010
+    movl $0, PAGE_OFFSET + %(pte)#x            /* page 0xB0: not present */
+    HCALL 14, %(pgdir)#x, PAGE_OFFSET+0xB0000, 0
+    movl $0x200, IRQ_ENABLED
+read:
+    movl PAGE_OFFSET + 0xB0010, %%eax
+    movl %%eax, MARK + 4
+    movl $0xB0005, PAGE_OFFSET + %(pte)#x      /* present, read-only */
+    HCALL 14, %(pgdir)#x, PAGE_OFFSET+0xB0000, 0xB0005
+write:
+    movl $0x77, PAGE_OFFSET + 0xB0020
+    movl PAGE_OFFSET + 0xB0020, %%eax
+    movl %%eax, MARK + 8
+    CRASH "carried on"
+
+pf_handler:                                    /* slot n at MARK + 16n + 16 */
+    incl MARK
+    movl MARK, %%esi
+    shll $4, %%esi
+    movl (%%esp), %%eax
+    movl %%eax, MARK+16(%%esi)                 /* error code */
+    movl 4(%%esp), %%eax
+    movl %%eax, MARK+20(%%esi)                 /* eip */
+    movl CR2, %%eax
+    movl %%eax, MARK+24(%%esi)
+    movl IRQ_ENABLED, %%eax
+    movl %%eax, MARK+28(%%esi)
+    movl $0xB0007, PAGE_OFFSET + %(pte)#x      /* map it, writable */
+    HCALL 14, %(pgdir)#x, PAGE_OFFSET+0xB0000, 0xB0007
+    addl $4, %%esp                              /* pop the error code */
+    iret
+""" % dict(pte=PTES + 4 * 0xB0, pgdir=PGDIR))
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host)) == "CRASH: carried on"
+    assert machine.mark(0) == 2
+    assert (machine.mark(1), machine.mark(2)) == (0x5a5a5a5a, 0x77)
+    first, second = ([machine.mark(n) for n in range(4 * k + 4, 4 * k + 8)] for k in (1, 2))
+    assert first == [0, image["read"], PAGE_OFFSET + 0xB0010, 0]    # interrupt gate: irqs off
+    assert second == [3, image["write"], PAGE_OFFSET + 0xB0020, 0]  # present | write
+    assert host.kills == []
+
+
+def test_a_trap_gate_gets_no_error_code_and_keeps_interrupts_on(machine_for):
+    machine, image = machine_for(r"""
+    INIT
+    IDT 0, de_handler, 0xF
+    movl $0x200, IRQ_ENABLED
+    movl $7, %eax
+    xorl %edx, %edx
+    xorl %ecx, %ecx
+divide:
+    divl %ecx
+    movl $1, MARK + 12
+    CRASH "divided"
+de_handler:
+    movl (%esp), %eax
+    movl %eax, MARK
+    movl 8(%esp), %eax
+    movl %eax, MARK + 4
+    movl IRQ_ENABLED, %eax
+    movl %eax, MARK + 8
+    addl $2, (%esp)                         /* past the two bytes of divl %ecx */
+    iret
+""")
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host)) == "CRASH: divided"
+    assert machine.mark(0) == image["divide"]
+    assert machine.mark(1) & abi.IRQ_ENABLED_ON and machine.mark(2) == abi.IRQ_ENABLED_ON
+    assert machine.mark(3) == 1
+
+
+def test_an_invalid_opcode_reaches_the_guests_handler(machine_for):
+    machine, image = machine_for(r"""
+    INIT
+    IDT 6, ud_handler, 0xF
+bad:
+    ud2
+    CRASH "after ud2"
+ud_handler:
+    movl (%esp), %eax
+    movl %eax, MARK
+    addl $2, (%esp)
+    iret
+""")
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host)) == "CRASH: after ud2"
+    assert machine.mark(0) == image["bad"]
+
+
+GP_HANDLER = r"""
+gp_handler:                                 /* slot n at MARK + 8n + 40: error code, eip */
+    incl MARK + 40
+    movl MARK + 40, %esi
+    shll $3, %esi
+    movl (%esp), %eax
+    movl %eax, MARK+40(%esi)
+    movl 4(%esp), %eax
+    movl %eax, MARK+44(%esi)
+    movl 4(%esp), %ebx                      /* step over the int: `int $n` is 2 bytes */
+    cmpb $0xcd, (%ebx)
+    jne 1f
+    incl 4(%esp)
+1:  incl 4(%esp)
+    addl $4, %esp
+    iret
+"""
+
+
+def test_int_n_reaches_a_gate_only_where_lguest_let_the_cpu_go_direct(machine_for):
+    """int $0x80 to a DPL-3 trap gate is the guest's; int $0x21 (an interrupt vector) and
+    int3 to a DPL-0 gate hit lguest's own gates and arrive as #GP naming the vector."""
+    machine, image = machine_for(r"""
+    INIT
+    IDT 0x80, syscall_handler, 0xF, 3
+    IDT 3, never, 0xF, 0
+    IDT 13, gp_handler, 0xE
+    movl $0x200, IRQ_ENABLED
+    int $0x80
+after_syscall:
+int21:
+    int $0x21
+breakpoint:
+    int3
+    CRASH "ints"
+syscall_handler:
+    movl (%esp), %eax
+    movl %eax, MARK
+    iret
+never:
+    CRASH "a DPL-0 gate taken from ring 1"
+""" + GP_HANDLER)
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host)) == "CRASH: ints"
+    assert machine.mark(0) == image["after_syscall"]
+    assert machine.mark(10) == 2
+    assert (machine.mark(12), machine.mark(13)) == ((0x21 << 3) | 2, image["int21"])
+    assert (machine.mark(14), machine.mark(15)) == ((3 << 3) | 2, image["breakpoint"])
+
+
+def test_a_trap_without_a_handler_kills_with_lguests_message(machine_for):
+    machine, image = machine_for(r"""
+    INIT
+    IDT 14, pf_handler, 0xE                 /* a handler, but not for this trap */
+fault:
+    ud2
+pf_handler:
+    CRASH "wrong handler"
+""")
+    host = FakeHost(machine.ram)
+    reason = run(machine.cpu(host))
+    assert reason == "unhandled trap 6 at %#x (0)" % image["fault"]
+    assert host.kills == [reason]
+
+
+# --- in/out: lguest's emulate_insn ---------------------------------------------------------
+
+def test_in_reads_all_ones_and_out_is_skipped(machine_for):
+    machine, _ = machine_for(r"""
+    INIT
+    movl $0x12345678, %eax
+    inb $0x60, %al                          /* lguest: eax |= 0xFFFF */
+    movl %eax, MARK
+    movl $0x12345678, %eax
+    movw $0x3f8, %dx
+    inw %dx, %ax                            /* odd opcode: all of eax */
+    movl %eax, MARK + 4
+    movl $0x12345678, %eax
+    inl %dx, %eax
+    movl %eax, MARK + 8
+    movl $0x12345678, %eax
+    outb %al, $0x80
+    outl %eax, %dx
+    movl %eax, MARK + 12
+    CRASH "io"
+""")
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host)) == "CRASH: io"
+    assert [machine.mark(n) for n in range(4)] == [0x1234FFFF, 0xFFFFFFFF, 0xFFFFFFFF,
+                                                   0x12345678]
+
+
+@pytest.mark.parametrize("instruction, length", [("rep insb", 2), ("outsl", 1)])
+def test_string_io_is_a_general_protection_fault_for_the_guest(machine_for, instruction,
+                                                               length):
+    machine, image = machine_for(r"""
+    INIT
+    IDT 13, gp_handler, 0xE
+    movl $PAGE_OFFSET + 0xB0000, %%edi
+    movl $PAGE_OFFSET + 0xB0000, %%esi
+    movl $3, %%ecx
+io:
+    %s
+    movl %%edi, MARK + 8
+    movl %%esi, MARK + 12
+    movl %%ecx, MARK + 16
+    CRASH "string io"
+gp_handler:
+    movl (%%esp), %%eax
+    movl %%eax, MARK
+    movl 4(%%esp), %%eax
+    movl %%eax, MARK + 4
+    addl $%d, 4(%%esp)
+    addl $4, %%esp
+    iret
+""" % (instruction, length))
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host)) == "CRASH: string io"
+    assert (machine.mark(0), machine.mark(1)) == (0, image["io"])
+    # The instruction never began: its registers are as they were.
+    assert [machine.mark(n) for n in (2, 3, 4)] == [PAGE_OFFSET + 0xB0000] * 2 + [3]
+
+
+def test_string_io_without_a_gp_handler_kills(machine_for):
+    machine, image = machine_for(r"""
+    INIT
+io:
+    insb
+    CRASH "not reached"
+""")
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host)) == unhandled(abi.TRAP_GENERAL_PROTECTION, image["io"], 0)
+
+
+# --- TS: lazy FPU switching ------------------------------------------------------------
+
+def test_ts_makes_the_next_fpu_instruction_trap_into_the_guest(machine_for):
+    machine, image = machine_for(r"""
+    INIT
+    IDT 7, nm_handler, 0xE
+    HCALL 8, 1                              /* TS */
+fpu:
+    fld1                                    /* #NM; the handler clears TS; again */
+    movl $1, MARK + 4
+    fld1                                    /* TS is clear: no trap */
+    CRASH "fpu"
+nm_handler:
+    incl MARK
+    movl (%esp), %eax
+    movl %eax, MARK + 8
+    HCALL 8, 0
+    iret
+""")
+    host = FakeHost(machine.ram)
+    cpu = machine.cpu(host)
+    assert run(cpu) == "CRASH: fpu"
+    assert (machine.mark(0), machine.mark(1), machine.mark(2)) == (1, 1, image["fpu"])
+    assert cpu.ts == 0
+
+
+def test_ts_without_a_handler_for_7_kills(machine_for):
+    machine, image = machine_for(r"""
+    INIT
+    HCALL 8, 1
+fpu:
+    fninit
+    CRASH "not reached"
+""")
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host)) == unhandled(abi.TRAP_DEVICE_NOT_AVAILABLE, image["fpu"], 0)
+
+
+def test_fpu_without_ts_runs_untrapped(machine_for):
+    machine, _ = machine_for(r"""
+    INIT
+    fld1
+    fistpl MARK
+    CRASH "fpu"
+""")
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host)) == "CRASH: fpu"
+    assert machine.mark(0) == 1
+
+
+# --- the Waker's BREAK ----------------------------------------------------------------------
+
+def test_a_break_is_answered_at_a_slice_end_without_a_guest_hypercall(machine_for):
+    """lguest serviced a BREAK at least every host tick: a guest that only computes still
+    gets its input (the reply to the CPU's FLUSH_ASYNC carries it)."""
+    machine, _ = machine_for(r"""
+    INIT
+spin:
+    incl MARK
+    jmp spin
+""")
+
+    class Host(FakeHost):
+        def hypercall(self, call, arg1, arg2, arg3):
+            result = super().hypercall(call, arg1, arg2, arg3)
+            self.breaking = call == abi.LHCALL_LGUEST_INIT    # the Waker, just after boot
+            return result
+
+    host = Host(machine.ram)
+    cpu = machine.cpu(host, slice_instructions=1000)
+    assert run(cpu, until=lambda: host.breaks_answered == 1) == STOPPED
+    assert host.breaks_answered == 1
+    assert [c[0] for c in host.calls] == [abi.LHCALL_LGUEST_INIT, abi.LHCALL_FLUSH_ASYNC]

@@ -171,6 +171,8 @@ _HOST_GDT_ENTRIES = frozenset({abi.GDT_ENTRY_LGUEST_CS, abi.GDT_ENTRY_LGUEST_DS,
 _OPERAND_PREFIX = 0x66
 _IO_OPCODES = {0xE4: True, 0xEC: True, 0xE6: False, 0xEE: False}    # & 0xFE -> is "in"
 _INT_N = 0xCD                            # `int $n`; int3 and into are one byte
+_LEGACY_PREFIXES = frozenset({0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65})
+_ALL_IO_OPCODES = frozenset({*range(0x6C, 0x70), *range(0xE4, 0xE8), *range(0xEC, 0xF0)})
 _STRING_IO_REGS = (x86.UC_X86_REG_EIP, x86.UC_X86_REG_ESI, x86.UC_X86_REG_EDI,
                    x86.UC_X86_REG_ECX)
 _ACCESS_NAMES = {ucc.UC_MEM_READ_UNMAPPED: "read", ucc.UC_MEM_WRITE_UNMAPPED: "write",
@@ -802,6 +804,16 @@ class GuestCpu:
         is_in = _IO_OPCODES.get(insn & 0xFE)
         return None if is_in is None else (is_in, insn, shift)
 
+    def _is_io(self, eip: int) -> bool:
+        """Is the instruction at eip an I/O instruction (after up to four prefixes)?"""
+        raw = self._read_code(eip, 5)
+        if raw is None:
+            return False
+        for byte in raw:
+            if byte not in _LEGACY_PREFIXES:
+                return byte in _ALL_IO_OPCODES
+        return False
+
     def _refuse_io(self, uc: Uc, eip: int) -> None:
         """#GP(0) on an I/O instruction lguest would not emulate, as if it never began:
         its registers go back as they are now (Unicorn has already stored the first zero of
@@ -980,6 +992,10 @@ class GuestCpu:
             error, software = trap.error, False
         num = trap.vector
         eip, cs, _esp, _eflags = self._frame.read()
+        if not software and num != abi.TRAP_GENERAL_PROTECTION and self._is_io(eip):
+            # An ins/outs whose memory operand faulted: lguest's CPU checked the I/O
+            # permission first, and that was a #GP.
+            num, error = abi.TRAP_GENERAL_PROTECTION, 0
         if cs & 3 != abi.GUEST_PL:
             self._kill(eip, "trap %d in ring %d (lgnet's guests have no user mode)"
                        % (num, cs & 3))
