@@ -151,3 +151,79 @@ def test_a_real_guest_pings_a_host_port_and_the_port_sees_the_request(tmp_path):
         request = port.expect(lambda p: ICMP in p and p[ICMP].type == 8, timeout=10)
         assert request[IP].src == "10.0.0.1" and request[IP].dst == "10.0.0.9"
         assert request[Ether].dst == port.mac
+
+
+def test_a_guest_on_two_nets_pings_on_both_and_no_receive_buffer_crosses_a_page():
+    """lguest killed a guest whose receive buffer crossed a page ("bad DMA entry"): the
+    bundled kernel's second net device's buffers used to, on the first frame of lan1."""
+    result = up("scenarios/two-nets.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    want = {"alpha": ["10.0.0.2", "10.0.1.2"], "beta": ["10.0.0.1"], "gamma": ["10.0.1.1"]}
+    for name, targets in want.items():
+        console = lines_of(result.stdout, name)
+        for target in targets:
+            at = console.index("--- %s ping statistics ---" % target)
+            assert console[at + 1] == "3 packets transmitted, 3 received, 0% packet loss", console
+    alpha = lines_of(result.stdout, "alpha")
+    for dev in ("net0", "net1"):
+        assert "%s: tx 7 packets, rx 7 packets, 0 carrier errors, 0 length errors" % dev \
+            in alpha, alpha
+    *rows, _note = result.stdout.splitlines()[-4:]
+    assert [line.split()[-2:] for line in rows] == [["powered", "down"]] * 3
+    assert lgnet_shm() == []
+
+
+@pytest.mark.parametrize("word, why", [
+    ("pnig=10.0.0.2", "unknown option"),
+    ("count=abc", "not a number in"),
+    ("promisc=1", "this option takes no value:"),
+    ("ip=10.0.0", "bad value in"),
+])
+def test_a_command_line_word_the_bundled_kernel_cannot_follow_stops_it_naming_the_word(
+        tmp_path, word, why):
+    scenario = tmp_path / "typo.yaml"
+    scenario.write_text("networks: {lan0: {}}\nguests:\n"
+                        "  - {name: typo, kernel: bundled, nets: [lan0], "
+                        "cmdline: 'ip=10.0.0.1/24 %s'}\n" % word)
+    result = up(scenario)
+    assert result.returncode == 1, result.stdout + result.stderr
+    console = lines_of(result.stdout, "typo")
+    assert ("lguest: %s '%s'; the options are: ip= ping= flood= count= interval= timeout= "
+            "peers= linger= promisc block= poweroff hostile=" % (why, word)) in console, console
+    row = next(line for line in result.stdout.splitlines() if line.startswith("typo "))
+    assert row.endswith("killed: CRASH: %s '%s' on the command line" % (why, word)), row
+    assert lgnet_shm() == []
+
+
+def test_ping_on_a_guest_without_a_net_device_says_exactly_that(guests):
+    proc = guests.launch(kernel="bundled", args=["ping=10.0.0.1"])
+    out = guests.finish(proc)
+    assert proc.returncode == 1, out
+    assert "lgnet: guest died: CRASH: ping= needs a net device, and this guest has none" \
+        in out, out
+    assert "no ip= for a net device" not in out
+
+
+def test_console_input_reaches_a_guest_that_computes_without_hypercalls(broker):
+    """hostile=spin never makes a hypercall; lguest still serviced the Waker's BREAK at each
+    host tick, so keystrokes are echoed by its console interrupt."""
+    import os
+    import pty
+
+    from test_console import read_until
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "lgnet", "launch", "--broker", broker,
+                             "16", "bundled", "hostile=spin"], stdin=slave,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
+    out = proc.stdout.fileno()
+    try:
+        read_until(out, b"hostile: spin\n")
+        time.sleep(0.3)                       # well into the spin
+        os.write(master, b"typed while spinning")
+        read_until(out, b"typed while spinning")
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        os.close(master)
+        os.close(slave)

@@ -6,8 +6,10 @@
  * line pointer at 0x228, initrd size at 0x21C).  We say hello, tell the Host
  * where our lguest_data is, install our interrupt handlers, find our devices,
  * and then do what the command line asks.  The command line is the
- * Launcher's arguments after the kernel, joined by spaces; words we do not
- * know are ignored (Linux would have passed them to init):
+ * Launcher's arguments after the kernel, joined by spaces.  A word we do not
+ * know, or a value we cannot read, stops us at boot with a CRASH naming it
+ * (and the console lists the options we know): a typo such as pnig= would
+ * otherwise leave a Guest serving forever instead of pinging.
  *
  *   ip=A.B.C.D[/N][,...]   address of each net device, in order (default /24)
  *   ping=A.B.C.D[,...]     ping each in turn, print statistics, power down
@@ -57,23 +59,21 @@ static u32 prefix_mask(u32 bits)
 	return bits == 0 ? 0 : 0xFFFFFFFFu << (32 - (bits > 32 ? 32 : bits));
 }
 
-/* "A.B.C.D[/N],..." into up to max addresses (and masks, if masks). */
-static unsigned int parse_ip_list(const char *s, u32 *ips, u32 *masks, unsigned int max,
-				  const char *name)
+/* "A.B.C.D[/N],..." into up to max addresses (and masks, if masks); -1 if
+ * something in it is not an address. */
+static int parse_ip_list(const char *s, u32 *ips, u32 *masks, unsigned int max)
 {
-	unsigned int n = 0;
+	int n = 0;
 
-	while (*s && n < max) {
+	while (*s && (unsigned int)n < max) {
 		u32 ip = parse_ip(&s), bits = DEFAULT_PREFIX;
 
 		if (masks && *s == '/') {
 			s++;
 			bits = parse_uint(&s);
 		}
-		if (!ip || (*s && *s != ',')) {
-			printk("lguest: bad address in %s=\n", name);
-			break;
-		}
+		if (!ip || (*s && *s != ','))
+			return -1;
 		ips[n] = ip;
 		if (masks)
 			masks[n] = prefix_mask(bits);
@@ -84,18 +84,114 @@ static unsigned int parse_ip_list(const char *s, u32 *ips, u32 *masks, unsigned 
 	return n;
 }
 
-/* If word is "name=value", the value; else NULL. */
-static const char *option(const char *word, const char *name)
+static int set_ips(const char *v)
 {
-	size_t n = strlen(name);
+	int n = parse_ip_list(v, opt.ip, opt.netmask, MAX_NET_DEVS);
 
-	return strncmp(word, name, n) == 0 && word[n] == '=' ? word + n + 1 : NULL;
+	opt.num_ips = n < 0 ? 0 : (unsigned int)n;
+	return n >= 0;
+}
+
+static int set_targets(const char *v)
+{
+	int n = parse_ip_list(v, opt.targets, NULL, MAX_TARGETS);
+
+	opt.num_targets = n < 0 ? 0 : (unsigned int)n;
+	return n >= 0;
+}
+
+static int set_block(const char *v)
+{
+	opt.block_test = 1;
+	return strcmp(v, "test") == 0;
+}
+
+static int set_hostile(const char *v)
+{
+	opt.hostile = v;
+	return 1;
+}
+
+/*
+ * Every option, once: parse_cmdline() and the list in its refusal both read
+ * this table.  A FLAG stands alone ("promisc"); the others are "name=value",
+ * a NUMBER in decimal digits, anything else checked by its own set().
+ */
+static const struct cmdline_option {
+	const char *name;
+	enum { NUMBER, FLAG, OTHER } kind;
+	void *target;			/* NUMBER: u32 *; FLAG: int * */
+	int (*set)(const char *value);	/* OTHER: 0 if the value is bad */
+} options[] = {
+	{ "ip", OTHER, NULL, set_ips },
+	{ "ping", OTHER, NULL, set_targets },
+	{ "flood", NUMBER, &opt.flood_s, NULL },
+	{ "count", NUMBER, &opt.count, NULL },
+	{ "interval", NUMBER, &opt.interval_ms, NULL },
+	{ "timeout", NUMBER, &opt.timeout_ms, NULL },
+	{ "peers", NUMBER, &opt.peers, NULL },
+	{ "linger", NUMBER, &opt.linger_ms, NULL },
+	{ "promisc", FLAG, &opt.promisc, NULL },
+	{ "block", OTHER, NULL, set_block },
+	{ "poweroff", FLAG, &opt.poweroff, NULL },
+	{ "hostile", OTHER, NULL, set_hostile },
+};
+
+/* Stop at boot over a word we cannot follow: the console shows what we know,
+ * the CRASH reason (what `lgnet up` prints for this Guest) names the word. */
+static void __attribute__((noreturn)) refuse(const char *why, const char *word)
+{
+	static char reason[CRASH_MESSAGE_MAX];
+	unsigned int i;
+
+	printk("lguest: %s '%s'; the options are:", why, word);
+	for (i = 0; i < ARRAY_SIZE(options); i++)
+		printk(" %s%s", options[i].name, options[i].kind == FLAG ? "" : "=");
+	printk("\n");
+	snprintf(reason, sizeof(reason), "%s '%s' on the command line", why, word);
+	crash(reason);
+}
+
+static void parse_word(const char *word)
+{
+	const struct cmdline_option *o = NULL;
+	const char *value = NULL, *v;
+	size_t name_len = 0;
+	unsigned int i;
+
+	while (word[name_len] && word[name_len] != '=')
+		name_len++;
+	if (word[name_len] == '=')
+		value = word + name_len + 1;
+	for (i = 0; i < ARRAY_SIZE(options); i++)
+		if (strlen(options[i].name) == name_len
+		    && strncmp(word, options[i].name, name_len) == 0)
+			o = &options[i];
+	if (!o)
+		refuse("unknown option", word);
+	if (o->kind == FLAG) {
+		if (value)
+			refuse("this option takes no value:", word);
+		*(int *)o->target = 1;
+		return;
+	}
+	if (!value || !*value)
+		refuse("this option needs a value:", word);
+	if (o->kind == OTHER) {
+		if (!o->set(value))
+			refuse("bad value in", word);
+		return;
+	}
+	v = value;
+	*(u32 *)o->target = parse_uint(&v);
+	if (*v)
+		refuse("not a number in", word);
 }
 
 static void parse_cmdline(char *s)
 {
 	while (*s) {
-		const char *word, *v;
+		const char *word;
 
 		while (*s == ' ')
 			s++;
@@ -104,31 +200,8 @@ static void parse_cmdline(char *s)
 			s++;
 		if (*s)
 			*s++ = '\0';	/* each word becomes a string of its own */
-
-		if ((v = option(word, "ip")))
-			opt.num_ips = parse_ip_list(v, opt.ip, opt.netmask, MAX_NET_DEVS, "ip");
-		else if ((v = option(word, "ping")))
-			opt.num_targets = parse_ip_list(v, opt.targets, NULL, MAX_TARGETS, "ping");
-		else if ((v = option(word, "count")))
-			opt.count = parse_uint(&v);
-		else if ((v = option(word, "interval")))
-			opt.interval_ms = parse_uint(&v);
-		else if ((v = option(word, "timeout")))
-			opt.timeout_ms = parse_uint(&v);
-		else if ((v = option(word, "peers")))
-			opt.peers = parse_uint(&v);
-		else if ((v = option(word, "flood")))
-			opt.flood_s = parse_uint(&v);
-		else if ((v = option(word, "linger")))
-			opt.linger_ms = parse_uint(&v);
-		else if (strcmp(word, "poweroff") == 0)
-			opt.poweroff = 1;
-		else if ((v = option(word, "block")))
-			opt.block_test = strcmp(v, "test") == 0;
-		else if ((v = option(word, "hostile")))
-			opt.hostile = v;
-		else if (strcmp(word, "promisc") == 0)
-			opt.promisc = 1;
+		if (*word)
+			parse_word(word);
 	}
 	if (opt.count > 0xFFFF)		/* icmp_seq is 16 bits */
 		opt.count = 0xFFFF;
@@ -423,6 +496,8 @@ void start_kernel(u32 boot_pa)
 		       IP_ARGS(opt.ip[i]), IP_ARGS(opt.netmask[i]));
 	}
 	net_publish(opt.promisc);
+	if (opt.num_targets && !num_net_devs)
+		crash("ping= needs a net device, and this guest has none");
 	block_init();
 	irq_enable();
 	printk("lguest: ready\n");

@@ -18,13 +18,19 @@ struct net_dev net_devs[MAX_NET_DEVS];
 unsigned int num_net_devs;
 
 /* Eight receive buffers of one Ethernet frame each.  A DMA piece may not
- * cross a page, so two buffers share each page, at 0 and 2048. */
+ * cross a page (the Host kills us: "bad DMA entry"), so two buffers share
+ * each page, at 0 and 2048 -- in every device's ring: the ring type itself is
+ * page-aligned, so the second device's ring starts on a page too. */
 #define RX_STRIDE 2048
 struct rx_ring {
 	u8 buf[NUM_NET_RX_BUFFERS][RX_STRIDE];
 	struct lguest_dma dma[NUM_NET_RX_BUFFERS];
-};
-static struct rx_ring rx_rings[MAX_NET_DEVS] __attribute__((aligned(PAGE_SIZE)));
+} __attribute__((aligned(PAGE_SIZE)));
+static struct rx_ring rx_rings[MAX_NET_DEVS];
+
+_Static_assert(ETH_FRAME_LEN <= RX_STRIDE && PAGE_SIZE % RX_STRIDE == 0,
+	       "a receive buffer must not cross a page");
+_Static_assert(sizeof(struct rx_ring) % PAGE_SIZE == 0, "every ring starts on a page");
 
 /* One transmit buffer for everybody; callers hold interrupts off. */
 static u8 tx_buf[PAGE_SIZE] __attribute__((aligned(PAGE_SIZE)));
