@@ -368,7 +368,8 @@ class GuestCpu:
     memory_map: (guest-physical base, writable buffer) pairs, whole pages, all below
     LGUEST_GUEST_TOP: RAM and device pages, mapped in place. start: the virtual entry point
     (page_offset + physical). pgdir: the physical address of the Launcher's page directory.
-    page_offset is kept for reference only: the CPU walks the guest's page tables instead.
+    page_offset: where emulate_insn() told kernel code (emulated in/out) from user code; the
+    CPU otherwise walks the guest's page tables.
     """
 
     def __init__(self, memory_map: list[tuple[int, object]], start: int, pgdir: int,
@@ -781,7 +782,7 @@ class GuestCpu:
             self._refuse_io(uc, eip)
             return 0
         _, insn, shift = emulated
-        eax = abi.U32_MASK if insn & 1 else eax | (0xFFFF << shift) & abi.U32_MASK
+        eax = abi.U32_MASK if insn & 1 else eax | ((0xFFFF << shift) & abi.U32_MASK)
         uc.reg_write(x86.UC_X86_REG_EAX, eax)
         return eax & ((1 << 8 * size) - 1)     # what the instruction itself writes back
 
