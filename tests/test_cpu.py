@@ -1079,3 +1079,44 @@ spin:
     assert run(cpu, until=lambda: host.breaks_answered == 1) == STOPPED
     assert host.breaks_answered == 1
     assert [c[0] for c in host.calls] == [abi.LHCALL_LGUEST_INIT, abi.LHCALL_FLUSH_ASYNC]
+
+
+def test_a_gate_the_guest_took_back_is_no_handler(machine_for):
+    """LOAD_IDT_ENTRY without the present bit empties the entry (set_trap), and a trap there
+    is unhandled; the gate is checked when the trap comes, not when it was loaded."""
+    machine, image = machine_for(r"""
+    INIT
+    IDT 13, gp_handler, 0xE
+    HCALL 6, 13, 0, 0                       /* not present */
+fault:
+    cli
+gp_handler:
+    CRASH "a gate that is not there"
+""")
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host)) == unhandled(abi.TRAP_GENERAL_PROTECTION, image["fault"], 0)
+
+
+def test_in_below_page_offset_is_not_emulated(machine_for):
+    """emulate_insn() only decoded kernel code (EIP >= page_offset): `in` anywhere else is the
+    guest's #GP. The guest maps its own code at physical = virtual too and runs it there."""
+    machine, image = machine_for(r"""
+    INIT
+    IDT 13, gp_handler, 0xE
+    movl $%(ptes)#x | 7, PAGE_OFFSET + %(pgdir)#x   /* PDE 0: the first 4 MiB, 1:1 */
+    HCALL 15, %(pgdir)#x, 0
+    movl $low - PAGE_OFFSET, %%eax
+    jmp *%%eax
+low:
+    inb $0x60, %%al
+    CRASH "in emulated below page_offset"
+gp_handler:
+    movl (%%esp), %%eax
+    movl %%eax, MARK
+    movl 4(%%esp), %%eax
+    movl %%eax, MARK + 4
+    CRASH "gp"
+""" % dict(ptes=PTES, pgdir=PGDIR))
+    host = FakeHost(machine.ram)
+    assert run(machine.cpu(host)) == "CRASH: gp"
+    assert (machine.mark(0), machine.mark(1)) == (0, image["low"] - PAGE_OFFSET)
