@@ -807,12 +807,12 @@ class GuestCpu:
 
     def _is_io(self, eip: int) -> bool:
         """Is the instruction at eip an I/O instruction (after up to four prefixes)?"""
-        raw = self._read_code(eip, 5)
-        if raw is None:
-            return False
-        for byte in raw:
-            if byte not in _LEGACY_PREFIXES:
-                return byte in _ALL_IO_OPCODES
+        for at in range(5):
+            raw = self._read_code((eip + at) & abi.U32_MASK, 1)
+            if raw is None:
+                return False
+            if raw[0] not in _LEGACY_PREFIXES:
+                return raw[0] in _ALL_IO_OPCODES
         return False
 
     def _refuse_io(self, uc: Uc, eip: int) -> None:
