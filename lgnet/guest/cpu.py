@@ -491,18 +491,6 @@ class GuestCpu:
             return None
         return (pte & _PAGE_MASK) | (vaddr & (abi.PAGE_SIZE - 1))
 
-    def _read_code(self, vaddr: int, length: int) -> bytes | None:
-        """Instruction bytes at a virtual address (one page at a time), or None."""
-        out = b""
-        while len(out) < length:
-            phys = self._virt_to_phys((vaddr + len(out)) & abi.U32_MASK, write=False)
-            room = abi.PAGE_SIZE - (vaddr + len(out)) % abi.PAGE_SIZE
-            piece = None if phys is None else self._phys(phys, min(room, length - len(out)))
-            if piece is None:
-                return None
-            out += bytes(piece)
-        return out
-
     # --- the Switcher, the GDT and ring 1 -------------------------------------------------
 
     def _build_switcher(self) -> None:
@@ -796,8 +784,8 @@ class GuestCpu:
         """emulate_insn()'s decoding: (is "in", opcode, shift of the all-ones), or None."""
         if eip < self.page_offset:
             return None
-        raw = self._read_code(eip, 2)
-        if raw is None:
+        raw = self.read_virtual(eip, 2)
+        if len(raw) < 2:
             return None
         insn, shift = raw[0], 0
         if insn == _OPERAND_PREFIX:
@@ -807,12 +795,9 @@ class GuestCpu:
 
     def _is_io(self, eip: int) -> bool:
         """Is the instruction at eip an I/O instruction (after up to four prefixes)?"""
-        for at in range(5):
-            raw = self._read_code((eip + at) & abi.U32_MASK, 1)
-            if raw is None:
-                return False
-            if raw[0] not in _LEGACY_PREFIXES:
-                return raw[0] in _ALL_IO_OPCODES
+        for byte in self.read_virtual(eip, 5):      # as far as it is mapped
+            if byte not in _LEGACY_PREFIXES:
+                return byte in _ALL_IO_OPCODES
         return False
 
     def _refuse_io(self, uc: Uc, eip: int) -> None:
@@ -1042,8 +1027,8 @@ class GuestCpu:
 
     def _int_start(self, next_eip: int, num: int) -> int:
         """Where the `int` that raised num began: `int $n` is two bytes, int3/into one."""
-        raw = self._read_code((next_eip - 2) & abi.U32_MASK, 2)
-        if raw is not None and raw[0] == _INT_N and raw[1] == num:
+        raw = self.read_virtual((next_eip - 2) & abi.U32_MASK, 2)
+        if raw == bytes([_INT_N, num]):
             return (next_eip - 2) & abi.U32_MASK
         return (next_eip - 1) & abi.U32_MASK
 
