@@ -22,9 +22,13 @@ LGUEST_MAX_DMA = 32            # DMA arrays one guest may have bound at once
 LGUEST_IRQS = 32               # virtual interrupt lines; 0 is the timer
 DMA_HASH_BUCKETS = 61          # the Host's one global dma_hash
 # lguest's host table held 16 guests; lgnet raises it so one net can host the scale
-# benchmark's 128 guests plus ports. The guest id is still the index in this table.
+# benchmark's 128 guests plus ports. The guest id is still the index in this table (from a
+# base the Host may be given: GUEST_ID_LIMIT).
 LGUEST_MAX_GUESTS_2623 = 16
 MAX_GUESTS = 256
+# lguest_data.guestid is a u16, and lguest_net's MAC is 02:00:<guestid le16>:00:00: unique on
+# one Host. Labs whose nets an uplink joins number their guests from bases apart (lgnet's own).
+GUEST_ID_LIMIT = 1 << 16
 LGUEST_CONSOLE_DMA_KEY = 0
 TIMER_IRQ = 0
 

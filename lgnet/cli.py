@@ -27,7 +27,8 @@ def cmd_broker(args) -> int:
     try:
         run_broker(path, args.watch_fd, args.ready_fd, args.capture,
                    dict(parse_net_name(text) for text in args.net), args.owns_directory,
-                   on_listening=say_listening)
+                   on_listening=say_listening,
+                   first_guest_id=check_first_guest_id(args.first_guest_id))
     except OSError as exc:
         raise LgnetError("broker: %s" % (exc.strerror or exc)) from None
     return 0
@@ -58,6 +59,13 @@ class DeviceOption(argparse.Action):
         setattr(namespace, self.dest, devices)
 
 
+def check_first_guest_id(first: int) -> int:
+    if not 0 <= first <= abi.GUEST_ID_LIMIT - abi.MAX_GUESTS:
+        raise LgnetError("--first-guest-id must be from 0 to %d, got %d"
+                         % (abi.GUEST_ID_LIMIT - abi.MAX_GUESTS, first))
+    return first
+
+
 def parse_net_name(text: str) -> tuple[str, str]:
     """--net NAME=PATH -> (PATH, NAME)."""
     name, sep, path = text.partition("=")
@@ -68,7 +76,8 @@ def parse_net_name(text: str) -> tuple[str, str]:
 
 def cmd_up(args) -> int:
     from lgnet.lab import run_up
-    return run_up(args.scenario, duration=args.duration, out=sys.stdout, pcap=args.pcap)
+    return run_up(args.scenario, duration=args.duration, out=sys.stdout, pcap=args.pcap,
+                  uplink=args.uplink)
 
 
 def cmd_test(args) -> int:
@@ -123,6 +132,7 @@ def cmd_dump(args) -> int:
 def cmd_slots(args) -> int:
     from lgnet import netfile
     from lgnet.lab import BROKER_SOCKET, find_net, guest_names, running_labs
+    from lgnet.uplink import holder
     path = args.net
     if args.lab is not None or not os.path.exists(path):
         path = find_net(args.net, args.lab)
@@ -139,10 +149,12 @@ def cmd_slots(args) -> int:
                                                  "holder pids"))
     for s in table:
         guest = ", ".join(sorted({names[pid] for pid in s.pids if pid in names})) or "-"
+        what = holder(s.mac) if s.locked else None      # an uplink: its TAP, its bridge
         print("%4d  %-17s  %-7s  %-6s  %-12s  %s" % (
             s.slot, s.mac_text, "yes" if s.promisc else "no",
             "held" if s.locked else "stale" if s.stale else "free", guest,
-            " ".join(map(str, s.pids)) or ("-" if not s.locked else "(not visible)")))
+            " ".join(map(str, s.pids)) or ("-" if not s.locked else "(not visible)"))
+              + ("  (%s)" % what if what else ""))
     if not table:
         print("(no slot in use)")
     return 0
@@ -212,6 +224,10 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--pcap", metavar="DIR",
                     help="record every delivery: DIR/<net>.pcapng per net (read it live with "
                          "`lgnet dump`, tshark or scapy)")
+    up.add_argument("--uplink", action="append", default=[],
+                    metavar="NET=bridge:BR[,vxlan:ID,remote:IP,dev:IF]|NET=tap:NAME",
+                    help="join NET to a kernel bridge (or a TAP) beyond this host; replaces "
+                         "the scenario's uplink: of that net (needs CAP_NET_ADMIN)")
     up.set_defaults(func=cmd_up)
 
     test = sub.add_parser("test", help="run a scenario and check its expect: list "
@@ -262,6 +278,9 @@ def parser() -> argparse.ArgumentParser:
                         help="record every delivery: one pcapng per net file in DIR")
     broker.add_argument("--net", action="append", default=[], metavar="NAME=PATH",
                         help="name the capture of this net file (default: its file name)")
+    broker.add_argument("--first-guest-id", type=int, default=0, metavar="N",
+                        help="number guests from N (lguest_net's MAC is 02:00:<guest id>:00:00: "
+                             "Hosts whose nets an uplink joins need ranges apart)")
     broker.add_argument("--watch-fd", type=int, help=argparse.SUPPRESS)
     broker.add_argument("--owns-directory", action="store_true", help=argparse.SUPPRESS)
     broker.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -276,7 +295,10 @@ def parser() -> argparse.ArgumentParser:
                         "devices are added in command-line order, at most %d and the "
                         "console" % (abi.MAX_DEVICES - 1))
     launch.add_argument("--tunnet", action=DeviceOption, dest="devices",
-                        metavar="IP|bridge:NAME", help="a network to the host")
+                        metavar="IP|bridge:NAME|tap:NAME",
+                        help="a network to the host: a TAP with this address, in this bridge "
+                             "(with ,vxlan:ID,remote:IP,dev:IF also a VXLAN port there), or "
+                             "of this name")
     launch.add_argument("--block", action=DeviceOption, dest="devices", metavar="FILE",
                         help="a block device backed by FILE")
     launch.add_argument("--initrd", metavar="FILE", help="an initrd placed at the top of RAM")

@@ -10,7 +10,8 @@ launcher (its shared-memory name is unlinked at creation).
 With capture on, the broker writes one pcapng per net (lgnet.fabric.capture) into the lab's
 capture directory; the lab tells the broker each net's name and each launcher's guest name, so
 the files speak the scenario's language. Host ports (`port()`) are guests too: each has its own
-launcher, which the lab owns like the others.
+launcher, which the lab owns like the others; so is each net's uplink (lgnet.uplink), started
+before the guests so that nothing they send early misses the world beyond the host.
 
 This is the Python API that `lgnet up`, `lgnet test`, the tests and the benchmark share.
 """
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from lgnet import abi, netfile, wire
+from lgnet import uplink as uplinks
 from lgnet.errors import LgnetError
 from lgnet.fabric import capture as pcapng
 from lgnet.scenario import NAME_PATTERN, GuestSpec, Scenario, load_scenario
@@ -132,6 +134,7 @@ class Lab:
         self.watch_w: int | None = None
         self.guests: list[GuestRun] = []
         self.ports: list = []                      # lgnet.hostport.Port
+        self.uplinks: list[uplinks.Uplink] = []
         self.out_lock = threading.Lock()
         self.started_at: float | None = None       # wall clock, when the guests were started
         self._readers: dict[str, pcapng.Reader] = {}
@@ -156,7 +159,11 @@ class Lab:
                                                                    name + NET_SUFFIX)
 
     def start(self) -> None:
+        uplinks.check_privilege(self.scenario)
         self.start_broker()
+        for net, network in self.scenario.networks.items():
+            if network.uplink is not None:
+                self.start_uplink(net, network.uplink)
         self.started_at = time.time()
         for spec in self.scenario.guests:
             self.start_guest(spec)
@@ -172,11 +179,13 @@ class Lab:
                 # the broker find out (it checks again, for two labs starting at once).
                 pcapng.check_free(os.path.join(self.capture_dir, net + pcapng.CAPTURE_SUFFIX))
                 capture += ["--net", "%s=%s" % (net, self.net_file(net))]
+        ids = ["--first-guest-id", str(self.scenario.first_guest_id)] \
+            if self.scenario.first_guest_id else []
         self.broker = subprocess.Popen(
             [sys.executable, "-m", "lgnet", "broker", "--quiet", "--die-with-parent",
              "--owns-directory",
              "--socket", self.socket_path, "--watch-fd", str(watch_r), "--ready-fd", str(ready_w)]
-            + capture, pass_fds=(watch_r, ready_w), stdin=subprocess.DEVNULL)
+            + capture + ids, pass_fds=(watch_r, ready_w), stdin=subprocess.DEVNULL)
         os.close(watch_r)
         os.close(ready_w)
         with os.fdopen(ready_r, "rb") as ready:
@@ -209,6 +218,7 @@ class Lab:
         steps = []
         for index, net in enumerate(spec.nets):
             peers = sum(1 for g in self.scenario.guests if g is not spec and net in g.nets)
+            peers += self.scenario.networks[net].uplink is not None    # its slot counts too
             steps.append("await:%d:%d:%d" % (index, peers, DEFAULT_AWAIT_SECONDS))
         for step in spec.script:
             if step.kind == "wait":
@@ -260,6 +270,16 @@ class Lab:
             lines += ["capture of %s: %s" % (net, self.capture_path(net))
                       for net in self.scenario.networks]
         return lines
+
+    def start_uplink(self, net: str, spec) -> uplinks.Uplink:
+        """The uplink of `net` (a tun.TunSpec: a TAP in a bridge, or a named TAP), once up."""
+        command = [sys.executable, "-m", "lgnet", "launch", "--broker", self.socket_path,
+                   "--no-console-input", "--die-with-parent", "--sharenet", self.net_file(net)]
+        run = self._spawn(uplinks.guest_spec(net), command + uplinks.launch_args(spec))
+        link = uplinks.Uplink(net, spec, run)
+        self.uplinks.append(link)
+        link.wait_ready()
+        return link
 
     # --- host ports -----------------------------------------------------------------------
 
@@ -328,7 +348,7 @@ class Lab:
             if net not in self._readers:
                 self._readers[net] = pcapng.Reader(path)
                 self._delivered[net] = []
-            runs = self.guests + [p.run for p in self.ports]
+            runs = self.guests + [p.run for p in self.ports + self.uplinks]
             names = {run.process.pid: run.name for run in runs}
             for d in pcapng.deliveries(self._readers[net]):
                 # The broker names guests as the lab told it; one it missed: by its pid.
@@ -355,7 +375,7 @@ class Lab:
     def guest(self, name: str) -> GuestRun:
         """A guest (or port) by name, its counters fetched now: .console_text, .stats,
         .kill(), .wait()."""
-        for run in self.guests + [p.run for p in self.ports]:
+        for run in self.guests + [p.run for p in self.ports + self.uplinks]:
             if run.name == name:
                 self.collect()
                 return run
@@ -396,7 +416,7 @@ class Lab:
         finally:
             channel.close()
         by_pid = {row["pid"]: row for row in json.loads(reply.tail or b"[]")}
-        for run in self.guests + [p.run for p in self.ports]:
+        for run in self.guests + [p.run for p in self.ports + self.uplinks]:
             run.stats = by_pid.get(run.process.pid, run.stats)
 
     def broker_stats(self) -> dict:
@@ -413,10 +433,14 @@ class Lab:
         """Stop every process and remove the runtime directory; safe to call twice."""
         if self.broker is not None and self.broker.poll() is None:
             self.collect()
-        runs = self.guests + [p.run for p in self.ports]
+        runs = self.guests + [p.run for p in self.ports + self.uplinks]
+        for link in self.uplinks:
+            link.count()                   # the TAP goes with its Launcher
         for run in runs:
             run.stopped = run.process.poll() is None
             terminate(run.process)
+        for link in self.uplinks:
+            link.leftovers()
         for port in self.ports:
             port.close()
         for run in runs:
@@ -563,10 +587,11 @@ def results_table(guests: list[GuestRun]) -> str:
 
 
 def run_up(path: str, duration: float | None = None, out: TextIO = sys.stdout,
-           pcap: str | None = None) -> int:
+           pcap: str | None = None, uplink: list[str] = ()) -> int:
     """Bring the scenario up, wait for its end, print the table; 0 when no guest was killed.
-    With pcap=DIR, DIR/<net>.pcapng records every delivery on each net."""
-    scenario = load_scenario(path)
+    With pcap=DIR, DIR/<net>.pcapng records every delivery on each net; `uplink` holds
+    `--uplink NET=...` options (lgnet.uplink.parse_option)."""
+    scenario = uplinks.with_uplinks(load_scenario(path), list(uplink))
     duration = duration if duration is not None else scenario.duration
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     lab = Lab(scenario, out, pcap=pcap)
@@ -581,7 +606,10 @@ def run_up(path: str, duration: float | None = None, out: TextIO = sys.stdout,
         interrupted = True
     finally:
         lab.stop()
-    out.write("\n" + results_table(lab.guests) + "\n" + TABLE_NOTE + "\n")
+    out.write("\n" + results_table(lab.guests + [u.run for u in lab.uplinks]) + "\n"
+              + TABLE_NOTE + "\n")
+    for link in lab.uplinks:
+        out.write(link.describe() + "\n")
     if pcap is not None:
         out.write("capture: %s\n" % " ".join(sorted(
             os.path.join(pcap, f) for f in os.listdir(pcap) if f.endswith(pcapng.CAPTURE_SUFFIX))))

@@ -31,10 +31,13 @@ from lgnet import abi
 from lgnet.errors import LgnetError
 from lgnet.filters import FilterError, compile_filter
 from lgnet.filekind import describe_file
+from lgnet.guest.devices import tun
+from lgnet.guest.devices.tun import TunSpec, Vxlan
 from lgnet.guest.images import BUNDLED_KERNEL, BUNDLED_NAME
 from lgnet.guest.loader import load_kernel
 
 NAME_PATTERN = r"[a-z][a-z0-9_-]{0,30}"
+UPLINK_NAME = "uplink:%s"            # a net's uplink, in captures and expect: (':' is in no name)
 DRIVERS = ("python",)
 SEND_TARGETS = ("broadcast", "peers")
 DEFAULT_MEM_MB = 32
@@ -44,8 +47,10 @@ MAX_PORT = 65535                     # a TCP port; 0 asks for any free one
 MAX_SEND_COUNT = 65536
 _NULL_TAG = "tag:yaml.org,2002:null"
 
-TOP_KEYS = ("duration", "networks", "guests", "expect")
-NETWORK_KEYS = ("file",)
+TOP_KEYS = ("duration", "networks", "guests", "expect", "first_guest_id")
+NETWORK_KEYS = ("file", "uplink")
+UPLINK_KEYS = ("bridge", "tap", "vxlan")
+VXLAN_KEYS = ("id", "remote", "dev")
 GUEST_KEYS = ("name", "mem", "kernel", "driver", "nets", "promisc", "ip", "cmdline", "args",
               "block", "initrd", "script", "gdb")
 STEP_KEYS = ("send", "net", "count", "wait", "ping")
@@ -59,9 +64,11 @@ MAX_EXPECT_COUNT = 1 << 20
 
 @dataclass(frozen=True)
 class Network:
-    """A net file. `file` None: the lab puts one in its private runtime directory."""
+    """A net file. `file` None: the lab puts one in its private runtime directory. `uplink`:
+    the TAP (in a bridge) that joins this net to the world beyond this host (lgnet.uplink)."""
     name: str
     file: Path | None = None
+    uplink: TunSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,9 @@ class Scenario:
     networks: dict[str, Network]
     guests: list[GuestSpec]
     expect: list[Expectation]
+    # The guest id the lab's Host gives its first guest: lguest_net's MAC is 02:00:<guest
+    # id>:00:00, so labs whose nets are uplinked to each other need ranges apart.
+    first_guest_id: int = 0
 
 
 # --- generic checks -----------------------------------------------------------------------
@@ -403,8 +413,15 @@ def _scenario(root: _Node, path: Path) -> Scenario:
             ports.append((guests[-1].gdb, fields["gdb"]))
     _no_repeats(names, "guest name")
     _no_repeats(ports, "gdb port")
-    expect = top.get_or("expect", lambda n: _expect(n, [g.name for g in guests], networks), [])
-    return Scenario(path, duration, networks, guests, expect)
+    members = [g.name for g in guests] + [UPLINK_NAME % name for name, network in
+                                          networks.items() if network.uplink is not None]
+    expect = top.get_or("expect", lambda n: _expect(n, members, networks), [])
+    last_base = abi.GUEST_ID_LIMIT - abi.MAX_GUESTS
+    first_id = top.get_or("first_guest_id", lambda n: n.scalar(
+        lambda v: _is_int(v) and 0 <= v <= last_base,
+        "a guest id from 0 to %d (ids are 16 bits, a Host has %d)" % (last_base,
+                                                                       abi.MAX_GUESTS)), 0)
+    return Scenario(path, duration, networks, guests, expect, first_id)
 
 
 def _networks(node: _Node, base: Path) -> dict[str, Network]:
@@ -416,9 +433,32 @@ def _networks(node: _Node, base: Path) -> dict[str, Network]:
         file = fields.get_or("file", lambda n: n.file_path(base), None)
         if file is not None:
             files.append((file.resolve(), fields["file"]))
-        networks[name] = Network(name, file)
+        networks[name] = Network(name, file, fields.get_or("uplink", _uplink, None))
     _no_repeats(files, "net file")
     return networks
+
+
+def _uplink(node: _Node) -> TunSpec:
+    """`uplink: {bridge: br0}`, `{tap: NAME}` (or both: that TAP in that bridge), and with a
+    bridge optionally `vxlan: {id: 42, remote: A.B.C.D, dev: IFACE}`."""
+    fields = node.fields(UPLINK_KEYS)
+    if "bridge" not in fields and "tap" not in fields:
+        node.fail("needs 'bridge' or 'tap' (or both)")
+    fields.only_with("vxlan", "bridge")
+    return TunSpec(bridge=fields.get_or("bridge", _ifname, None),
+                   tap=fields.get_or("tap", _ifname, None),
+                   vxlan=fields.get_or("vxlan", _vxlan, None))
+
+
+def _vxlan(node: _Node) -> Vxlan:
+    fields = node.fields(VXLAN_KEYS)
+    return Vxlan(fields.need("id").scalar(tun.is_vxlan_id, tun.VXLAN_ID_WHAT),
+                 fields.need("remote").scalar(tun.is_ipv4, tun.REMOTE_WHAT),
+                 _ifname(fields.need("dev")))
+
+
+def _ifname(node: _Node) -> str:
+    return node.scalar(tun.is_ifname, tun.IFNAME_WHAT)
 
 
 def _guest(fields: _Fields, networks: dict[str, Network], base: Path) -> GuestSpec:

@@ -139,7 +139,7 @@ BAD = {
     "unknown top-level key": (
         "guests:\n" + DRIVER + "durration: 3\n",
         4, "durration: unknown key (did you mean 'duration'?) (allowed: duration, networks, "
-           "guests, expect)"),
+           "guests, expect, first_guest_id)"),
     "guests missing": (
         "duration: 3\n",
         1, "guests: is required"),
@@ -169,7 +169,39 @@ BAD = {
         1, "networks: must be a mapping, got a list"),
     "network unknown key": (
         "networks:\n  lan0: {path: x}\nguests:\n" + DRIVER,
-        2, "networks.lan0.path: unknown key (allowed: file)"),
+        2, "networks.lan0.path: unknown key (allowed: file, uplink)"),
+    "uplink without bridge or tap": (
+        "networks:\n  lan0:\n    uplink: {}\nguests:\n" + DRIVER,
+        3, "networks.lan0.uplink: needs 'bridge' or 'tap' (or both)"),
+    "uplink unknown key": (
+        "networks:\n  lan0:\n    uplink: {bridge: br0, gre: 1}\nguests:\n" + DRIVER,
+        3, "networks.lan0.uplink.gre: unknown key (allowed: bridge, tap, vxlan)"),
+    "uplink bridge not an interface name": (
+        "networks:\n  lan0:\n    uplink: {bridge: my bridge}\nguests:\n" + DRIVER,
+        3, "networks.lan0.uplink.bridge: must be an interface name (1 to 15 characters, no "
+           "'/', ':' or spaces), got 'my bridge'"),
+    "uplink vxlan without a bridge": (
+        "networks:\n  lan0:\n    uplink:\n      tap: lg0\n      vxlan: {id: 1}\n"
+        "guests:\n" + DRIVER,
+        5, "networks.lan0.uplink.vxlan: only allowed with 'bridge'"),
+    "uplink vxlan id out of range": (
+        "networks:\n  lan0:\n    uplink:\n      bridge: br0\n"
+        "      vxlan: {id: 16777216, remote: 10.254.0.2, dev: veth0}\nguests:\n" + DRIVER,
+        5, "networks.lan0.uplink.vxlan.id: must be a VXLAN network identifier, a whole number "
+           "from 0 to 16777215, got 16777216"),
+    "uplink vxlan remote not an address": (
+        "networks:\n  lan0:\n    uplink:\n      bridge: br0\n"
+        "      vxlan: {id: 42, remote: hostb, dev: veth0}\nguests:\n" + DRIVER,
+        5, "networks.lan0.uplink.vxlan.remote: must be the IPv4 address of the tunnel's other "
+           "end, got 'hostb'"),
+    "uplink vxlan without dev": (
+        "networks:\n  lan0:\n    uplink:\n      bridge: br0\n"
+        "      vxlan: {id: 42, remote: 10.254.0.2}\nguests:\n" + DRIVER,
+        5, "networks.lan0.uplink.vxlan.dev: is required"),
+    "first guest id too high": (
+        "first_guest_id: 65281\nguests:\n" + DRIVER,
+        1, "first_guest_id: must be a guest id from 0 to 65280 (ids are 16 bits, a Host has "
+           "256), got 65281"),
     "network file not a string": (
         "networks:\n  lan0: {file: [x]}\nguests:\n" + DRIVER,
         2, "networks.lan0.file: must be a string, got a list"),
@@ -444,3 +476,54 @@ def test_a_gdb_port_goes_to_the_launcher(lab):
 def test_bad_scenario(lab, text, line, message):
     path = write(lab, text)
     assert error_of(path) == "%s:%d: %s" % (path, line, message.replace("{lab}", str(lab)))
+
+
+def test_an_uplink_becomes_the_tunnet_of_its_launcher(lab):
+    from lgnet.guest.devices.tun import TunSpec, Vxlan, parse_tunnet
+    scenario = load_scenario(write(lab, """\
+        first_guest_id: 256
+        networks:
+          lan0:
+            uplink: {bridge: br0, vxlan: {id: 42, remote: 10.254.0.2, dev: veth0}}
+          lan1:
+            uplink: {tap: lg1}
+        guests:
+          - {name: a, driver: python, nets: [lan0, lan1]}
+        """))
+    assert scenario.first_guest_id == 256
+    uplink = scenario.networks["lan0"].uplink
+    assert uplink == TunSpec(bridge="br0", vxlan=Vxlan(42, "10.254.0.2", "veth0"))
+    assert uplink.arg == "bridge:br0,vxlan:42,remote:10.254.0.2,dev:veth0"
+    assert parse_tunnet(uplink.arg) == uplink and uplink.vxlan.name == "lgvx42"
+    assert scenario.networks["lan1"].uplink == TunSpec(tap="lg1")
+
+
+def test_the_command_lines_uplink_replaces_the_files(lab):
+    from lgnet.guest.devices.tun import TunSpec
+    from lgnet.uplink import with_uplinks
+    path = write(lab, "networks:\n  lan0:\n    uplink: {bridge: br0}\nguests:\n" + DRIVER)
+    scenario = with_uplinks(load_scenario(path), ["lan0=tap:lg0"])
+    assert scenario.networks["lan0"].uplink == TunSpec(tap="lg0")
+    for option, message in [
+            ("lan9=bridge:br0", "--uplink lan9=bridge:br0: no network 'lan9' in %s (networks: "
+                                "lan0)" % path),
+            ("lan0", "--uplink wants NET=bridge:NAME or NET=tap:NAME, got 'lan0'"),
+            ("lan0=10.0.0.1/24", "--uplink lan0=10.0.0.1/24: wants bridge:NAME or tap:NAME, "
+                                 "got '10.0.0.1/24'"),
+            ("lan0=bridge:br0,vxlan:42", "--uplink lan0=bridge:br0,vxlan:42: a VXLAN port needs "
+                                         "remote:, dev:")]:
+        with pytest.raises(LgnetError) as caught:
+            with_uplinks(load_scenario(path), [option])
+        assert str(caught.value) == message
+
+
+def test_expect_may_name_an_uplink(lab):
+    scenario = load_scenario(write(lab, """\
+        networks:
+          lan0: {uplink: {bridge: br0}}
+        guests:
+          - {name: kilo, driver: python, nets: [lan0]}
+        expect:
+          - {from: "uplink:lan0", to: kilo, match: icmp, min: 1}
+        """))
+    assert scenario.expect[0].sender == "uplink:lan0"

@@ -111,12 +111,12 @@ class BrokerCounters:
 
 class Broker:
     def __init__(self, socket_path: str, watch_fd: int | None = None,
-                 capture: Capture | None = None):
+                 capture: Capture | None = None, first_guest_id: int = 0):
         self.socket_path = socket_path
         self.watch_fd = watch_fd
         self.lock = threading.Lock()
         self.engine = Engine(wake=self._wake, restock=self._restock, lock=self.lock,
-                             tsc_khz=host_tsc_khz())
+                             tsc_khz=host_tsc_khz(), first_guest_id=first_guest_id)
         self.names: dict[int, str] = {}                  # launcher pid -> guest name (lab's)
         self.capture = capture
         if capture is not None:
@@ -617,13 +617,14 @@ class Broker:
 
 def run_broker(socket_path: str, watch_fd: int | None = None, ready_fd: int | None = None,
                capture_dir: str | None = None, net_names: dict[str, str] | None = None,
-               owns_directory: bool = False, on_listening=None) -> None:
+               owns_directory: bool = False, on_listening=None,
+               first_guest_id: int = 0) -> None:
     """Serve until told to stop. With owns_directory (a lab's private runtime directory),
     the directory goes with the broker, so even a SIGKILLed lab leaves nothing behind.
     on_listening() runs once the socket is bound (so "listening" is never said in vain)."""
     try:
         capture = Capture(capture_dir, net_names) if capture_dir is not None else None
-        broker = Broker(socket_path, watch_fd, capture)
+        broker = Broker(socket_path, watch_fd, capture, first_guest_id)
         if on_listening is not None:
             on_listening()
         if ready_fd is not None:

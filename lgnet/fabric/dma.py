@@ -144,8 +144,12 @@ class Engine:
     def __init__(self, wake: Callable[[Guest], None] = _nothing,
                  restock: Callable[[Guest], None] = _nothing,
                  lock: ContextManager | None = None,
-                 max_guests: int = abi.MAX_GUESTS, tsc_khz: int = 0):
+                 max_guests: int = abi.MAX_GUESTS, tsc_khz: int = 0,
+                 first_guest_id: int = 0):
         self.wake = wake
+        # What LGUEST_INIT tells a guest is its id: the table index from this base (lgnet's
+        # own, for labs on several hosts; lguest's was the index).
+        self.first_guest_id = first_guest_id
         self.restock = restock
         self.lock = lock if lock is not None else contextlib.nullcontext()
         self.guests: list[Guest | None] = [None] * max_guests

@@ -63,7 +63,8 @@ def lguest_init(engine: Engine, guest: Guest, addr: int) -> None:
     guest.lguest_data = addr
     memory.write_u32(addr + abi.LGUEST_DATA_RESERVE_MEM, abi.SWITCHER_RESERVE)
     memory.write_u32(addr + abi.LGUEST_DATA_TSC_KHZ, engine.tsc_khz)
-    memory.write(addr + abi.LGUEST_DATA_GUESTID, guest.id.to_bytes(2, "little"))
+    memory.write(addr + abi.LGUEST_DATA_GUESTID,
+                 (engine.first_guest_id + guest.id).to_bytes(2, "little"))
     # Regions never move: remember where the async ring is, so draining it finds no address
     # to check. It lies in one region but for a guest that puts lguest_data across two.
     found = memory.locate(addr, abi.LGUEST_DATA_SIZE)

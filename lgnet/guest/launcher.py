@@ -78,6 +78,7 @@ class Launcher:
         self.closers: list = []
         self.channel: wire.Channel | None = None
         self.waker: devs.Waker | None = None
+        self.closing = False               # close() has begun: a late SIGTERM waits for it
         self.debugger = None                  # lgnet.guest.gdbstub.GdbServer, with --gdb
 
     def verbose(self, text: str) -> None:
@@ -214,6 +215,7 @@ class Launcher:
         return EXIT_KILLED
 
     def close(self) -> None:
+        self.closing = True
         self.devices.close()
         self.phys.release()
         for closer in reversed(self.closers):
@@ -258,5 +260,13 @@ def run_guest(kernel: str, phys: PhysMap, mem: int, host: BrokerHost, boot,
 def launch_main(config: LaunchConfig, parent_watch: bool = False) -> int:
     if parent_watch:
         die_with_parent()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_KILLED))
-    return Launcher(config).run()
+    launcher = Launcher(config)
+
+    def stop(*_) -> None:
+        # A SIGTERM while already closing (say, the broker went away a moment before the lab
+        # that told us to stop) must not cut the closing short: a device's undo, such as
+        # removing an uplink's VXLAN port, would be skipped.
+        if not launcher.closing:
+            sys.exit(EXIT_KILLED)
+    signal.signal(signal.SIGTERM, stop)
+    return launcher.run()

@@ -12,6 +12,14 @@ that slot would send and see; the port adds no rules of its own.
 Command line: `mac=02:..` (the MAC in our slot; default lguest_net's 02:00:<guest id>:00:00)
 and `promisc` (set the promiscuous bit: receive every frame on the net). Once both devices are
 up it prints `lgnet port: up slot N mac M`, which the lab waits for.
+
+`uplink` makes the port a net's uplink (lgnet.uplink): its link is a TAP in a kernel bridge, its
+slot holds the TAP's MAC (so `lgnet slots` and `ip link` name the same address), and it sends
+out only what must leave this host: a promiscuous slot gets a copy of every frame on the net,
+but one addressed to a MAC another slot holds has arrived already and stays home. What does
+leave — multicast, and unicast to a MAC no slot here holds (which lguest_net hands to
+promiscuous slots only) — goes out; what comes in is sent by lguest_net's rules like any
+guest's frame.
 """
 from __future__ import annotations
 
@@ -19,6 +27,8 @@ from lgnet import abi
 from lgnet.guest.pvdriver import Console, Machine, NetDevice, format_mac, parse_cmdline
 
 READY = "lgnet port: up slot %d mac %s\n"
+CLASH = ("lgnet uplink: a frame from %s came in, but a guest here has that MAC: give each "
+         "host's lab its own guest ids (first_guest_id:)\n")
 
 
 def parse_mac(text: str) -> bytes:
@@ -26,6 +36,35 @@ def parse_mac(text: str) -> bytes:
     if len(mac) != abi.ETH_ALEN:
         raise ValueError(text)
     return mac
+
+
+def make_uplink(lan: NetDevice, link: NetDevice, console: Console) -> None:
+    """Our slot takes the TAP's MAC; only what leaves this host goes out; a frame coming in
+    from a MAC a guest here holds too is reported once per MAC, then sent all the same."""
+    host_mac = link.slot_mac(abi.TUN_HOST_SLOT)
+    lan.mac = bytes([host_mac[0] & ~abi.NET_PROMISC_BIT]) + host_mac[1:]
+    clashes: set[bytes] = set()
+
+    def send_out(frame: bytes) -> None:
+        if leaves(lan, frame):
+            link.transmit(frame)
+
+    def bring_in(frame: bytes) -> None:
+        source = frame[abi.ETH_ALEN:2 * abi.ETH_ALEN]
+        if source not in clashes and lan.holds(source):
+            # Like a bridge's "own address as source address": two hosts gave out the same
+            # MAC (lguest_net's 02:00:<guest id>:00:00, from the same guest id).
+            clashes.add(source)
+            console.write(CLASH % format_mac(source))
+        lan.transmit(frame)
+
+    lan.on_receive, link.on_receive = send_out, bring_in
+
+
+def leaves(lan: NetDevice, frame: bytes) -> bool:
+    """Whether an uplink sends this frame out: it is not for a slot of this net alone."""
+    dest = frame[:abi.ETH_ALEN]
+    return abi.is_multicast(dest) or not lan.holds(dest)
 
 
 def main(machine: Machine) -> None:
@@ -39,12 +78,17 @@ def main(machine: Machine) -> None:
         return
     (lan_index, _, lan_features, _, _, lan_pfn), (link_index, _, link_features, _, _, link_pfn) \
         = found
-    lan = NetDevice(machine, lan_index, lan_features, lan_pfn, promisc="promisc" in options)
+    uplink = "uplink" in options
+    # An uplink must hear frames for MACs no slot holds: lguest_net sends those to promiscuous
+    # slots only.
+    lan = NetDevice(machine, lan_index, lan_features, lan_pfn,
+                    promisc="promisc" in options or uplink)
     if "mac" in options:
         lan.mac = parse_mac(options["mac"])
     link = NetDevice(machine, link_index, link_features, link_pfn)
-    lan.on_receive = link.transmit
-    link.on_receive = lan.transmit
+    lan.on_receive, link.on_receive = link.transmit, lan.transmit
+    if uplink:
+        make_uplink(lan, link, console)
     link.open()
     lan.open()
     console.write(READY % (lan.slot, format_mac(lan.mac)))

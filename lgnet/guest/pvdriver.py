@@ -235,6 +235,18 @@ class NetDevice:
         return [(slot, table[slot * 6:slot * 6 + 6]) for slot in range(abi.NET_SLOTS)
                 if slot != self.slot and table[slot * 6] != 0]
 
+    def holds(self, mac: bytes) -> bool:
+        """Whether a peer's slot holds this MAC (either way of the promiscuous bit)."""
+        table = self.phys.read(self.page, abi.NET_SLOTS * abi.ETH_ALEN)
+        for marked in (bytes([mac[0] & ~abi.NET_PROMISC_BIT]) + mac[1:],
+                       bytes([mac[0] | abi.NET_PROMISC_BIT]) + mac[1:]):
+            at = table.find(marked)
+            while at != -1:
+                if at % abi.ETH_ALEN == 0 and at // abi.ETH_ALEN != self.slot:
+                    return True
+                at = table.find(marked, at + 1)
+        return False
+
     def transmit(self, frame: bytes) -> int:
         """Send to every slot that wants the frame; returns how many received it."""
         dest = frame[:abi.ETH_ALEN]
