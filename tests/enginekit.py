@@ -10,7 +10,7 @@ shared keys, exactly like two Launchers mmapping the same --sharenet file.
 from __future__ import annotations
 
 from lgnet import abi
-from lgnet.fabric.dma import Engine, Guest
+from lgnet.fabric.dma import Engine, Guest, Restock
 from lgnet.fabric.memory import GuestMemory
 
 RAM_SIZE = 64 * 1024
@@ -28,13 +28,14 @@ class NetFile:
 
 
 class Recorder:
-    """The engine's wake callback: the ids of woken guests, in order."""
+    """What the engine reported: the ids of woken guests, in order (never taken here)."""
 
-    def __init__(self):
-        self.woken: list[int] = []
+    def __init__(self, engine: Engine):
+        self.engine = engine
 
-    def __call__(self, guest: Guest) -> None:
-        self.woken.append(guest.id)
+    @property
+    def woken(self) -> list[int]:
+        return [guest.id for guest in self.engine.woken]
 
 
 class RecordingLock:
@@ -60,13 +61,11 @@ class Kit:
 
     def __init__(self, max_guests: int = 8, restock=None, lock=None,
                  memory_class=GuestMemory):
-        self.wakes = Recorder()
-        kwargs = {"wake": self.wakes, "max_guests": max_guests}
-        if restock is not None:
-            kwargs["restock"] = restock
-        if lock is not None:
-            kwargs["lock"] = lock
-        self.engine = Engine(**kwargs)
+        """`restock(receiver)` is what the caller does in a send's Restock step (by default
+        nothing: the receiver did not restock)."""
+        self.engine = Engine(lock=lock, max_guests=max_guests)
+        self.wakes = Recorder(self.engine)
+        self.restock = restock or (lambda receiver: None)
         self.memory_class = memory_class
         self.ram: dict[int, bytearray] = {}
 
@@ -116,7 +115,12 @@ class Kit:
         return self.engine.bind_dma(g, key, array, num, irq)
 
     def send(self, g: Guest, key: int, dma: int):
-        return self.engine.send_dma(g, key, dma)
+        """SEND_DMA as the broker performs it: a Restock step, then the final try."""
+        sent = self.engine.send_dma(g, key, dma)
+        if isinstance(sent, Restock):
+            self.restock(sent.receiver)
+            sent = self.engine.retry_send(sent)
+        return sent
 
 
 def irq_bit(irq: int) -> int:

@@ -11,7 +11,7 @@ IO_MODULES = ("socket", "multiprocessing", "threading", "selectors", "subprocess
 
 def test_importing_the_engine_imports_no_io_module():
     code = ("import sys; sys.path.insert(0, %r); import lgnet.fabric.dma, "
-            "lgnet.fabric.hypercalls, lgnet.fabric.devlguest; "
+            "lgnet.fabric.hypercalls, lgnet.fabric.devlguest, lgnet.fabric.wakeups; "
             "print(','.join(m for m in %r if m in sys.modules))" % (str(REPO), IO_MODULES))
     result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
                             timeout=30)

@@ -8,7 +8,12 @@ trusts a launcher: a malformed request closes that connection (lguest's close():
 released, guest slot freed), a guest's misbehaviour kills that guest, everyone else goes on.
 
 One thread serves every connection from a selector loop, so requests are handled one at a
-time; lguest_lock is still taken around every engine operation, as io.c did.
+time; lguest_lock is still taken around every engine operation, as io.c did, and nothing
+else happens under it (DESIGN rule 8): the engine reports whom to wake (`Engine.woken`) and
+the broker tells them — control-page flags, replies — after the operation. A send that found
+no free buffer is a visible step too: its connection is parked (its requests wait), the
+receiver gets the chance to run — woken if it sleeps, its own requests heard by the loop —
+and the send is tried once more when the receiver has a free buffer or RESTOCK_SECONDS passed.
 
 Where the speed comes from (lgnet's, not lguest's: lguest had a CPU per guest to spare).
 - The doorbell. A guest that queued calls in its async ring sends NOTIFY (no reply) and goes
@@ -21,7 +26,8 @@ Where the speed comes from (lgnet's, not lguest's: lguest had a CPU per guest to
   held while that sender still runs (it is likely to send more) and let go when the receiver has
   half its receive buffers filled, the sender halts or leaves, or WAKE_MAX_SECONDS passed; a
   receiver about to be denied a buffer is woken at once (the one chance to restock). The
-  interrupt flags themselves are set at once: a guest that is running sees them.
+  interrupt flags themselves are set at once: a guest that is running sees them. The policy
+  is fabric/wakeups.py's; this file only keeps the clock and sends the replies.
 """
 from __future__ import annotations
 
@@ -31,7 +37,6 @@ import json
 import mmap
 import os
 import resource
-import select
 import selectors
 import shutil
 import signal
@@ -43,17 +48,16 @@ import time
 from lgnet import abi, wire
 from lgnet.fabric.capture import Capture
 from lgnet.fabric.devlguest import LguestFile
-from lgnet.fabric.dma import Engine, Guest
-from lgnet.fabric.hypercalls import Outcome, drain_async, ring_empty
+from lgnet.fabric.dma import Engine, Guest, Restock, has_free_buffer
+from lgnet.fabric.hypercalls import Outcome, drain_async, finish_restock, ring_empty
 from lgnet.fabric.memory import GuestMemory
 from lgnet.fabric.tsc import host_tsc_khz
+from lgnet.fabric.wakeups import HeldWakes, flag_bits, wakes_halted
 
 UCRED = struct.Struct("3i")          # struct ucred: pid, uid, gid
 RESTOCK_SECONDS = 0.0005             # how long "one chance to restock" waits for a free buffer
 LISTEN_BACKLOG = 256
-WAKE_MAX_SECONDS = 0.010             # a held wake-up waits at most this long
 RING_PASS_CALLS = 16                 # queued calls run per guest per pass between socket looks
-FREE_USED_LEN = bytes(4)             # a used_len of 0: the entry is free
 
 
 class BrokerStop(Exception):
@@ -95,6 +99,19 @@ class Connection:
         self.mappings.clear()
 
 
+class Parked:
+    """A connection whose send waits for its receiver's one chance to restock, and what
+    comes after the final try: the same hypercall again, its reply, or the rest of the ring."""
+    __slots__ = ("conn", "restock", "deadline", "started", "then")
+
+    def __init__(self, conn: Connection, restock: Restock, now: float, then):
+        self.conn = conn
+        self.restock = restock
+        self.started = now
+        self.deadline = now + RESTOCK_SECONDS
+        self.then = then
+
+
 class BrokerCounters:
     """Where the broker's time goes (seconds) and how often it did what: for `lgnet bench`."""
     __slots__ = ("idle_s", "busy_s", "engine_s", "restock_s", "messages", "notifies",
@@ -110,13 +127,15 @@ class BrokerCounters:
 
 
 class Broker:
-    def __init__(self, socket_path: str, watch_fd: int | None = None,
-                 capture: Capture | None = None, first_guest_id: int = 0):
+    """socket_path None: no listener; connections come through `adopt` (in-process tests)."""
+
+    def __init__(self, socket_path: str | None, watch_fd: int | None = None,
+                 capture: Capture | None = None, first_guest_id: int = 0, lock=None):
         self.socket_path = socket_path
         self.watch_fd = watch_fd
-        self.lock = threading.Lock()
-        self.engine = Engine(wake=self._wake, restock=self._restock, lock=self.lock,
-                             tsc_khz=host_tsc_khz(), first_guest_id=first_guest_id)
+        self.lock = lock if lock is not None else threading.Lock()
+        self.engine = Engine(lock=self.lock, tsc_khz=host_tsc_khz(),
+                             first_guest_id=first_guest_id)
         self.names: dict[int, str] = {}                  # launcher pid -> guest name (lab's)
         self.capture = capture
         if capture is not None:
@@ -128,12 +147,15 @@ class Broker:
         self.ended: list[dict] = []                      # counters of guests already closed
         self.timers: list[tuple[float, int, int, Connection]] = []
         self.rings: dict[Connection, None] = {}          # rang the doorbell: rings to run
-        self.deferred: dict[Connection, list] = {}       # wake-ups held: [count, due, since,
-                                                         #   sender]
+        self.held = HeldWakes()                          # wake-ups held back (coalescing)
+        self.parked: list[Parked] = []                   # sends waiting for a restock
+        self.connections: set[Connection] = set()
         self.running_for: Connection | None = None       # whose ring or hypercall runs now
         self.counters = BrokerCounters()
         self.running = True
-        self.listener = self._listen()
+        self.listener = self._listen() if socket_path is not None else None
+        if self.watch_fd is not None:
+            self.selector.register(self.watch_fd, selectors.EVENT_READ, self._watched)
 
     # --- set-up and tear-down -----------------------------------------------------------
 
@@ -157,57 +179,65 @@ class Broker:
         listener.listen(LISTEN_BACKLOG)
         listener.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ, self._accept)
-        if self.watch_fd is not None:
-            self.selector.register(self.watch_fd, selectors.EVENT_READ, self._watched)
         return listener
 
     def serve_forever(self) -> None:
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
-        clock = time.perf_counter
-        counters = self.counters
         try:
             while self.running:
-                timeout = None
-                if self.rings:
-                    timeout = 0.0     # queued calls wait: look at the sockets, do not sleep
-                elif self.timers:
-                    timeout = max(0.0, self.timers[0][0] - time.monotonic())
-                if self.deferred and not self.rings:
-                    due = min(e[2] for e in self.deferred.values()) + WAKE_MAX_SECONDS
-                    held = max(0.0, due - time.monotonic())
-                    timeout = held if timeout is None else min(timeout, held)
-                started = clock()
-                events = self.selector.select(timeout)
-                woke = clock()
-                counters.idle_s += woke - started
-                for key, _ in events:
-                    key.data(key.fileobj)
-                if self.rings:
-                    self._run_rings()
-                if self.capture is not None:
-                    self.capture.flush()      # this pass's deliveries, before their wake-ups
-                if self.deferred:
-                    self._flush_wakes()
-                self._fire_timers()
-                counters.busy_s += clock() - woke
+                self.step()
         except BrokerStop:
             pass
         finally:
             self.shutdown()
 
+    def step(self, timeout: float | None = None) -> None:
+        """One pass of the loop: wait for the sockets (at most `timeout`, or until the next
+        thing due), serve them, run rings, retry parked sends, flush, let wake-ups and
+        timers go."""
+        clock = time.perf_counter
+        counters = self.counters
+        wait = timeout
+        if self.rings or self.parked:
+            wait = 0.0        # queued calls or a restock wait: look at the sockets, no sleep
+        elif self.timers:
+            due = max(0.0, self.timers[0][0] - time.monotonic())
+            wait = due if wait is None else min(wait, due)
+        deadline = self.held.deadline()
+        if deadline is not None and not self.rings:
+            held = max(0.0, deadline - time.monotonic())
+            wait = held if wait is None else min(wait, held)
+        started = clock()
+        events = self.selector.select(wait)
+        woke = clock()
+        counters.idle_s += woke - started
+        for key, _ in events:
+            key.data(key.fileobj)
+        if self.rings:
+            self._run_rings()
+        if self.parked:
+            self._retry_parked(bool(events))
+        if self.capture is not None:
+            self.capture.flush()      # this pass's deliveries, before their wake-ups
+        if self.held:
+            self._flush_wakes()
+        self._fire_timers()
+        counters.busy_s += clock() - woke
+
     def shutdown(self) -> None:
-        for key in list(self.selector.get_map().values()):
-            if isinstance(key.data, Connection):
-                self._close(key.data)
+        for conn in list(self.connections):
+            self._close(conn)
         self.selector.close()
-        self.listener.close()
+        if self.listener is not None:
+            self.listener.close()
         if self.capture is not None:
             self.capture.close()
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
+        if self.socket_path is not None:
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
 
     def _watched(self, fd: int) -> None:
         # The lab holds the other end of this pipe: EOF means it is gone, so are we.
@@ -226,8 +256,18 @@ class Broker:
         if uid != os.getuid():
             sock.close()          # only our own user's launchers may join
             return
+        self.adopt(sock, pid)
+
+    def adopt(self, sock: socket.socket, pid: int) -> Connection:
+        """Serve a connected launcher socket whose task is `pid`."""
         conn = Connection(sock, pid, self.engine)
-        self.selector.register(sock, selectors.EVENT_READ, lambda s, c=conn: self._readable(c))
+        self.connections.add(conn)
+        self._listen_to(conn)
+        return conn
+
+    def _listen_to(self, conn: Connection) -> None:
+        self.selector.register(conn.sock, selectors.EVENT_READ,
+                               lambda s, c=conn: self._readable(c))
 
     def _readable(self, conn: Connection) -> None:
         try:
@@ -246,6 +286,7 @@ class Broker:
         finally:
             for fd in fds:
                 os.close(fd)
+        self._tell_woken()
 
     def _close(self, conn: Connection) -> None:
         """lguest's close(): bindings released, guest slot freed, mappings dropped."""
@@ -253,8 +294,10 @@ class Broker:
             self.selector.unregister(conn.sock)
         except (KeyError, ValueError):
             pass
+        self.connections.discard(conn)
         self.rings.pop(conn, None)
-        self.deferred.pop(conn, None)
+        self.held.release(conn)
+        self.parked = [p for p in self.parked if p.conn is not conn]
         guest = conn.file.guest
         if guest is not None and self.owners.get(guest.id) is conn:
             del self.owners[guest.id]
@@ -370,6 +413,7 @@ class Broker:
         running_for, self.running_for = self.running_for, conn if batching else None
         try:
             outcome = conn.file.hypercall(eax, edx, ebx, ecx)
+            self._tell_woken()
         finally:
             self.running_for = running_for
         self.counters.hypercalls += 1
@@ -377,6 +421,18 @@ class Broker:
         if isinstance(outcome, int):
             conn.reply(outcome)
             return
+        if outcome.restock is not None:
+            restock = outcome.restock
+            if restock.slot is None:
+                # The send was this very call: once tried again, it is answered.
+                self._park(conn, restock, lambda: self._finish_hypercall(conn, guest, outcome))
+            else:
+                # The ring's drain stopped at it: the same call again resumes the drain.
+                self._park(conn, restock, lambda: self._hypercall(conn, eax, edx, ebx, ecx))
+            return
+        self._finish_hypercall(conn, guest, outcome)
+
+    def _finish_hypercall(self, conn: Connection, guest: Guest, outcome: Outcome) -> None:
         if outcome.clockevent_ns is not None:
             self._set_clockevent(conn, outcome.clockevent_ns)
         if outcome.halt and guest.dead is None and not self._pending(conn, guest):
@@ -402,20 +458,9 @@ class Broker:
         conn.reply(result, flags)
 
     def _pending(self, conn: Connection, guest: Guest) -> bool:
-        """Would a halted guest wake? lguest's slept on until an interrupt it had not
-        blocked (lguest_data.blocked_interrupts) was pending, or a BREAK came."""
-        if self._breakers_of(guest):
-            return True
-        pending = guest.irqs_pending
-        flags = conn.control[:abi.LGUEST_IRQS]
-        if any(flags):              # a halted receiver is asked this for every frame it gets
-            for irq, flag in enumerate(flags):
-                if flag:
-                    pending |= 1 << irq
-        if not pending or guest.lguest_data is None:
-            return bool(pending)
-        blocked = guest.memory.read_u32(guest.lguest_data + abi.LGUEST_DATA_BLOCKED_INTERRUPTS)
-        return bool(pending & ~blocked)
+        """Would this halted guest wake now? (fabric.wakeups.wakes_halted)"""
+        return wakes_halted(guest, flag_bits(conn.control[:abi.LGUEST_IRQS]),
+                            bool(self._breakers_of(guest)))
 
     def _break(self, conn: Connection, on: int) -> None:
         guest = conn.file.guest
@@ -453,6 +498,11 @@ class Broker:
             return
         self.rings[conn] = None
 
+    def _ring_again(self, conn: Connection) -> None:
+        """After a ring's send had its restock: the rest of the ring, on the next pass."""
+        if conn.file.guest is not None and conn in self.connections:
+            self.rings[conn] = None
+
     def _run_rings(self) -> None:
         """One pass: up to one ring's worth of queued calls of every guest on the list."""
         counters = self.counters
@@ -468,6 +518,10 @@ class Broker:
                 outcome = Outcome()
                 self.running_for = conn
                 counters.ring_calls += drain_async(self.engine, guest, outcome, RING_PASS_CALLS)
+                self._tell_woken()
+                if outcome.restock is not None:
+                    self._park(conn, outcome.restock, lambda c=conn: self._ring_again(c))
+                    continue
                 if outcome.clockevent_ns is not None:
                     self._set_clockevent(conn, outcome.clockevent_ns)
                 if guest.pending_dma is not None:
@@ -487,36 +541,24 @@ class Broker:
             self.running_for = running_for
         counters.engine_s += time.perf_counter() - started
 
-    def _defer_wake(self, conn: Connection, guest: Guest, bits: int) -> bool:
-        """Hold this wake-up? Until half the receive buffers behind the raised interrupts
-        are filled (each transfer raises one), or the flush below lets it go."""
-        entry = self.deferred.get(conn)
-        if entry is None:
-            sizes = [b.num_dmas for b in guest.dma if b.interrupt and bits >> b.interrupt & 1]
-            due = max(1, min(sizes) // 2) if sizes else 1
-            entry = self.deferred[conn] = [0, due, time.monotonic(), self.running_for]
-        entry[0] += 1
-        entry[3] = self.running_for
-        if entry[0] < entry[1]:
-            self.counters.wakes_deferred += 1
-            return True
-        del self.deferred[conn]
-        return False
-
     def _flush_wakes(self) -> None:
-        """Let held wake-ups go once their sender has stopped running (halted, or gone) or
-        they are WAKE_MAX_SECONDS old; a sender still running is likely to send more."""
-        now = time.monotonic()
-        for conn, (_count, _due, since, sender) in list(self.deferred.items()):
-            if (sender is not None and sender.file.guest is not None and not sender.halted
-                    and now - since < WAKE_MAX_SECONDS):
-                continue
-            del self.deferred[conn]
+        """Let held wake-ups go whose sender stopped running, or that waited too long."""
+        for conn in self.held.due(time.monotonic(), self._still_running):
             if conn.halted and conn.file.guest is not None:
                 self.counters.wakes += 1
                 self._answer(conn, conn.file.guest)
 
-    # --- the engine's callbacks ---------------------------------------------------------
+    @staticmethod
+    def _still_running(sender: Connection | None) -> bool:
+        return sender is not None and sender.file.guest is not None and not sender.halted
+
+    # --- what the engine reported -------------------------------------------------------
+
+    def _tell_woken(self) -> None:
+        """After an engine operation, outside lguest_lock: tell every guest it woke."""
+        if self.engine.woken:
+            for guest in self.engine.take_woken():
+                self._wake(guest)
 
     def _wake(self, guest: Guest) -> None:
         """An interrupt was raised for this guest, or it was killed: tell its launcher."""
@@ -534,44 +576,53 @@ class Broker:
             conn.control[wire.CONTROL_DEAD] = 1
         if conn.halted and (guest.dead is not None or self._pending(conn, guest)):
             if (self.running_for is not None and guest.dead is None
-                    and self._defer_wake(conn, guest, raised)):
+                    and self.held.hold(conn, guest, raised, self.running_for,
+                                       time.monotonic())):
+                self.counters.wakes_deferred += 1
                 return
             self.counters.wakes += 1
             self._answer(conn, guest)
 
-    def _restock(self, guest: Guest | None) -> None:
-        """One chance to restock: give the receiver a moment to re-arm a buffer."""
-        if guest is None:
-            return
-        conn = self.owners.get(guest.id)
-        if conn is not None:
-            # In lguest the receiver ran on a CPU of its own meanwhile. Here it may have
-            # asked to HALT while we were busy: hear that first, or no wake-up can reach it.
-            if select.select([conn.sock], [], [], 0)[0]:
-                self._readable(conn)
-            if self.deferred.pop(conn, None) is not None and conn.halted:
-                self.counters.wakes += 1
-                self._answer(conn, guest)        # asleep, it could not restock
-        self.counters.restocks += 1
-        started = time.monotonic()
-        deadline = started + RESTOCK_SECONDS
-        while time.monotonic() < deadline:
-            os.sched_yield()
-            if self._has_free_buffer(guest):
-                break
-        self.counters.restock_s += time.monotonic() - started
+    # --- one chance to restock ----------------------------------------------------------
 
-    @staticmethod
-    def _has_free_buffer(guest: Guest) -> bool:
-        for binding in guest.dma:
-            if not binding.interrupt:
+    def _park(self, conn: Connection, restock: Restock, then) -> None:
+        """A send of conn's found no free buffer: hold conn's requests, give the receiver
+        its chance to run, and try again from the loop (`_retry_parked`)."""
+        self.counters.restocks += 1
+        self.rings.pop(conn, None)
+        try:
+            self.selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        self.parked.append(Parked(conn, restock, time.monotonic(), then))
+        receiver = self.owners.get(restock.receiver.id)
+        # In lguest the receiver ran on a CPU of its own meanwhile; here it may be asleep
+        # with the wake-up the first try raised held back: asleep, it could not restock.
+        if receiver is not None and self.held.release(receiver) and receiver.halted:
+            self.counters.wakes += 1
+            self._answer(receiver, restock.receiver)
+
+    def _retry_parked(self, busy: bool) -> None:
+        """The final try of every parked send whose receiver has a free buffer (or is
+        gone), or whose RESTOCK_SECONDS are up; then what came after it."""
+        now = time.monotonic()
+        waiting = []
+        for parked in self.parked:
+            receiver = parked.restock.receiver
+            if (now < parked.deadline and receiver.dead is None
+                    and self.engine.guests[receiver.id] is receiver
+                    and not has_free_buffer(receiver)):
+                waiting.append(parked)
                 continue
-            for i in range(binding.num_dmas):
-                addr = binding.dmas + i * abi.LGUEST_DMA_SIZE
-                # Only a look: an unreadable entry is for the transfer to kill over.
-                if guest.memory.gather(addr, 4) == FREE_USED_LEN:
-                    return True
-        return False
+            self.counters.restock_s += now - parked.started
+            conn = parked.conn
+            finish_restock(self.engine, parked.restock)
+            self._tell_woken()
+            self._listen_to(conn)
+            parked.then()
+        self.parked = waiting
+        if waiting and not busy:
+            os.sched_yield()          # the receivers run on the other CPU (or on this one)
 
     # --- the guest's clock --------------------------------------------------------------
 
@@ -589,6 +640,7 @@ class Broker:
             if seq == conn.timer_seq and guest is not None and guest.dead is None:
                 with self.lock:
                     self.engine.raise_irq(guest, abi.TIMER_IRQ)
+                self._tell_woken()
 
     # --- what the lab asks --------------------------------------------------------------
 

@@ -2,8 +2,12 @@
 
 Rules of this file:
 - It is sans-IO. It never opens a socket, forks, starts a thread, sleeps or prints. The
-  caller hands in each guest's memory (fabric.memory.GuestMemory), a `wake` callback, a
-  `restock` hook and the lock to hold; everything else is data in, data out.
+  caller hands in each guest's memory (fabric.memory.GuestMemory) and the lock to hold;
+  everything else is data in, data out.
+- It reports, the caller acts (DESIGN rule 8: no I/O under lguest_lock). Every guest whose
+  interrupt was raised or who was killed is appended to `Engine.woken`, for the caller to take
+  (`take_woken`) and tell once the operation is over; a send that found no free buffer returns
+  a `Restock` step instead of waiting for the receiver itself.
 - Everything that touches dma_hash or moves bytes between guests lives here.
 - A guest's misbehaviour is *recorded*, never raised: kill_guest keeps the first reason and the
   caller carries on (lguest's shape, which keeps the happy path straight). Error codes that
@@ -20,7 +24,9 @@ receiver's next free buffer (used_len == 0, starting at the next_dma cursor), ch
 lists, copies piece by piece, writes the count to the sender's used_len, then — after the
 data — to the receiver's, and always raises the receiver's interrupt. All of it happens under
 one big lock, lguest_lock; the only moment the lock is dropped is lguest's "one chance to
-restock" when the receiver had no free buffer.
+restock" when the receiver had no free buffer. That moment is a visible step here: send_dma
+returns `Restock(receiver)` with the lock dropped, the caller lets the receiver run, then calls
+`retry_send` — the whole lookup once more, and a second failure is final.
 """
 from __future__ import annotations
 
@@ -106,8 +112,18 @@ class Guest:
         self.dma = [Binding(self) for _ in range(abi.LGUEST_MAX_DMA)]
 
 
-def _nothing(_guest: Guest) -> None:
-    return None
+@dataclass(eq=False)
+class Restock:
+    """A send found no free buffer: the receiver's one chance to restock comes next.
+
+    The caller lets `receiver` run (it may be asleep in HALT with the interrupt the first try
+    raised), then hands this back to `Engine.retry_send`. `slot` is for the async ring's
+    drain: the ring entry that carried the send, freed once the retry is done."""
+    sender: Guest
+    key_addr: int
+    udma: int
+    receiver: Guest
+    slot: int | None = None
 
 
 _BAD_ARRAY = object()                  # _find_free_buffer: the array itself was unreadable
@@ -141,16 +157,11 @@ def _empty(raw: bytes) -> bool:
 class Engine:
     """dma_hash, the guest table and every operation of io.c."""
 
-    def __init__(self, wake: Callable[[Guest], None] = _nothing,
-                 restock: Callable[[Guest], None] = _nothing,
-                 lock: ContextManager | None = None,
-                 max_guests: int = abi.MAX_GUESTS, tsc_khz: int = 0,
-                 first_guest_id: int = 0):
-        self.wake = wake
+    def __init__(self, lock: ContextManager | None = None, max_guests: int = abi.MAX_GUESTS,
+                 tsc_khz: int = 0, first_guest_id: int = 0):
         # What LGUEST_INIT tells a guest is its id: the table index from this base (lgnet's
         # own, for labs on several hosts; lguest's was the index).
         self.first_guest_id = first_guest_id
-        self.restock = restock
         self.lock = lock if lock is not None else contextlib.nullcontext()
         self.guests: list[Guest | None] = [None] * max_guests
         self.dma_hash: list[list[Binding]] = [[] for _ in range(abi.DMA_HASH_BUCKETS)]
@@ -158,6 +169,8 @@ class Engine:
         # What LGUEST_INIT tells guests of the host's TSC: its rate, or 0 for "do not trust
         # it" (the caller measures; see fabric/tsc.py).
         self.tsc_khz = tsc_khz
+        # Guests to tell, in the order it happened: an interrupt was raised, or it was killed.
+        self.woken: list[Guest] = []
         # Optional observer of every completed transfer (capture); None costs nothing.
         self.on_transfer: Callable[..., None] | None = None
 
@@ -189,11 +202,16 @@ class Engine:
         """Only the first reason is kept; the caller carries on; the guest never runs again."""
         if guest.dead is None:
             guest.dead = reason
-            self.wake(guest)
+            self.woken.append(guest)
 
     def raise_irq(self, guest: Guest, irq: int) -> None:
         guest.irqs_pending |= 1 << irq
-        self.wake(guest)
+        self.woken.append(guest)
+
+    def take_woken(self) -> list[Guest]:
+        """The guests to tell since the last call, oldest first (a guest may repeat)."""
+        woken, self.woken = self.woken, []
+        return woken
 
     def send_irq(self, guest: Guest, irq: int) -> int:
         """LHREQ_IRQ: 0, or -EINVAL for an interrupt line that does not exist."""
@@ -251,16 +269,26 @@ class Engine:
 
     # --- SEND_DMA -----------------------------------------------------------------------
 
-    def send_dma(self, guest: Guest, key_addr: int, udma: int) -> Send:
-        """The result goes into the sender's used_len; the return value is for statistics."""
+    def send_dma(self, guest: Guest, key_addr: int, udma: int) -> Send | Restock:
+        """The result goes into the sender's used_len; the return value is for statistics,
+        or, when the receiver had no free buffer, the Restock step that comes before the
+        final try."""
         with self.lock:
             outcome, receiver = self._send_once(guest, key_addr, udma)
         if outcome is Send.NO_BUFFER:
-            # One chance to restock: drop the lock, let the receiver refill, try the whole
-            # lookup once more. A second failure is final.
-            self.restock(receiver)
-            with self.lock:
-                outcome, receiver = self._send_once(guest, key_addr, udma)
+            # One chance to restock: the lock is dropped; the caller lets the receiver run.
+            return Restock(guest, key_addr, udma, receiver)
+        return self._account(guest, outcome, receiver)
+
+    def retry_send(self, restock: Restock) -> Send:
+        """After the receiver's chance to restock: the whole lookup once more, and a second
+        failure is final."""
+        with self.lock:
+            outcome, receiver = self._send_once(restock.sender, restock.key_addr, restock.udma)
+        return self._account(restock.sender, outcome, receiver)
+
+    @staticmethod
+    def _account(guest: Guest, outcome: Send, receiver: Guest | None) -> Send:
         if outcome is Send.NO_BUFFER or outcome is Send.NO_RECEIVER:
             # The sender's used_len stays 0: lguest_net counts a carrier error.
             guest.counters.tx_carrier_errors += 1
@@ -353,38 +381,11 @@ class Engine:
             dst.counters.rx_bytes += copied
 
     def _find_free_buffer(self, dst: Binding):
-        """Scan from next_dma (with wrap) for used_len == 0: (index, raw list) of that entry,
-        None when every entry is used, _BAD_ARRAY when an entry is unreadable (its owner is
-        killed)."""
-        memory = dst.guest.memory
-        num = dst.num_dmas
-        start = dst.next_dma
-        where = dst.where
-        if where is None or where[0] != memory.layout:
-            found = memory.locate(dst.dmas, num * _SIZE) if num else None
-            if found is None or found[1] & 3 or found[0].words is None:
-                found = (None, 0)
-            where = dst.where = (memory.layout,) + found
-        _layout, region, base = where
-        if region is not None:
-            # The whole array lies in one region: every entry is readable, and its used_len
-            # is an aligned word we can read in place.
-            words = region.words
-            for i in range(num):
-                off = base + (start + i) % num * _SIZE
-                if words[off >> 2] == 0:
-                    return (start + i) % num, region.view[off + _LIST:off + _SIZE].tobytes()
-            return None
-        for i in range(num):
-            # lgread_other of each entry: it may lie across two regions.
-            index = (start + i) % num
-            raw = memory.gather(dst.dmas + index * _SIZE, _SIZE)
-            if raw is None:
-                self.kill_guest(dst.guest, abi.MSG_BAD_REGISTERED_READ)
-                return _BAD_ARRAY
-            if _U32.unpack_from(raw)[0] == 0:
-                return index, raw[_LIST:]
-        return None
+        """next_free_buffer, and an unreadable entry kills its owner (lgread's rule)."""
+        found = next_free_buffer(dst)
+        if found is _BAD_ARRAY:
+            self.kill_guest(dst.guest, abi.MSG_BAD_REGISTERED_READ)
+        return found
 
     def _do_dma(self, src: Guest, src_dma: bytes, dst: Guest, dst_dma: bytes) -> tuple[int, int]:
         """Check both lists (the receiver's first), map the receiver's pieces, copy: (bytes
@@ -521,6 +522,50 @@ class Engine:
         addr, irq = found
         guest.memory.write_u32(addr + abi.DMA_USED_LEN_OFFSET, irq)
         return addr
+
+
+def next_free_buffer(dst: Binding):
+    """The receiver's next free buffer: scan from next_dma (with wrap) for used_len == 0.
+    (index, raw list) of that entry, None when every entry is used, _BAD_ARRAY when an entry
+    is unreadable. No side effects: the transfer kills, the restock check just looks."""
+    memory = dst.guest.memory
+    num = dst.num_dmas
+    start = dst.next_dma
+    where = dst.where
+    if where is None or where[0] != memory.layout:
+        found = memory.locate(dst.dmas, num * _SIZE) if num else None
+        if found is None or found[1] & 3 or found[0].words is None:
+            found = (None, 0)
+        where = dst.where = (memory.layout,) + found
+    _layout, region, base = where
+    if region is not None:
+        # The whole array lies in one region: every entry is readable, and its used_len
+        # is an aligned word we can read in place.
+        words = region.words
+        for i in range(num):
+            off = base + (start + i) % num * _SIZE
+            if words[off >> 2] == 0:
+                return (start + i) % num, region.view[off + _LIST:off + _SIZE].tobytes()
+        return None
+    for i in range(num):
+        # lgread_other of each entry: it may lie across two regions.
+        index = (start + i) % num
+        raw = memory.gather(dst.dmas + index * _SIZE, _SIZE)
+        if raw is None:
+            return _BAD_ARRAY
+        if _U32.unpack_from(raw)[0] == 0:
+            return index, raw[_LIST:]
+    return None
+
+
+def has_free_buffer(guest: Guest) -> bool:
+    """Could a send to this guest land now? Any bound receive array with a free entry."""
+    for binding in guest.dma:
+        if binding.interrupt:
+            found = next_free_buffer(binding)
+            if found is not None and found is not _BAD_ARRAY:
+                return True
+    return False
 
 
 def _offered(dma: bytes) -> int:

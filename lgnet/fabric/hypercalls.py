@@ -9,6 +9,11 @@ are served there; if one reaches the Host (from the async ring) it is accepted a
 Everything else follows lguest: the first call must be LGUEST_INIT, the async ring is drained
 in order before every synchronous call, a pending DMA for the Launcher stops the drain and
 defers the synchronous call, and an unknown call kills the guest.
+
+A send that found no free buffer stops the drain too: the Outcome carries the engine's Restock
+step, the caller lets the receiver run and calls `finish_restock`, then makes the same
+hypercall again (the drain resumes at the Host's cursor) unless the send *was* the
+synchronous call (`Restock.slot` is None), which is then done.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from lgnet import abi
-from lgnet.fabric.dma import Engine, Guest
+from lgnet.fabric.dma import Engine, Guest, Restock, Send
 
 CPU_STATE_CALLS = frozenset({
     abi.LHCALL_LOAD_GDT, abi.LHCALL_NEW_PGTABLE, abi.LHCALL_FLUSH_TLB,
@@ -32,6 +37,7 @@ class Outcome:
     halt: bool = False
     clockevent_ns: int | None = None    # arm (or, with 0, cancel) the guest's timer
     deferred: bool = False              # a pending DMA stopped the drain: call again later
+    restock: Restock | None = None      # a send waits for its receiver's chance to restock
 
 
 def hypercall(engine: Engine, guest: Guest, eax: int, edx: int, ebx: int, ecx: int) -> Outcome:
@@ -44,6 +50,8 @@ def hypercall(engine: Engine, guest: Guest, eax: int, edx: int, ebx: int, ecx: i
         return Outcome()
     outcome = Outcome()
     drain_async(engine, guest, outcome)
+    if outcome.restock is not None:
+        return outcome
     if guest.pending_dma is not None:
         outcome.deferred = True
         return outcome
@@ -122,7 +130,11 @@ def drain_async(engine: Engine, guest: Guest, outcome: Outcome,
         guest.next_hcall = (n + 1) % abi.LHCALL_RING_SIZE
         eax, edx, ebx, ecx = unpack(view, calls_at + n * abi.ASYNC_HCALL.size)
         if eax == abi.LHCALL_SEND_DMA:
-            engine.send_dma(guest, edx, ebx)      # what the ring carries, frame after frame
+            sent = engine.send_dma(guest, edx, ebx)   # what the ring carries, frame after frame
+            if sent.__class__ is Restock:
+                sent.slot = n                 # freed by finish_restock, after the final try
+                outcome.restock = sent
+                return ran + 1
         else:
             do_hcall(engine, guest, eax, edx, ebx, ecx, outcome)
         view[status_at + n] = abi.HCALL_STATUS_EMPTY
@@ -131,6 +143,16 @@ def drain_async(engine: Engine, guest: Guest, outcome: Outcome,
         if guest.pending_dma is not None or guest.dead is not None:
             break
     return ran
+
+
+def finish_restock(engine: Engine, restock: Restock) -> Send:
+    """The final try of a send after its receiver's chance to restock; a ring entry that
+    carried it is free afterwards."""
+    sent = engine.retry_send(restock)
+    if restock.slot is not None and restock.sender.ring is not None:
+        view, status_at, _calls_at, _unpack = restock.sender.ring
+        view[status_at + restock.slot] = abi.HCALL_STATUS_EMPTY
+    return sent
 
 
 def ring_empty(guest: Guest) -> bool:
@@ -144,7 +166,9 @@ def ring_empty(guest: Guest) -> bool:
 def do_hcall(engine: Engine, guest: Guest, eax: int, edx: int, ebx: int, ecx: int,
              outcome: Outcome) -> None:
     if eax == abi.LHCALL_SEND_DMA:
-        engine.send_dma(guest, edx, ebx)
+        sent = engine.send_dma(guest, edx, ebx)
+        if sent.__class__ is Restock:
+            outcome.restock = sent
     elif eax == abi.LHCALL_BIND_DMA:
         num, irq = abi.split_bind_arg(ecx)
         outcome.result = engine.bind_dma(guest, edx, ebx, num, irq)
