@@ -13,8 +13,8 @@ GETDMA, IRQ and BREAK are lguest's requests of the same name. Interrupts raised 
 guest runs are not messages: the broker sets a byte per interrupt line in the launcher's
 control page (shared memory), which the running guest polls; a guest waiting in HALT gets its
 reply when something becomes pending. A reply may also carry "dead" (with lguest's reason),
-"pending DMA" (the guest sent to a private key: the Launcher's devices must serve it) or
-"again" (a BREAK kicked the guest out).
+"pending DMA" (the guest sent to a private key: the Launcher's devices must serve it; with
+"deferred", the call itself has not run yet) or "again" (a BREAK kicked the guest out).
 """
 from __future__ import annotations
 
@@ -51,6 +51,8 @@ REPLY = struct.Struct("=iIII")
 FLAG_DEAD = 1            # tail: the reason
 FLAG_PENDING_DMA = 2     # arg0 = dma address, arg1 = key
 FLAG_AGAIN = 4           # EAGAIN: a BREAK kicked the guest out of run/HALT
+FLAG_DEFERRED = 8        # with PENDING_DMA: the async ring stopped before this call ran;
+                         # serve the DMA, then make the call again
 
 # --- INITIALIZE's layout tail -------------------------------------------------------------
 

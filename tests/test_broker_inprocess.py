@@ -3,13 +3,14 @@
 What only the broker decides is tested here: whom a delivery wakes and when, the one chance to
 restock as a visible step, the requests of a connection in each of its states — and that no
 socket is touched while lguest_lock is held (DESIGN rule 8)."""
+import errno
 import socket
 
 import pytest
 
 from brokerkit import RX, RX_BUF, TX, BrokerKit
 from lgnet import abi, wire
-from lgnet.fabric import broker as broker_module
+from lgnet.fabric.connection import Input, State
 
 PAYLOAD = bytes(range(60))
 
@@ -157,3 +158,153 @@ def test_no_socket_is_touched_while_lguest_lock_is_held(kit, monkeypatch):
     a.hcall(abi.LHCALL_CRASH, 0x2000)                  # a kills itself: dead reply
     assert a.hcall(abi.LHCALL_HALT).dead is not None
     assert kit.lock.acquired > 5 and seen["calls"] > 10
+
+
+# --- the connection's state machine (lgnet.fabric.connection), one state at a time ---------
+
+def test_every_state_has_an_action_for_every_input(kit):
+    for state in State:
+        for event in Input:
+            action, after = kit.broker.actions[state, event]
+            assert callable(action) and (after is None or isinstance(after, State))
+
+
+def state_of(launcher):
+    return launcher.conn.state
+
+
+def test_new_accepts_only_initialize_and_attach(kit):
+    fresh = kit.launcher()
+    assert state_of(fresh) is State.NEW
+    assert fresh.hcall(abi.LHCALL_HALT).result == -errno.EINVAL
+    assert fresh.call(wire.OP_GETDMA, 0).result == -errno.EINVAL
+    assert fresh.call(wire.OP_BREAK, 1).result == -errno.EINVAL
+    assert fresh.call(wire.OP_ATTACH, 7).result == -errno.ENOENT
+    assert fresh.call(99).result == -errno.EINVAL                    # no such request
+    assert state_of(fresh) is State.NEW
+    assert fresh.initialize().result == abi.INITIALIZE_RESULT
+    assert state_of(fresh) is State.RUNNING
+    assert fresh.initialize().result == -errno.EBUSY
+
+
+def test_a_malformed_initialize_is_refused_and_the_connection_stays_new(kit):
+    fresh = kit.launcher()
+    reply = fresh.call(wire.OP_INITIALIZE, 1, 0, 0, 0, b"\x01\x02", fds=(fresh.fd,))
+    assert reply.result == -errno.EINVAL and state_of(fresh) is State.NEW
+
+
+def test_a_sharer_may_only_break(kit):
+    owner = kit.launcher().boot()
+    sharer = kit.launcher()
+    assert sharer.call(wire.OP_ATTACH, owner.guest_id).result == 0
+    assert state_of(sharer) is State.SHARING
+    for op, arg in ((wire.OP_GETDMA, 0), (wire.OP_IRQ, 1), (wire.OP_INITIALIZE, 0),
+                    (wire.OP_KILL, 0)):
+        assert sharer.call(op, arg).result == -errno.EPERM
+    assert sharer.hcall(abi.LHCALL_HALT).result == -errno.EPERM
+    assert sharer.call(wire.OP_ATTACH, owner.guest_id).result == -errno.EBUSY
+
+
+def test_break_kicks_a_halted_owner_out_and_waits_for_break_0(kit):
+    owner = kit.launcher().boot()
+    sharer = kit.launcher()
+    sharer.call(wire.OP_ATTACH, owner.guest_id)
+    owner.halt()
+    kit.settle()
+    assert state_of(owner) is State.HALTED
+    sharer.send(wire.OP_BREAK, 1)
+    reply = owner.reply()
+    assert reply.flags & wire.FLAG_AGAIN and state_of(owner) is State.RUNNING
+    assert state_of(sharer) is State.BREAKING and not sharer.answered()
+    assert owner.call(wire.OP_BREAK, 0).result == 0
+    assert sharer.reply().result == 0 and state_of(sharer) is State.SHARING
+
+
+def test_a_request_while_a_break_waits_closes_that_connection(kit):
+    owner = kit.launcher().boot()
+    sharer = kit.launcher()
+    sharer.call(wire.OP_ATTACH, owner.guest_id)
+    sharer.send(wire.OP_BREAK, 1)
+    kit.settle()
+    sharer.send(wire.OP_BREAK, 1)
+    kit.settle()
+    assert state_of(sharer) is State.CLOSED and not kit.broker.breakers.get(owner.guest_id)
+
+
+def test_a_second_call_while_a_halt_waits_closes_the_connection(kit):
+    owner = kit.launcher().boot()
+    gid = owner.guest_id
+    owner.halt()
+    kit.settle()
+    owner.halt()
+    kit.settle()
+    assert state_of(owner) is State.CLOSED
+    assert kit.broker.engine.guests[gid] is None                 # lguest's close()
+
+
+def test_a_ring_stopped_at_a_dma_for_the_launcher_tells_the_next_call_first(kit):
+    a = kit.launcher().boot()
+    private_key = 0x5000                                         # in RAM: a private key
+    a.queue((abi.LHCALL_SEND_DMA, private_key, TX, 0), (abi.LHCALL_SET_CLOCKEVENT, 0, 0, 0))
+    a.send(wire.OP_NOTIFY)
+    kit.settle()
+    assert state_of(a) is State.PENDING_DMA
+    reply = a.hcall(abi.LHCALL_HALT)
+    assert reply.flags == wire.FLAG_PENDING_DMA | wire.FLAG_DEFERRED
+    assert (reply.arg0, reply.arg1) == (TX, private_key)
+    assert state_of(a) is State.RUNNING
+    a.control[wire.CONTROL_IRQ_FLAGS + 1] = 1                      # so the HALT returns
+    reply = a.hcall(abi.LHCALL_HALT)                              # the rest of the ring, then HALT
+    assert reply.flags == 0 and reply.result == 0
+    status = abi.LGUEST_DATA_HCALL_STATUS + 0x1000
+    assert a.get(status, 2) == bytes([abi.HCALL_STATUS_EMPTY]) * 2
+
+
+def test_a_sync_send_to_a_private_key_is_handed_to_the_launcher(kit):
+    a = kit.launcher().boot()
+    reply = a.hcall(abi.LHCALL_SEND_DMA, 0x5000, TX)
+    assert reply.flags == wire.FLAG_PENDING_DMA and (reply.arg0, reply.arg1) == (TX, 0x5000)
+
+
+def test_a_dead_guest_hears_why_on_every_call_and_keeps_its_first_reason(kit):
+    a, b = pair(kit)
+    a.put(0x2000, b"down\0")
+    a.hcall(abi.LHCALL_CRASH, 0x2000)
+    assert state_of(a) is State.DEAD and a.control[wire.CONTROL_DEAD] == 1
+    assert a.hcall(abi.LHCALL_HALT).dead == "CRASH: down"
+    assert a.call(wire.OP_KILL, tail=b"later").result == 0
+    assert a.hcall(abi.LHCALL_HALT).dead == "CRASH: down"
+    assert a.call(wire.OP_GETDMA, a.key(0)).result == -errno.ENOENT
+    assert state_of(b) is State.RUNNING
+
+
+def test_a_halted_guest_killed_by_its_launcher_hears_it_at_once(kit):
+    a = kit.launcher().boot()
+    sharer = kit.launcher()
+    sharer.call(wire.OP_ATTACH, a.guest_id)
+    a.halt()
+    kit.settle()
+    kit.broker.engine.kill_guest(a.guest, "bad pointer from the launcher")
+    kit.broker._tell_woken()
+    assert a.reply().dead == "bad pointer from the launcher"
+    assert state_of(a) is State.DEAD
+
+
+def test_a_hangup_closes_and_frees_the_guest_slot_and_releases_its_breakers(kit):
+    owner = kit.launcher().boot()
+    sharer = kit.launcher()
+    sharer.call(wire.OP_ATTACH, owner.guest_id)
+    sharer.send(wire.OP_BREAK, 1)
+    kit.settle()
+    gid = owner.guest_id
+    owner.sock.close()
+    assert sharer.reply().result == 0
+    assert state_of(owner) is State.CLOSED and kit.broker.engine.guests[gid] is None
+    assert kit.broker.stats()[0]["guest"] == gid                  # its counters stay
+
+
+def test_a_timer_wakes_a_halted_guest(kit):
+    a = kit.launcher().boot()
+    assert a.hcall(abi.LHCALL_SET_CLOCKEVENT, 1_000_000).result == 0    # 1 ms
+    assert a.hcall(abi.LHCALL_HALT).result == 0
+    assert a.irq_flag(abi.TIMER_IRQ) == 1

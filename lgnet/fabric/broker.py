@@ -7,6 +7,10 @@ do: HALT until an interrupt, the timer of SET_CLOCKEVENT, BREAK until released. 
 trusts a launcher: a malformed request closes that connection (lguest's close(): bindings
 released, guest slot freed), a guest's misbehaviour kills that guest, everyone else goes on.
 
+Each launcher connection is one state machine (fabric/connection.py): every request it
+sends and everything the engine reports about its guest is an input, and the table names
+the action — one of the methods below, grouped as the table is — and the state after it.
+
 One thread serves every connection from a selector loop, so requests are handled one at a
 time; lguest_lock is still taken around every engine operation, as io.c did, and nothing
 else happens under it (DESIGN rule 8): the engine reports whom to wake (`Engine.woken`) and
@@ -47,6 +51,7 @@ import time
 
 from lgnet import abi, wire
 from lgnet.fabric.capture import Capture
+from lgnet.fabric.connection import Input, State, running, transition
 from lgnet.fabric.devlguest import LguestFile
 from lgnet.fabric.dma import Engine, Guest, Restock, has_free_buffer
 from lgnet.fabric.hypercalls import Outcome, drain_async, finish_restock, ring_empty
@@ -69,18 +74,17 @@ def _stop(*_) -> None:
 
 
 class Connection:
-    """One launcher's open /dev/lguest, and everything the broker mapped for it."""
+    """One launcher's open /dev/lguest, its state, and everything the broker mapped for it."""
 
     def __init__(self, sock: socket.socket, pid: int, engine: Engine):
         self.sock = sock
         self.pid = pid
+        self.state = State.NEW
         self.file = LguestFile(engine, pid)
         self.mappings: list[mmap.mmap] = []
         self.memory: GuestMemory | None = None
         self.control: memoryview | None = None
-        self.halted = False           # a HALT is waiting for its reply
         self.timer_seq = 0            # bumps to cancel a scheduled clock event
-        self.kicked_dma = False       # a doorbell's run stopped at a DMA for the Launcher
 
     def reply(self, result: int, flags: int = 0, a: int = 0, b: int = 0,
               tail: bytes = b"") -> None:
@@ -97,6 +101,29 @@ class Connection:
         for m in self.mappings:
             m.close()
         self.mappings.clear()
+
+
+class Request:
+    """One wire request: op, four u32 arguments, its tail and the descriptors with it."""
+    __slots__ = ("op", "a", "b", "c", "d", "tail", "fds")
+
+    def __init__(self, op: int, a: int, b: int, c: int, d: int, tail: bytes, fds: list[int]):
+        self.op, self.a, self.b, self.c, self.d = op, a, b, c, d
+        self.tail = tail
+        self.fds = fds
+
+
+REQUEST_INPUTS = {wire.OP_INITIALIZE: Input.INITIALIZE, wire.OP_HCALL: Input.HCALL,
+                  wire.OP_NOTIFY: Input.NOTIFY, wire.OP_GETDMA: Input.GETDMA,
+                  wire.OP_IRQ: Input.IRQ, wire.OP_ATTACH: Input.ATTACH,
+                  wire.OP_KILL: Input.KILL, wire.OP_STATS: Input.STATS,
+                  wire.OP_BROKER_STATS: Input.BROKER_STATS, wire.OP_NAME: Input.NAME}
+
+
+def request_input(request: Request) -> Input:
+    if request.op == wire.OP_BREAK:
+        return Input.BREAK_ON if request.a else Input.BREAK_OFF
+    return REQUEST_INPUTS.get(request.op, Input.UNKNOWN)
 
 
 class Parked:
@@ -141,15 +168,19 @@ class Broker:
         if capture is not None:
             capture.names = self.names
             self.engine.on_transfer = capture.on_transfer
+        # The connection table, resolved once: (state, input) -> (bound action, next state).
+        self.actions = {(state, event): (getattr(self, "_" + transition(state, event)[0]),
+                                         transition(state, event)[1])
+                        for state in State for event in Input}
         self.selector = selectors.DefaultSelector()
+        self.connections: set[Connection] = set()
         self.owners: dict[int, Connection] = {}          # guest id -> owning connection
-        self.breakers: dict[int, list[Connection]] = {}  # guest id -> BREAKs waiting for 0
+        self.breakers: dict[int, list[Connection]] = {}  # guest id -> its BREAKING sharers
         self.ended: list[dict] = []                      # counters of guests already closed
         self.timers: list[tuple[float, int, int, Connection]] = []
         self.rings: dict[Connection, None] = {}          # rang the doorbell: rings to run
         self.held = HeldWakes()                          # wake-ups held back (coalescing)
         self.parked: list[Parked] = []                   # sends waiting for a restock
-        self.connections: set[Connection] = set()
         self.running_for: Connection | None = None       # whose ring or hypercall runs now
         self.counters = BrokerCounters()
         self.running = True
@@ -244,7 +275,7 @@ class Broker:
         if not os.read(fd, 64):
             self.running = False
 
-    # --- connections --------------------------------------------------------------------
+    # --- connections: the state machine's inputs --------------------------------------------
 
     def _accept(self, listener: socket.socket) -> None:
         try:
@@ -277,23 +308,68 @@ class Broker:
         if len(data) < wire.REQUEST.size:
             for fd in fds:
                 os.close(fd)
-            self._close(conn)
+            self._input(conn, Input.HANGUP)
             return
-        op, a, b, c, d = wire.REQUEST.unpack_from(data)
-        tail = data[wire.REQUEST.size:]
+        self.counters.messages += 1
+        request = Request(*wire.REQUEST.unpack_from(data), data[wire.REQUEST.size:], fds)
         try:
-            self._dispatch(conn, op, a, b, c, d, tail, fds)
+            self._input(conn, request_input(request), request)
         finally:
             for fd in fds:
                 os.close(fd)
         self._tell_woken()
 
-    def _close(self, conn: Connection) -> None:
+    def _input(self, conn: Connection, event: Input, arg=None) -> None:
+        """One transition: the table's action for (state, input), then the next state."""
+        action, after = self.actions[conn.state, event]
+        new = action(conn, arg)
+        if conn.state is not State.CLOSED:
+            conn.state = after or new or conn.state
+
+    # --- actions: requests any connection may make ------------------------------------------
+
+    def _nothing(self, conn: Connection, _arg) -> None:
+        return None
+
+    def _reply_ok(self, conn: Connection, _arg) -> None:
+        conn.reply(0)
+
+    def _refuse_run(self, conn: Connection, _request: Request) -> None:
+        conn.reply(conn.file.gate_run() or -errno.EPERM)
+
+    def _refuse_busy(self, conn: Connection, _request: Request) -> None:
+        conn.reply(-errno.EBUSY)
+
+    def _refuse_unknown(self, conn: Connection, _request: Request) -> None:
+        conn.reply(-errno.EINVAL)
+
+    def _getdma(self, conn: Connection, request: Request) -> None:
+        addr = conn.file.getdma(request.a)
+        # Guest addresses do not fit a signed result: the address travels in arg0.
+        conn.reply(min(addr, 0), a=max(addr, 0))
+
+    def _irq(self, conn: Connection, request: Request) -> None:
+        conn.reply(conn.file.irq(request.a))
+
+    def _stats(self, conn: Connection, _request: Request) -> None:
+        conn.reply(0, tail=json.dumps(self.stats()).encode())
+
+    def _broker_stats(self, conn: Connection, _request: Request) -> None:
+        conn.reply(0, tail=json.dumps(self.broker_stats()).encode())
+
+    def _name(self, conn: Connection, request: Request) -> None:
+        self.names[request.a] = request.tail.decode(errors="replace")
+        if self.capture is not None:
+            self.capture.named()
+        conn.reply(0)
+
+    def _close(self, conn: Connection, _arg=None) -> State:
         """lguest's close(): bindings released, guest slot freed, mappings dropped."""
         try:
             self.selector.unregister(conn.sock)
         except (KeyError, ValueError):
             pass
+        conn.state = State.CLOSED
         self.connections.discard(conn)
         self.rings.pop(conn, None)
         self.held.release(conn)
@@ -310,59 +386,17 @@ class Broker:
         conn.file.close()
         conn.release()
         conn.sock.close()
+        return State.CLOSED
 
-    def _breakers_of(self, guest: Guest) -> list[Connection]:
-        return self.breakers.get(guest.id, [])
+    # --- actions: becoming an owner or a sharer ---------------------------------------------
 
-    # --- requests -----------------------------------------------------------------------
+    def _initialize(self, conn: Connection, request: Request) -> State | None:
+        pfn_limit, pgdir, start, page_offset = request.a, request.b, request.c, request.d
+        fds = request.fds
 
-    def _dispatch(self, conn: Connection, op: int, a: int, b: int, c: int, d: int,
-                  tail: bytes, fds: list[int]) -> None:
-        f = conn.file
-        self.counters.messages += 1
-        if op == wire.OP_HCALL:
-            self._hypercall(conn, a, b, c, d)
-        elif op == wire.OP_NOTIFY:
-            self._notify(conn)            # no reply: the guest runs on
-        elif op == wire.OP_INITIALIZE:
-            self._initialize(conn, a, b, c, d, tail, fds)
-        elif op == wire.OP_GETDMA:
-            addr = f.getdma(a)
-            # Guest addresses do not fit a signed result: the address travels in arg0.
-            conn.reply(min(addr, 0), a=max(addr, 0))
-        elif op == wire.OP_IRQ:
-            conn.reply(f.irq(a))
-        elif op == wire.OP_BREAK:
-            self._break(conn, a)
-        elif op == wire.OP_ATTACH:
-            guest = self.engine.guests[a] if a < len(self.engine.guests) else None
-            if guest is None:
-                conn.reply(-errno.ENOENT)
-            else:
-                f.attach(guest)
-                conn.reply(0)
-        elif op == wire.OP_KILL:
-            error = f.gate_run()
-            if not error:
-                self.engine.kill_guest(f.guest, tail.decode(errors="replace"))
-            conn.reply(error)
-        elif op == wire.OP_STATS:
-            conn.reply(0, tail=json.dumps(self.stats()).encode())
-        elif op == wire.OP_BROKER_STATS:
-            conn.reply(0, tail=json.dumps(self.broker_stats()).encode())
-        elif op == wire.OP_NAME:
-            self.names[a] = tail.decode(errors="replace")
-            if self.capture is not None:
-                self.capture.named()
-            conn.reply(0)
-        else:
-            conn.reply(-errno.EINVAL)
-
-    def _initialize(self, conn: Connection, pfn_limit: int, pgdir: int, start: int,
-                    page_offset: int, tail: bytes, fds: list[int]) -> None:
         def make_memory() -> GuestMemory:
             # Only reached once lguest_user.c's checks (EPERM, EBUSY, ...) have passed.
-            regions, control_fd, control_offset = wire.decode_layout(tail)
+            regions, control_fd, control_offset = wire.decode_layout(request.tail)
             memory = GuestMemory(pfn_limit)
             for region in regions:
                 fd = fds[region.fd_index]
@@ -386,33 +420,34 @@ class Broker:
         except (ValueError, OSError, IndexError, struct.error):
             conn.release()
             result = -errno.EINVAL
-        if result >= 0:
-            self.owners[conn.file.guest.id] = conn
-            conn.reply(result, a=conn.file.guest.id)
-        else:
+        if result < 0:
             conn.reply(result)
+            return None
+        self.owners[conn.file.guest.id] = conn
+        conn.reply(result, a=conn.file.guest.id)
+        return State.RUNNING
 
-    def _hypercall(self, conn: Connection, eax: int, edx: int, ebx: int, ecx: int) -> None:
+    def _attach(self, conn: Connection, request: Request) -> State | None:
+        gid = request.a
+        guest = self.engine.guests[gid] if gid < len(self.engine.guests) else None
+        if guest is None:
+            conn.reply(-errno.ENOENT)
+            return None
+        conn.file.attach(guest)
+        conn.reply(0)
+        return State.SHARING
+
+    # --- actions: the owner's hypercalls ------------------------------------------------------
+
+    def _hypercall(self, conn: Connection, request: Request) -> State:
         guest = conn.file.guest
-        if guest is not None and guest.dead is not None and conn.file.gate_run() == 0:
-            conn.reply(-errno.ENOENT, wire.FLAG_DEAD, tail=guest.dead.encode())
-            return
-        if conn.kicked_dma and conn.file.gate_run() == 0:
-            # A doorbell's run of the ring stopped at a DMA for the Launcher: it is served
-            # first, then the guest makes this call again (as after any deferred call), and
-            # that call runs the rest of the ring.
-            conn.kicked_dma = False
-            conn.control[wire.CONTROL_KICK] = 0
-            dma, key = guest.pending_dma
-            conn.reply(0, wire.FLAG_PENDING_DMA, dma, key, b"deferred")
-            return
         started = time.perf_counter()
         # Only a guest that batches (its async ring holds queued calls) gets its receivers'
         # wake-ups held; one that sends a frame per synchronous call has them at once.
-        batching = guest is not None and not ring_empty(guest)
+        batching = not ring_empty(guest)
         running_for, self.running_for = self.running_for, conn if batching else None
         try:
-            outcome = conn.file.hypercall(eax, edx, ebx, ecx)
+            outcome = conn.file.hypercall(request.a, request.b, request.c, request.d)
             self._tell_woken()
         finally:
             self.running_for = running_for
@@ -420,137 +455,177 @@ class Broker:
         self.counters.engine_s += time.perf_counter() - started
         if isinstance(outcome, int):
             conn.reply(outcome)
-            return
+            return conn.state
         if outcome.restock is not None:
-            restock = outcome.restock
-            if restock.slot is None:
+            if outcome.restock.slot is None:
                 # The send was this very call: once tried again, it is answered.
-                self._park(conn, restock, lambda: self._finish_hypercall(conn, guest, outcome))
-            else:
-                # The ring's drain stopped at it: the same call again resumes the drain.
-                self._park(conn, restock, lambda: self._hypercall(conn, eax, edx, ebx, ecx))
-            return
-        self._finish_hypercall(conn, guest, outcome)
+                return self._park(conn, outcome.restock,
+                                  lambda: self._finish_hypercall(conn, guest, outcome))
+            # The ring's drain stopped at it: the same call again resumes the drain.
+            return self._park(conn, outcome.restock, lambda: self._hypercall(conn, request))
+        return self._finish_hypercall(conn, guest, outcome)
 
-    def _finish_hypercall(self, conn: Connection, guest: Guest, outcome: Outcome) -> None:
+    def _finish_hypercall(self, conn: Connection, guest: Guest, outcome: Outcome) -> State:
         if outcome.clockevent_ns is not None:
             self._set_clockevent(conn, outcome.clockevent_ns)
         if outcome.halt and guest.dead is None and not self._pending(conn, guest):
-            conn.halted = True        # replied to by _wake when something becomes pending
-            return
-        self._answer(conn, guest, outcome)
+            return State.HALTED       # replied to when something becomes pending
+        return self._reply_to_run(conn, guest, outcome)
 
-    def _answer(self, conn: Connection, guest: Guest, outcome: Outcome | None = None) -> None:
-        """The reply that lets a guest run again: dead, pending DMA, or its result."""
-        conn.halted = False
+    def _serve_pending_dma(self, conn: Connection, _request: Request) -> None:
+        """A doorbell's run of the ring stopped at a DMA for the Launcher: it is served
+        first, then the guest makes this call again (FLAG_DEFERRED), and that call runs the
+        rest of the ring."""
+        conn.control[wire.CONTROL_KICK] = 0
+        dma, key = conn.file.guest.pending_dma
+        conn.reply(0, wire.FLAG_PENDING_DMA | wire.FLAG_DEFERRED, dma, key)
+
+    def _kill(self, conn: Connection, request: Request) -> None:
+        """The Launcher found its guest at fault (a bad pointer in a device request)."""
+        self.engine.kill_guest(conn.file.guest, request.tail.decode(errors="replace"))
+        self._tell_woken()
+        conn.reply(0)
+
+    def _answer(self, conn: Connection, _arg) -> State:
+        return self._reply_to_run(conn, conn.file.guest)
+
+    def _reply_to_run(self, conn: Connection, guest: Guest,
+                      outcome: Outcome | None = None) -> State:
+        """The reply that lets a guest run again — dead, pending DMA, or its result — and the
+        state it leaves the connection in."""
         if guest.dead is not None:
             conn.reply(-errno.ENOENT, wire.FLAG_DEAD, tail=guest.dead.encode())
-            return
+            return State.DEAD
         flags = wire.FLAG_AGAIN if self._breakers_of(guest) else 0
         result = outcome.result if outcome is not None else 0
         if outcome is not None and outcome.deferred:
-            flags |= wire.FLAG_PENDING_DMA
+            flags |= wire.FLAG_PENDING_DMA | wire.FLAG_DEFERRED
         if guest.pending_dma is not None:
             dma, key = guest.pending_dma
-            conn.reply(result, flags | wire.FLAG_PENDING_DMA, dma, key,
-                       b"deferred" if outcome is not None and outcome.deferred else b"")
-            return
-        conn.reply(result, flags)
+            conn.reply(result, flags | wire.FLAG_PENDING_DMA, dma, key)
+        else:
+            conn.reply(result, flags)
+        return State.RUNNING
 
     def _pending(self, conn: Connection, guest: Guest) -> bool:
         """Would this halted guest wake now? (fabric.wakeups.wakes_halted)"""
         return wakes_halted(guest, flag_bits(conn.control[:abi.LGUEST_IRQS]),
                             bool(self._breakers_of(guest)))
 
-    def _break(self, conn: Connection, on: int) -> None:
+    # --- actions: a halted guest --------------------------------------------------------
+
+    def _wake(self, conn: Connection, raised: int) -> State | None:
+        """Something was raised (`raised`: the lines) for a halted guest: wake it if it has
+        not blocked it, unless the wake-up is held while its sender runs."""
         guest = conn.file.guest
+        if not self._pending(conn, guest):
+            return None
+        if self.running_for is not None and self.held.hold(
+                conn, guest, raised, self.running_for, time.monotonic()):
+            self.counters.wakes_deferred += 1
+            return None
+        self.counters.wakes += 1
+        return self._reply_to_run(conn, guest)
+
+    def _let_go(self, conn: Connection, _arg) -> State:
+        self.counters.wakes += 1
+        return self._reply_to_run(conn, conn.file.guest)
+
+    # --- actions: BREAK (the Waker kicks its guest out to service input) ---------------------
+
+    def _break_on(self, conn: Connection, _request: Request) -> State | None:
         error = conn.file.gate(abi.LHREQ_BREAK)
         if error:
             conn.reply(error)
-            return
-        if on:
-            # Kick the guest out of run, and hold this request until BREAK 0.
-            self.breakers.setdefault(guest.id, []).append(conn)
-            owner = self.owners.get(guest.id)
-            if owner is not None and owner.control is not None:
-                owner.control[wire.CONTROL_BREAK] = 1
-            if owner is not None and owner.halted:
-                self._answer(owner, guest)
-            return
-        self._release_breakers(guest)
-        conn.reply(0)
+            return None
+        guest = conn.file.guest
+        self.breakers.setdefault(guest.id, []).append(conn)    # held until BREAK 0
+        owner = self.owners.get(guest.id)
+        if owner is not None and owner.control is not None:
+            owner.control[wire.CONTROL_BREAK] = 1              # a running guest sees it
+        if owner is not None and owner is not conn:
+            self._input(owner, Input.BROKEN)
+        return State.BREAKING
+
+    def _break_off(self, conn: Connection, _request: Request) -> None:
+        error = conn.file.gate(abi.LHREQ_BREAK)
+        if not error:
+            self._release_breakers(conn.file.guest)
+        conn.reply(error)
 
     def _release_breakers(self, guest: Guest) -> None:
         owner = self.owners.get(guest.id)
         if owner is not None and owner.control is not None:
             owner.control[wire.CONTROL_BREAK] = 0
         for waiting in self.breakers.pop(guest.id, []):
-            waiting.reply(0)
+            self._input(waiting, Input.RELEASED)
 
-    # --- the doorbell: rings to run, wake-ups to coalesce ---------------------------------
+    def _breakers_of(self, guest: Guest) -> list[Connection]:
+        return self.breakers.get(guest.id, [])
 
-    def _notify(self, conn: Connection) -> None:
-        """NOTIFY: this guest queued calls in its async ring; run them soon."""
+    # --- actions: the doorbell and its ring ---------------------------------------------------
+
+    def _notify(self, conn: Connection, _request: Request) -> None:
+        """NOTIFY: this guest queued calls in its async ring; run them soon. No reply."""
         self.counters.notifies += 1
-        guest = conn.file.guest
-        if (guest is None or conn.file.gate_run() or guest.ring is None
-                or guest.dead is not None or conn.kicked_dma):
-            return
-        self.rings[conn] = None
-
-    def _ring_again(self, conn: Connection) -> None:
-        """After a ring's send had its restock: the rest of the ring, on the next pass."""
-        if conn.file.guest is not None and conn in self.connections:
+        if conn.file.guest.ring is not None:
             self.rings[conn] = None
 
     def _run_rings(self) -> None:
         """One pass: up to one ring's worth of queued calls of every guest on the list."""
-        counters = self.counters
-        counters.ring_passes += 1
+        self.counters.ring_passes += 1
         started = time.perf_counter()
         running_for = self.running_for
         try:
             for conn in list(self.rings):
-                guest = conn.file.guest
-                if guest is None or guest.dead is not None or conn.kicked_dma:
-                    del self.rings[conn]
-                    continue
-                outcome = Outcome()
-                self.running_for = conn
-                counters.ring_calls += drain_async(self.engine, guest, outcome, RING_PASS_CALLS)
-                self._tell_woken()
-                if outcome.restock is not None:
-                    self._park(conn, outcome.restock, lambda c=conn: self._ring_again(c))
-                    continue
-                if outcome.clockevent_ns is not None:
-                    self._set_clockevent(conn, outcome.clockevent_ns)
-                if guest.pending_dma is not None:
-                    conn.kicked_dma = True       # its next call hears of it first
-                    del self.rings[conn]
-                elif guest.dead is not None:
-                    del self.rings[conn]
-                elif ring_empty(guest):
-                    # Dry: the guest may ring again. Look once more after saying so, for a
-                    # call it queued while the flag still told it we were on it.
-                    conn.control[wire.CONTROL_KICK] = 0
-                    if ring_empty(guest):
-                        del self.rings[conn]
-                    else:
-                        conn.control[wire.CONTROL_KICK] = 1
+                self._input(conn, Input.RING)
+                if conn.state is not State.RUNNING:
+                    self.rings.pop(conn, None)
         finally:
             self.running_for = running_for
-        counters.engine_s += time.perf_counter() - started
+        self.counters.engine_s += time.perf_counter() - started
+
+    def _run_ring(self, conn: Connection, _arg) -> State | None:
+        guest = conn.file.guest
+        outcome = Outcome()
+        self.running_for = conn
+        self.counters.ring_calls += drain_async(self.engine, guest, outcome, RING_PASS_CALLS)
+        self._tell_woken()
+        if outcome.restock is not None:
+            return self._park(conn, outcome.restock, lambda: self._ring_again(conn))
+        if outcome.clockevent_ns is not None:
+            self._set_clockevent(conn, outcome.clockevent_ns)
+        if guest.dead is not None:
+            return State.DEAD
+        if guest.pending_dma is not None:
+            return State.PENDING_DMA          # its next call hears of it first
+        if ring_empty(guest):
+            # Dry: the guest may ring again. Look once more after saying so, for a call it
+            # queued while the flag still told it we were on it.
+            conn.control[wire.CONTROL_KICK] = 0
+            if ring_empty(guest):
+                del self.rings[conn]
+            else:
+                conn.control[wire.CONTROL_KICK] = 1
+        return None
+
+    def _ring_again(self, conn: Connection) -> State:
+        """After a ring's send had its restock: the rest of the ring, on the next pass."""
+        if conn.file.guest.dead is not None:
+            return State.DEAD
+        self.rings[conn] = None
+        return State.RUNNING
+
+    # --- held wake-ups --------------------------------------------------------------------
 
     def _flush_wakes(self) -> None:
         """Let held wake-ups go whose sender stopped running, or that waited too long."""
         for conn in self.held.due(time.monotonic(), self._still_running):
-            if conn.halted and conn.file.guest is not None:
-                self.counters.wakes += 1
-                self._answer(conn, conn.file.guest)
+            self._input(conn, Input.LET_GO)
 
     @staticmethod
     def _still_running(sender: Connection | None) -> bool:
-        return sender is not None and sender.file.guest is not None and not sender.halted
+        return sender is not None and sender.file.guest is not None and running(sender.state)
 
     # --- what the engine reported -------------------------------------------------------
 
@@ -558,10 +633,11 @@ class Broker:
         """After an engine operation, outside lguest_lock: tell every guest it woke."""
         if self.engine.woken:
             for guest in self.engine.take_woken():
-                self._wake(guest)
+                self._tell(guest)
 
-    def _wake(self, guest: Guest) -> None:
-        """An interrupt was raised for this guest, or it was killed: tell its launcher."""
+    def _tell(self, guest: Guest) -> None:
+        """An interrupt was raised for this guest, or it was killed: set the flags its
+        launcher polls, then it is the connection's input."""
         conn = self.owners.get(guest.id)
         if conn is None or conn.control is None:
             return
@@ -573,19 +649,14 @@ class Broker:
             control[wire.CONTROL_IRQ_FLAGS + low.bit_length() - 1] = 1
             bits ^= low
         if guest.dead is not None:
-            conn.control[wire.CONTROL_DEAD] = 1
-        if conn.halted and (guest.dead is not None or self._pending(conn, guest)):
-            if (self.running_for is not None and guest.dead is None
-                    and self.held.hold(conn, guest, raised, self.running_for,
-                                       time.monotonic())):
-                self.counters.wakes_deferred += 1
-                return
-            self.counters.wakes += 1
-            self._answer(conn, guest)
+            control[wire.CONTROL_DEAD] = 1
+            self._input(conn, Input.DIED)
+        else:
+            self._input(conn, Input.WAKE, raised)
 
     # --- one chance to restock ----------------------------------------------------------
 
-    def _park(self, conn: Connection, restock: Restock, then) -> None:
+    def _park(self, conn: Connection, restock: Restock, then) -> State:
         """A send of conn's found no free buffer: hold conn's requests, give the receiver
         its chance to run, and try again from the loop (`_retry_parked`)."""
         self.counters.restocks += 1
@@ -598,14 +669,15 @@ class Broker:
         receiver = self.owners.get(restock.receiver.id)
         # In lguest the receiver ran on a CPU of its own meanwhile; here it may be asleep
         # with the wake-up the first try raised held back: asleep, it could not restock.
-        if receiver is not None and self.held.release(receiver) and receiver.halted:
-            self.counters.wakes += 1
-            self._answer(receiver, restock.receiver)
+        if receiver is not None and self.held.release(receiver):
+            self._input(receiver, Input.LET_GO)
+        return State.RESTOCKING
 
     def _retry_parked(self, busy: bool) -> None:
         """The final try of every parked send whose receiver has a free buffer (or is
         gone), or whose RESTOCK_SECONDS are up; then what came after it."""
         now = time.monotonic()
+        ready = []
         waiting = []
         for parked in self.parked:
             receiver = parked.restock.receiver
@@ -613,16 +685,20 @@ class Broker:
                     and self.engine.guests[receiver.id] is receiver
                     and not has_free_buffer(receiver)):
                 waiting.append(parked)
-                continue
+            else:
+                ready.append(parked)
+        self.parked = waiting
+        for parked in ready:
             self.counters.restock_s += now - parked.started
-            conn = parked.conn
             finish_restock(self.engine, parked.restock)
             self._tell_woken()
-            self._listen_to(conn)
-            parked.then()
-        self.parked = waiting
+            self._listen_to(parked.conn)
+            self._input(parked.conn, Input.RESTOCKED, parked)
         if waiting and not busy:
             os.sched_yield()          # the receivers run on the other CPU (or on this one)
+
+    def _resume(self, conn: Connection, parked: Parked) -> State:
+        return parked.then()
 
     # --- the guest's clock --------------------------------------------------------------
 

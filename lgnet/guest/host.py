@@ -59,7 +59,7 @@ class BrokerHost:
                     # The Launcher's device refused the guest: the Host records why.
                     self.kill(stopped.reason)
                     raise
-                if reply.tail == b"deferred":
+                if reply.flags & wire.FLAG_DEFERRED:
                     continue          # the async ring stopped before this call: make it now
             elif reply.result < 0 and call != abi.LHCALL_HALT:
                 raise GuestStopped("hypercall %d refused: error %d" % (call, -reply.result))
