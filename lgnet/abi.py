@@ -223,6 +223,7 @@ MAX_DEVICES = LGUEST_MAX_DMA // 2
 
 # The reference Launcher sits at 0xB8000000; everything below is guest-physical, and device
 # pages are handed out downward from there.
+NSEC_PER_SEC = 1_000_000_000                 # the clock's unit (timespec, clock events)
 LGUEST_GUEST_TOP = 0xB8000000
 GUEST_PFN_LIMIT = LGUEST_GUEST_TOP // PAGE_SIZE
 
@@ -233,6 +234,7 @@ NET_SLOTS = PAGE_SIZE // ETH_ALEN            # 682
 NET_PROMISC_BIT = 0x01
 NET_PEER_KEY_STRIDE = 4                      # key of slot n = page address + 4 * n
 ETH_HLEN = 14
+ETH_ZLEN = 60                                # the shortest frame: lguest_net pads up to it
 ETH_DATA_LEN = 1500
 ETH_FRAME_LEN = ETH_HLEN + ETH_DATA_LEN      # 1514: one lguest_net receive buffer
 NUM_NET_RX_BUFFERS = 8                       # lguest_net binds 8 receive buffers

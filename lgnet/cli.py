@@ -110,7 +110,7 @@ def cmd_dump(args) -> int:
                              "pcap: drop --follow" % path)
         frames = ((d.time, d.data, d.comment) for d in capture.follow(path))
     else:
-        frames = ((r.ts_ns / capture.NS_PER_S, r.data, r.comments[0] if r.comments else "")
+        frames = ((r.ts_ns / abi.NSEC_PER_SEC, r.data, r.comments[0] if r.comments else "")
                   for r in capture.read_capture(path))
     if args.count == 0:
         return 0

@@ -9,7 +9,6 @@ order, and `received` keeps them all.
 """
 from __future__ import annotations
 
-import re
 import socket
 import threading
 import time
@@ -17,10 +16,10 @@ import time
 from lgnet import abi
 from lgnet.errors import LgnetError
 from lgnet.filters import Filter, as_predicate
+from lgnet.guest.port import parse_ready
 from lgnet.packets import L, MAX_SHOWN
 
 MAX_FRAME = 1 << 16
-READY = re.compile(r"^lgnet port: up slot (\d+) mac ([0-9a-f:]{17})$")
 BROADCAST = "ff:ff:ff:ff:ff:ff"
 POLL_SECONDS = 0.01
 
@@ -50,9 +49,9 @@ class Port:
         deadline = time.monotonic() + timeout
         while True:
             for line in list(self.run.console):
-                m = READY.match(line)
-                if m:
-                    self.slot, self.mac = int(m.group(1)), m.group(2)
+                ready = parse_ready(line)
+                if ready:
+                    self.slot, self.mac = ready
                     return
             if self.run.process.poll() is not None or time.monotonic() > deadline:
                 raise LgnetError("port %s on %s did not come up: %s" % (

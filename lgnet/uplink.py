@@ -28,7 +28,7 @@ from lgnet import abi
 from lgnet.errors import LgnetError
 from lgnet.guest.devices import tun
 from lgnet.guest.devices.tun import TunSpec
-from lgnet.hostport import READY
+from lgnet.guest.port import parse_ready
 from lgnet.scenario import UPLINK_NAME, GuestSpec, Scenario
 
 UPLINK_KERNEL = "python:lgnet.guest.port"
@@ -120,9 +120,9 @@ class Uplink:
         deadline = time.monotonic() + timeout
         while True:
             for line in list(self.run.console):
-                found = READY.match(line)
-                if found:
-                    self.slot, self.mac = int(found.group(1)), found.group(2)
+                ready = parse_ready(line)
+                if ready:
+                    self.slot, self.mac = ready
                     self.tap = interface_with_mac(self.mac)
                     return
             if self.run.process.poll() is not None or time.monotonic() > deadline:

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from brokerkit import RX, RX_BUF, TX, BrokerKit
+from brokerkit import RX_BUF, TX, BrokerKit
 from lgnet import abi, wire
 from lgnet.fabric.connection import Input, State
 
@@ -65,6 +65,7 @@ def test_a_halt_with_an_interrupt_already_flagged_returns_at_once(kit):
 
 
 def test_restock_is_a_step_the_sender_waits_in_while_the_receiver_runs(kit):
+    kit.broker.restock_seconds = 60               # however slow this machine is today
     a, b = pair(kit)
     [entry] = b.bind_rx(1)
     b.put_u32(entry, 77)                          # not yet consumed: no free buffer
@@ -90,25 +91,31 @@ def test_a_second_failure_after_the_restock_is_final(kit):
 
 
 def test_restock_wakes_a_receiver_whose_wake_up_is_held(kit):
+    kit.broker.held.max_seconds = 60              # only the restock lets it go
     a, b = pair(kit)
-    [first, second] = b.bind_rx(1, count=2)
+    entries = b.bind_rx(1, count=4)
+    for entry in entries[1:]:
+        b.put_u32(entry, 77)                      # three of four buffers still full
     b.halt()
     kit.settle()
     a.put_tx(PAYLOAD)
-    # Three sends queued in a's ring: the first fills a buffer (the wake-up is held while a
-    # runs its ring), the second the other, the third finds none: b must run to restock.
+    # Two sends queued in a's ring: the first fills the last free buffer (its wake-up is
+    # held while a runs its ring: half of b's four buffers are not filled by it), the second
+    # finds none: b must be woken to restock.
     send = (abi.LHCALL_SEND_DMA, a.key(1), TX, 0)
-    a.queue(send, send, send)
+    a.queue(send, send)
     a.send(wire.OP_NOTIFY)
     for _ in range(20):
         kit.broker.step(0)
         if b.answered():
             break
     assert b.reply().result == 0
-    assert b.u32(first) == b.u32(second) == len(PAYLOAD)
+    assert kit.broker.counters.restocks == 1 and kit.broker.counters.wakes_deferred == 1
+    assert b.u32(entries[0]) == len(PAYLOAD)
 
 
 def test_the_rings_send_after_a_restock_frees_its_ring_entry(kit):
+    kit.broker.restock_seconds = 60
     a, b = pair(kit)
     [entry] = b.bind_rx(1)
     b.put_u32(entry, 77)

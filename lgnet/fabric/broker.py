@@ -131,11 +131,11 @@ class Parked:
     comes after the final try: the same hypercall again, its reply, or the rest of the ring."""
     __slots__ = ("conn", "restock", "deadline", "started", "then")
 
-    def __init__(self, conn: Connection, restock: Restock, now: float, then):
+    def __init__(self, conn: Connection, restock: Restock, now: float, seconds: float, then):
         self.conn = conn
         self.restock = restock
         self.started = now
-        self.deadline = now + RESTOCK_SECONDS
+        self.deadline = now + seconds
         self.then = then
 
 
@@ -181,6 +181,7 @@ class Broker:
         self.rings: dict[Connection, None] = {}          # rang the doorbell: rings to run
         self.held = HeldWakes()                          # wake-ups held back (coalescing)
         self.parked: list[Parked] = []                   # sends waiting for a restock
+        self.restock_seconds = RESTOCK_SECONDS
         self.running_for: Connection | None = None       # whose ring or hypercall runs now
         self.counters = BrokerCounters()
         self.running = True
@@ -665,7 +666,7 @@ class Broker:
             self.selector.unregister(conn.sock)
         except (KeyError, ValueError):
             pass
-        self.parked.append(Parked(conn, restock, time.monotonic(), then))
+        self.parked.append(Parked(conn, restock, time.monotonic(), self.restock_seconds, then))
         receiver = self.owners.get(restock.receiver.id)
         # In lguest the receiver ran on a CPU of its own meanwhile; here it may be asleep
         # with the wake-up the first try raised held back: asleep, it could not restock.
@@ -705,7 +706,7 @@ class Broker:
     def _set_clockevent(self, conn: Connection, delta_ns: int) -> None:
         conn.timer_seq += 1           # any earlier event is cancelled
         if delta_ns:
-            deadline = time.monotonic() + delta_ns / 1e9
+            deadline = time.monotonic() + delta_ns / abi.NSEC_PER_SEC
             heapq.heappush(self.timers, (deadline, id(conn), conn.timer_seq, conn))
 
     def _fire_timers(self) -> None:

@@ -60,7 +60,6 @@ IF_NAME = 2
 IF_DESCRIPTION = 3
 IF_TSRESOL = 9
 TSRESOL_NANOSECONDS = 9              # 10^-9 s per tick
-NS_PER_S = 1_000_000_000
 BLOCK_ALIGN = 4
 
 _HEAD = struct.Struct("<II")                 # block type, total length
@@ -275,7 +274,7 @@ class Reader:
                 name = value.decode(errors="replace")
             elif code == IF_TSRESOL and value:
                 exp = value[0]
-                ns_per_tick = NS_PER_S // (10 ** exp if exp < 0x80 else 2 ** (exp & 0x7F)) or 1
+                ns_per_tick = abi.NSEC_PER_SEC // (10 ** exp if exp < 0x80 else 2 ** (exp & 0x7F)) or 1
         self.interfaces.append((name, ns_per_tick))
 
     def _packet(self, body: bytes) -> Record:
@@ -293,7 +292,7 @@ def deliveries(reader: Reader) -> list[Delivery]:
     out = []
     for record in reader.records():
         for comment in record.comments:
-            delivery = parse_facts(comment, record.ts_ns / NS_PER_S, record.data)
+            delivery = parse_facts(comment, record.ts_ns / abi.NSEC_PER_SEC, record.data)
             if delivery is not None:
                 out.append(delivery)
                 break
@@ -363,7 +362,7 @@ def _pcap_records(path):
             if len(data) < meta.caplen:
                 break                          # the last record, cut short
             whole += PCAP_RECORD_HEADER + len(data)
-            ts_ns = meta.sec * NS_PER_S + (meta.usec if ns else meta.usec * 1000)
+            ts_ns = meta.sec * abi.NSEC_PER_SEC + (meta.usec if ns else meta.usec * 1000)
             yield Record(ts_ns, data, meta.wirelen, 0)
         return whole
     finally:

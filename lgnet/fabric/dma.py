@@ -126,7 +126,14 @@ class Restock:
     slot: int | None = None
 
 
-_BAD_ARRAY = object()                  # _find_free_buffer: the array itself was unreadable
+class Unreadable:
+    """next_free_buffer met an entry its owner's memory does not back, at `addr`."""
+    __slots__ = ("addr",)
+
+    def __init__(self, addr: int):
+        self.addr = addr
+
+
 SEND_CACHE_MAX = 1024                  # remembered send lookups per guest
 LIST_CACHE_MAX = 256                   # remembered checked lists per guest
 
@@ -140,7 +147,6 @@ _LIST = abi.DMA_ADDR_OFFSET                       # the list starts after used_l
 _LEN0 = abi.DMA_LEN_OFFSET - _LIST                # len[0] in the raw list
 _UNPACK_LIST = struct.Struct("<%dI%dH" % (_N, _N)).unpack
 _PAGE = abi.PAGE_SIZE
-_MASK = abi.U32_MASK
 _U32 = struct.Struct("<I")
 
 
@@ -330,7 +336,7 @@ class Engine:
         src_used, src_dma = self._read_dma(src, udma)
         dstg = dst.guest
         found = self._find_free_buffer(dst)
-        if found is _BAD_ARRAY:
+        if found.__class__ is Unreadable:
             # io.c's "goto fail": the destination was killed; no interrupt, and it is not a
             # "no free buffer", so there is no second try.
             return Send.FAILED
@@ -383,7 +389,7 @@ class Engine:
     def _find_free_buffer(self, dst: Binding):
         """next_free_buffer, and an unreadable entry kills its owner (lgread's rule)."""
         found = next_free_buffer(dst)
-        if found is _BAD_ARRAY:
+        if found.__class__ is Unreadable:
             self.kill_guest(dst.guest, abi.MSG_BAD_REGISTERED_READ)
         return found
 
@@ -447,7 +453,7 @@ class Engine:
         if known is not None and known[0] == memory.layout:
             return known[1], known[2]
         fields = _UNPACK_LIST(dma)
-        limit = memory.pfn_limit
+        address_ok = memory.address_ok
         hint = memory.regions[0] if memory.regions else None    # RAM, almost always
         runs: list = []
         total = 0
@@ -458,8 +464,7 @@ class Engine:
             if not length:
                 break
             addr = fields[i]
-            end = (addr + length) & _MASK          # lguest_address_ok
-            if (end // _PAGE >= limit or end < addr or length > _PAGE
+            if (not address_ok(addr, length) or length > _PAGE
                     or addr % _PAGE + length > _PAGE):
                 self.kill_guest(guest, abi.MSG_BAD_DMA_ENTRY % (length, addr))
                 return None
@@ -502,14 +507,13 @@ class Engine:
             for binding in self.dma_hash[keys.bucket(key)]:
                 if binding.guest is not guest or binding.key != key:
                     continue
-                for j in range(binding.num_dmas):
-                    addr = binding.dmas + j * abi.LGUEST_DMA_SIZE
-                    if not guest.memory.accessible(addr, abi.LGUEST_DMA_SIZE):
-                        guest.memory.fault(abi.MSG_BAD_READ_LEN % (addr, abi.LGUEST_DMA_SIZE))
-                        return None
-                    if guest.memory.read_u32(addr + abi.DMA_USED_LEN_OFFSET) == 0:
-                        return addr, binding.interrupt
-                return None
+                found = next_free_buffer(binding, start=0)     # lguest looked from the first
+                if found is None:
+                    return None
+                if found.__class__ is Unreadable:
+                    guest.memory.fault(abi.MSG_BAD_READ_LEN % (found.addr, _SIZE))
+                    return None
+                return binding.dmas + found[0] * _SIZE, binding.interrupt
             return None
 
     def user_get_dma(self, guest: Guest, key_addr: int) -> int:
@@ -524,13 +528,15 @@ class Engine:
         return addr
 
 
-def next_free_buffer(dst: Binding):
-    """The receiver's next free buffer: scan from next_dma (with wrap) for used_len == 0.
-    (index, raw list) of that entry, None when every entry is used, _BAD_ARRAY when an entry
-    is unreadable. No side effects: the transfer kills, the restock check just looks."""
+def next_free_buffer(dst: Binding, start: int | None = None):
+    """A bound array's next free buffer: scan from `start` (by default the next_dma cursor),
+    with wrap, for used_len == 0. (index, raw list) of that entry, None when every entry is
+    used, Unreadable when an entry is not backed. No side effects: the transfer kills its
+    owner, GETDMA kills with lgread's reason, the restock check just looks."""
     memory = dst.guest.memory
     num = dst.num_dmas
-    start = dst.next_dma
+    if start is None:
+        start = dst.next_dma
     where = dst.where
     if where is None or where[0] != memory.layout:
         found = memory.locate(dst.dmas, num * _SIZE) if num else None
@@ -552,7 +558,7 @@ def next_free_buffer(dst: Binding):
         index = (start + i) % num
         raw = memory.gather(dst.dmas + index * _SIZE, _SIZE)
         if raw is None:
-            return _BAD_ARRAY
+            return Unreadable(dst.dmas + index * _SIZE)
         if _U32.unpack_from(raw)[0] == 0:
             return index, raw[_LIST:]
     return None
@@ -563,7 +569,7 @@ def has_free_buffer(guest: Guest) -> bool:
     for binding in guest.dma:
         if binding.interrupt:
             found = next_free_buffer(binding)
-            if found is not None and found is not _BAD_ARRAY:
+            if found is not None and found.__class__ is not Unreadable:
                 return True
     return False
 

@@ -110,8 +110,8 @@ def write_time(guest: Guest) -> None:
     """lguest_data.time: the Host keeps the guest's wall clock current."""
     now = time.time_ns()
     guest.memory.write(guest.lguest_data + abi.LGUEST_DATA_TIME,
-                       abi.TIMESPEC.pack(now // 1_000_000_000 & abi.U32_MASK,
-                                         now % 1_000_000_000))
+                       abi.TIMESPEC.pack(now // abi.NSEC_PER_SEC & abi.U32_MASK,
+                                         now % abi.NSEC_PER_SEC))
 
 
 def drain_async(engine: Engine, guest: Guest, outcome: Outcome,

@@ -92,14 +92,13 @@ class GuestMemory:
 
     def address_ok(self, addr: int, length: int) -> bool:
         """lguest_address_ok: (addr+len)/PAGE_SIZE < pfn_limit and addr+len does not wrap."""
-        end = (addr + length) & abi.U32_MASK
-        return end // abi.PAGE_SIZE < self.pfn_limit and end >= addr
+        end = (addr + length) & _MASK
+        return end // _PAGE < self.pfn_limit and end >= addr
 
     def locate(self, addr: int, length: int) -> tuple[Region, int] | None:
         """The one region that backs all of [addr, addr+length), with the offset in it.
         (A range over two regions is acceptable but has no single window: see pieces.)"""
-        end = (addr + length) & _MASK           # address_ok, inline: this is the hot path
-        if end // _PAGE >= self.pfn_limit or end < addr:
+        if not self.address_ok(addr, length):
             return None
         for region in self.regions:
             if region.base <= addr and addr + length <= region.end:

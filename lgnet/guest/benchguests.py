@@ -35,7 +35,7 @@ import time
 import zlib
 
 from lgnet import abi
-from lgnet.guest.pvdriver import (ETHERTYPE_LGNET, NS_PER_S, Console, Machine, NetDevice,
+from lgnet.guest.pvdriver import (ETHERTYPE_LGNET, Console, Machine, NetDevice,
                                   parse_cmdline, split_pages)
 
 # --- the frame: header | crc | body | seq ---------------------------------------------------
@@ -291,7 +291,7 @@ class Bench:
         """A clock event towards the hard deadline, queued: it runs with our next HALT. The
         delta is a 32-bit count of ns (about 4 s), so each expiry arms the next one."""
         left = max(0.0, self.hard_deadline - time.monotonic())
-        delta = min(abi.U32_MASK, max(1, int(left * NS_PER_S)))
+        delta = min(abi.U32_MASK, max(1, int(left * abi.NSEC_PER_SEC)))
         self.machine.handlers[abi.TIMER_IRQ] = self.arm_timer
         self.machine.async_hcall(abi.LHCALL_SET_CLOCKEVENT, delta)
 

@@ -152,7 +152,6 @@ _PTE_WRITABLE = 0x2
 _PAGE_MASK = ~(abi.PAGE_SIZE - 1) & abi.U32_MASK
 _IRQ_MASK = (1 << abi.LGUEST_IRQS) - 1
 _EMPTY_RING = bytes([abi.HCALL_STATUS_EMPTY]) * abi.LHCALL_RING_SIZE
-_NSEC = 1_000_000_000
 _HALT_RETRY_SECONDS = 0.0005             # halted with only blocked interrupts pending
 
 # Descriptor bits (the high word of a segment descriptor or gate).
@@ -1044,7 +1043,7 @@ class GuestCpu:
         elif self._data is not None:
             now = time.time_ns()
             abi.TIMESPEC.pack_into(self._data, abi.LGUEST_DATA_TIME,
-                                   (now // _NSEC) & abi.U32_MASK, now % _NSEC)
+                                   (now // abi.NSEC_PER_SEC) & abi.U32_MASK, now % abi.NSEC_PER_SEC)
 
     def _resume(self) -> None:
         """What lguest did on every way back into the guest (run_guest's loop): drain the
@@ -1062,7 +1061,7 @@ class GuestCpu:
                 self.host.hypercall(abi.LHCALL_FLUSH_ASYNC, 0, 0, 0)
             now = time.time_ns()
             abi.TIMESPEC.pack_into(data, abi.LGUEST_DATA_TIME,
-                                   (now // _NSEC) & abi.U32_MASK, now % _NSEC)
+                                   (now // abi.NSEC_PER_SEC) & abi.U32_MASK, now % abi.NSEC_PER_SEC)
             self._maybe_interrupt(data)
             if not self._halted or self._reason is not None:
                 return

@@ -23,12 +23,26 @@ guest's frame.
 """
 from __future__ import annotations
 
+import re
+
 from lgnet import abi
 from lgnet.guest.pvdriver import Console, Machine, NetDevice, format_mac, parse_cmdline
 
-READY = "lgnet port: up slot %d mac %s\n"
+READY = "lgnet port: up slot %d mac %s"
 CLASH = ("lgnet uplink: a frame from %s came in, but a guest here has that MAC: give each "
          "host's lab its own guest ids (first_guest_id:)\n")
+READY_LINE = re.compile(r"^lgnet port: up slot (\d+) mac ([0-9a-f:]{17})$")
+
+
+def ready_line(slot: int, mac: str) -> str:
+    """What the port prints once it is up (the lab waits for it)."""
+    return READY % (slot, mac)
+
+
+def parse_ready(line: str) -> tuple[int, str] | None:
+    """(slot, mac) from the port's ready line, None for any other console line."""
+    m = READY_LINE.match(line)
+    return (int(m.group(1)), m.group(2)) if m else None
 
 
 def parse_mac(text: str) -> bytes:
@@ -91,7 +105,7 @@ def main(machine: Machine) -> None:
         make_uplink(lan, link, console)
     link.open()
     lan.open()
-    console.write(READY % (lan.slot, format_mac(lan.mac)))
+    console.write(ready_line(lan.slot, format_mac(lan.mac)) + "\n")
     while True:
         # Everything happens in the receive interrupts; HALT until the next one.
         machine.hcall(abi.LHCALL_HALT)

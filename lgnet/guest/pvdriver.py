@@ -28,7 +28,6 @@ from lgnet.guest.physmem import PhysMap
 
 ETHERTYPE_LGNET = abi.ETHERTYPE_LGNET
 FIRST_FREE_RAM = 0x10000            # below: boot header and command line
-NS_PER_S = 1_000_000_000
 
 
 @dataclass
@@ -140,7 +139,7 @@ class Machine:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            self.hcall(abi.LHCALL_SET_CLOCKEVENT, max(1, int(left * NS_PER_S)))
+            self.hcall(abi.LHCALL_SET_CLOCKEVENT, max(1, int(left * abi.NSEC_PER_SEC)))
             self.hcall(abi.LHCALL_HALT)
 
     def power_down(self) -> None:
@@ -232,8 +231,9 @@ class NetDevice:
 
     def peers(self) -> list[tuple[int, bytes]]:
         table = self.phys.read(self.page, abi.NET_SLOTS * abi.ETH_ALEN)
-        return [(slot, table[slot * 6:slot * 6 + 6]) for slot in range(abi.NET_SLOTS)
-                if slot != self.slot and table[slot * 6] != 0]
+        size = abi.ETH_ALEN
+        return [(slot, table[slot * size:(slot + 1) * size]) for slot in range(abi.NET_SLOTS)
+                if slot != self.slot and table[slot * size] != 0]
 
     def holds(self, mac: bytes) -> bool:
         """Whether a peer's slot holds this MAC (either way of the promiscuous bit)."""
@@ -348,7 +348,7 @@ class PyGuest:
     def frame(self, net: NetDevice, dest: bytes, text: str) -> bytes:
         payload = text.encode()
         frame = dest + net.mac + struct.pack("!H", ETHERTYPE_LGNET) + payload
-        return frame.ljust(60, b"\0")
+        return frame.ljust(abi.ETH_ZLEN, b"\0")
 
 
 # --- the script: what a `driver: python` guest of a scenario does ---------------------------
@@ -393,7 +393,7 @@ def report(guest: PyGuest) -> None:
             else:
                 what = "%d bytes of ethertype %#06x" % (len(frame.data), ethertype)
             guest.console.write("eth%d: from %s: %s\n"
-                                % (net.index, format_mac(frame.data[6:12]), what))
+                                % (net.index, format_mac(frame.data[abi.ETH_ALEN:2 * abi.ETH_ALEN]), what))
 
 
 def serve(guest: PyGuest) -> None:
