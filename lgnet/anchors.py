@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from lgnet import abi
+from lgnet import abi, process
 from lgnet.guest.benchguests import (END_SEQ, MIN_FRAME, NOT_VERIFIED, PERCENTILES,
                                      TX_FRAMES, frame_template, prefix_crc, stamp, verify)
 
@@ -482,7 +482,7 @@ def helper_main(argv: list[str]) -> dict:
 def run(kind: str, size: int, seconds: float, hosts: int | None = None) -> dict:
     """Measure one anchor in a helper process of its own; its figures as a dict."""
     argv = [kind, str(size), repr(seconds)] + ([str(hosts)] if hosts else [])
-    done = subprocess.run([sys.executable, "-m", "lgnet.anchors"] + argv, capture_output=True,
+    done = subprocess.run(process.child_command("lgnet.anchors", *argv), capture_output=True,
                           text=True, timeout=seconds + HELPER_TIMEOUT_GRACE,
                           stdin=subprocess.DEVNULL)
     lines = done.stdout.strip().splitlines()

@@ -7,82 +7,94 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 import lgnet
 from lgnet import abi, wire
-from lgnet.errors import USER_ERROR_EXIT, LgnetError
+from lgnet.errors import LgnetError
+from lgnet.process import EXIT_INTERRUPTED, entry_main
 
 
 def cmd_broker(args) -> int:
-    from lgnet.fabric.broker import run_broker
+    from lgnet.fabric.broker import check_first_guest_id, parse_net_name, run_broker
     path = args.socket or wire.default_socket_path()
-    if args.die_with_parent:
-        from lgnet.guest.launcher import die_with_parent
-        die_with_parent()
+    nets = dict(parse_net_name(text) for text in args.net)
+
     def say_listening() -> None:
         if not args.quiet:
             print("lgnet broker listening on %s (export LGNET_BROKER=%s)" % (path, path),
                   flush=True)
-    try:
-        run_broker(path, args.watch_fd, args.ready_fd, args.capture,
-                   dict(parse_net_name(text) for text in args.net), args.owns_directory,
-                   on_listening=say_listening,
-                   first_guest_id=check_first_guest_id(args.first_guest_id))
-    except OSError as exc:
-        raise LgnetError("broker: %s" % (exc.strerror or exc)) from None
+    run_broker(path, capture_dir=args.capture, net_names=nets, on_listening=say_listening,
+               first_guest_id=check_first_guest_id(args.first_guest_id))
     return 0
 
 
 def cmd_launch(args) -> int:
-    from lgnet.guest.images import resolve_kernel
-    from lgnet.guest.launcher import LaunchConfig, launch_main
-    kernel = resolve_kernel(args.kernel)
-    config = LaunchConfig(mem_mb=parse_mem(args.mem), kernel=kernel, args=args.args,
-                          devices=args.devices, initrd=args.initrd, verbose=args.verbose,
-                          broker=args.broker, console_input=not args.no_console_input,
-                          gdb=parse_port(args.gdb) if args.gdb is not None else None)
-    if not kernel.startswith("python:") and not os.path.exists(kernel):
-        raise LgnetError("kernel image '%s': no such file" % kernel)
-    return launch_main(config, args.die_with_parent)
+    from lgnet.guest.launcher import config_from, launch_main
+    return launch_main(config_from(args))
 
 
-class DeviceOption(argparse.Action):
-    """--sharenet, --tunnet, --block: each may repeat, and all of them land in one list of
-    (option name, argument) in command-line order, the order of the guest's devices (the
-    names are LaunchConfig.devices' kinds)."""
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        # A new list each time, as argparse's own "append" does: the default is shared.
-        devices = list(getattr(namespace, self.dest) or [])
-        devices.append((self.option_strings[0].lstrip("-"), value))
-        setattr(namespace, self.dest, devices)
+def sigterm_interrupts() -> None:
+    """SIGTERM ends a run like Ctrl-C: torn down, the table still printed."""
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
 
 
-def check_first_guest_id(first: int) -> int:
-    if not 0 <= first <= abi.GUEST_ID_LIMIT - abi.MAX_GUESTS:
-        raise LgnetError("--first-guest-id must be from 0 to %d, got %d"
-                         % (abi.GUEST_ID_LIMIT - abi.MAX_GUESTS, first))
-    return first
+COLUMNS = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "tx_carrier_errors",
+           "rx_dropped")
+HEADINGS = ("guest", "tx pkts", "tx bytes", "rx pkts", "rx bytes", "carrier err", "drops",
+            "ended")
 
 
-def parse_net_name(text: str) -> tuple[str, str]:
-    """--net NAME=PATH -> (PATH, NAME)."""
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise LgnetError("--net wants NAME=PATH, got %r" % text)
-    return path, name
+# Why a guest's own "tx N packets" may be another number: it counts frames it sent, the broker
+# counts deliveries (README, "What the results table counts").
+TABLE_NOTE = ("(the broker's counts, per delivery: a broadcast that reaches N guests is N tx "
+              "pkts; a guest's own count is per frame sent)")
+
+
+def results_table(guests) -> str:
+    """One row per guest: the broker's counters and how it ended."""
+    rows = [HEADINGS] + [(g.name,) + tuple(str(g.stats.get(c, 0)) for c in COLUMNS)
+                         + (g.ending,) for g in guests]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADINGS) - 1)]
+    lines = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:-1], widths[1:])]
+        lines.append("  ".join(cells + [row[-1]]))
+    return "\n".join(lines)
 
 
 def cmd_up(args) -> int:
+    """0 when no guest was killed, 1 when one was, 130 when interrupted."""
     from lgnet.lab import run_up
-    return run_up(args.scenario, duration=args.duration, out=sys.stdout, pcap=args.pcap,
-                  uplink=args.uplink)
+    sigterm_interrupts()
+
+    def whereabouts(lab) -> None:
+        with lab.out_lock:
+            print("".join("lgnet up: %s\n" % line for line in lab.whereabouts()), end="",
+                  flush=True)
+    result = run_up(args.scenario, duration=args.duration, out=sys.stdout, pcap=args.pcap,
+                    uplink=args.uplink, on_up=whereabouts)
+    print("\n" + results_table(result.guests + [u.run for u in result.uplinks]) + "\n"
+          + TABLE_NOTE)
+    for link in result.uplinks:
+        print(link.describe())
+    if args.pcap is not None:
+        print("capture: %s" % " ".join(result.captures))
+    if result.interrupted:
+        return EXIT_INTERRUPTED
+    return 1 if result.killed else 0
 
 
 def cmd_test(args) -> int:
+    """0 when every expectation held, 1 when one did not (with what was seen)."""
     from lgnet.lab import run_test
-    return run_test(args.scenario, out=sys.stdout, pcap=args.pcap)
+    sigterm_interrupts()
+    verdicts = run_test(args.scenario, out=sys.stdout, pcap=args.pcap)
+    print("\n" + "\n".join(v.report for v in verdicts))
+    failed = sum(not v.held for v in verdicts)
+    print("%d of %d expectations held" % (len(verdicts) - failed, len(verdicts)))
+    return 1 if failed else 0
 
 
 def cmd_dump(args) -> int:
@@ -188,29 +200,6 @@ def parse_sizes(text: str) -> list[int]:
                                          "got %r" % text) from None
 
 
-def parse_mem(text: str) -> int:
-    try:
-        mem = int(text)
-    except ValueError:
-        mem = 0
-    if not 1 <= mem <= 1024:
-        raise LgnetError("memory must be a whole number of megabytes from 1 to 1024, got %r"
-                         % text)
-    return mem
-
-
-def parse_port(text: str) -> int:
-    from lgnet.scenario import MAX_PORT
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= MAX_PORT:
-        raise LgnetError("--gdb wants a TCP port from 0 (any free one) to %d, got %r"
-                         % (MAX_PORT, text))
-    return port
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lgnet", description="lguest's inter-guest networking "
                                 "(Linux 2.6.23), rebuilt as a multi-process simulator.")
@@ -271,50 +260,15 @@ def parser() -> argparse.ArgumentParser:
                        help="one short round, fan-out to 2 and 8: a smoke test")
     bench.set_defaults(func=cmd_bench)
 
+    from lgnet.fabric.broker import add_arguments as broker_arguments
+    from lgnet.guest.launcher import add_arguments as launch_arguments
     broker = sub.add_parser("broker", help="run the Host: the broker launchers connect to")
-    broker.add_argument("--socket", help="socket path (default: $LGNET_BROKER or per-user)")
+    broker_arguments(broker)
     broker.add_argument("--quiet", action="store_true")
-    broker.add_argument("--capture", metavar="DIR",
-                        help="record every delivery: one pcapng per net file in DIR")
-    broker.add_argument("--net", action="append", default=[], metavar="NAME=PATH",
-                        help="name the capture of this net file (default: its file name)")
-    broker.add_argument("--first-guest-id", type=int, default=0, metavar="N",
-                        help="number guests from N (lguest_net's MAC is 02:00:<guest id>:00:00: "
-                             "Hosts whose nets an uplink joins need ranges apart)")
-    broker.add_argument("--watch-fd", type=int, help=argparse.SUPPRESS)
-    broker.add_argument("--owns-directory", action="store_true", help=argparse.SUPPRESS)
-    broker.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
-    broker.add_argument("--die-with-parent", action="store_true", help=argparse.SUPPRESS)
     broker.set_defaults(func=cmd_broker)
 
     launch = sub.add_parser("launch", help="run one guest (lguest's Launcher)")
-    launch.add_argument("-v", "--verbose", action="store_true")
-    launch.set_defaults(devices=[])
-    launch.add_argument("--sharenet", action=DeviceOption, dest="devices", metavar="FILE",
-                        help="join the network of this net file (created if missing); "
-                        "devices are added in command-line order, at most %d and the "
-                        "console" % (abi.MAX_DEVICES - 1))
-    launch.add_argument("--tunnet", action=DeviceOption, dest="devices",
-                        metavar="IP|bridge:NAME|tap:NAME",
-                        help="a network to the host: a TAP with this address, in this bridge "
-                             "(with ,vxlan:ID,remote:IP,dev:IF also a VXLAN port there), or "
-                             "of this name")
-    launch.add_argument("--block", action=DeviceOption, dest="devices", metavar="FILE",
-                        help="a block device backed by FILE")
-    launch.add_argument("--initrd", metavar="FILE", help="an initrd placed at the top of RAM")
-    launch.add_argument("--broker", help="the broker's socket (default: $LGNET_BROKER)")
-    launch.add_argument("--no-console-input", action="store_true",
-                        help="do not read stdin into the guest's console")
-    launch.add_argument("--gdb", metavar="PORT",
-                        help="serve gdb on 127.0.0.1:PORT (0: any free port, printed); "
-                        "then in gdb: target remote :PORT")
-    launch.add_argument("--die-with-parent", action="store_true", help=argparse.SUPPRESS)
-    launch.add_argument("mem", metavar="MEM_MB")
-    launch.add_argument("kernel", metavar="KERNEL",
-                        help="a vmlinux/bzImage, `bundled` for lgnet's own guest kernel, "
-                        "or python:MODULE for a Python guest")
-    launch.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
-                        help="the guest kernel's command line")
+    launch_arguments(launch)
     launch.set_defaults(func=cmd_launch)
     return p
 
@@ -326,13 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         args.filter += extra           # as tcpdump: options first, then the expression
     elif extra:
         p.error("unrecognized arguments: %s" % " ".join(extra))
-    try:
-        return args.func(args)
-    except LgnetError as exc:
-        print("lgnet: %s" % exc, file=sys.stderr)
-        return USER_ERROR_EXIT
-    except KeyboardInterrupt:
-        return 130
+    return entry_main(lambda: args.func(args))
 
 
 if __name__ == "__main__":

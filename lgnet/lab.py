@@ -20,27 +20,28 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Callable, TextIO
 
-from lgnet import abi, netfile, wire
+from lgnet import abi, netfile, process, wire
 from lgnet import uplink as uplinks
 from lgnet.errors import LgnetError
 from lgnet.fabric import capture as pcapng
+from lgnet.guest import script
 from lgnet.scenario import NAME_PATTERN, GuestSpec, Scenario, load_scenario
 
 BROKER_START_SECONDS = 10
 TEARDOWN_GRACE_SECONDS = 1.0
 POWER_DOWN = abi.MSG_CRASH % abi.MSG_POWER_DOWN
-DEFAULT_AWAIT_SECONDS = 10
+DEFAULT_AWAIT_SECONDS = script.AWAIT_SECONDS
 PORT_MEM_MB = 4
 PORT_KERNEL = "python:lgnet.guest.port"
 PORT_START_SECONDS = 20
@@ -182,19 +183,23 @@ class Lab:
         ids = ["--first-guest-id", str(self.scenario.first_guest_id)] \
             if self.scenario.first_guest_id else []
         self.broker = subprocess.Popen(
-            [sys.executable, "-m", "lgnet", "broker", "--quiet", "--die-with-parent",
-             "--owns-directory",
-             "--socket", self.socket_path, "--watch-fd", str(watch_r), "--ready-fd", str(ready_w)]
-            + capture + ids, pass_fds=(watch_r, ready_w), stdin=subprocess.DEVNULL)
+            process.child_command(
+                "lgnet.fabric.broker", "--die-with-parent", "--owns-directory",
+                "--socket", self.socket_path, "--watch-fd", str(watch_r),
+                "--ready-fd", str(ready_w), *capture, *ids),
+            pass_fds=(watch_r, ready_w), stdin=subprocess.DEVNULL)
         os.close(watch_r)
         os.close(ready_w)
         with os.fdopen(ready_r, "rb") as ready:
+            # READY, EOF (it died) or nothing for BROKER_START_SECONDS (it hangs).
+            if not select.select([ready], [], [], BROKER_START_SECONDS)[0]:
+                terminate(self.broker)
+                raise LgnetError("the broker did not start within %gs" % BROKER_START_SECONDS)
             if not ready.readline():
                 raise LgnetError("the broker did not start (exit status %s)" % self.broker.wait())
 
     def launch_command(self, spec: GuestSpec) -> list[str]:
-        cmd = [sys.executable, "-m", "lgnet", "launch", "--broker", self.socket_path,
-               "--no-console-input", "--die-with-parent"]
+        cmd = self.launcher_command()
         for net in spec.nets:
             cmd += ["--sharenet", self.net_file(net)]
         if spec.block:
@@ -207,6 +212,12 @@ class Lab:
         ip = ["ip=" + ",".join(spec.ip)] if spec.ip else []
         return cmd + [str(spec.mem_mb), kernel] + list(spec.args) + ip + self.driver_args(spec)
 
+    def launcher_command(self, *options: str) -> list[str]:
+        """A launcher of this lab: the Launcher's own entry point, dying with the lab."""
+        return process.child_command("lgnet.guest.launcher", "--die-with-parent",
+                                     "--broker", self.socket_path, "--no-console-input",
+                                     *options)
+
     def driver_args(self, spec: GuestSpec) -> list[str]:
         """A Python guest is configured like a kernel: through its command line."""
         if spec.kernel:
@@ -215,20 +226,20 @@ class Lab:
             # An addressed guest with nothing to do serves: ARP, ping and UDP echo, until
             # the lab stops it (like the bundled kernel without ping=).
             return ["promisc"] if spec.promisc else []
-        steps = []
+        steps: list[script.Step] = []
         for index, net in enumerate(spec.nets):
             peers = sum(1 for g in self.scenario.guests if g is not spec and net in g.nets)
             peers += self.scenario.networks[net].uplink is not None    # its slot counts too
-            steps.append("await:%d:%d:%d" % (index, peers, DEFAULT_AWAIT_SECONDS))
+            steps.append(script.Await(index, peers, DEFAULT_AWAIT_SECONDS))
         for step in spec.script:
             if step.kind == "wait":
-                steps.append("wait:%g" % step.wait)
+                steps.append(script.Wait(step.wait))
             elif step.kind == "ping":
-                steps.append("ping:%s:%d" % (step.ping, step.count))
+                steps.append(script.Ping(step.ping, step.count))
             else:
-                kind = "bcast" if step.send == "broadcast" else "peers"
-                steps += ["%s:%d" % (kind, spec.nets.index(step.net))] * step.count
-        args = ["script=" + ",".join(steps)]
+                kind = script.Broadcast if step.send == "broadcast" else script.Peers
+                steps += [kind(spec.nets.index(step.net))] * step.count
+        args = [script.command_line(steps)]
         return args + (["promisc"] if spec.promisc else [])
 
     def start_guest(self, spec: GuestSpec) -> GuestRun:
@@ -273,8 +284,7 @@ class Lab:
 
     def start_uplink(self, net: str, spec) -> uplinks.Uplink:
         """The uplink of `net` (a tun.TunSpec: a TAP in a bridge, or a named TAP), once up."""
-        command = [sys.executable, "-m", "lgnet", "launch", "--broker", self.socket_path,
-                   "--no-console-input", "--die-with-parent", "--sharenet", self.net_file(net)]
+        command = self.launcher_command("--sharenet", self.net_file(net))
         run = self._spawn(uplinks.guest_spec(net), command + uplinks.launch_args(spec))
         link = uplinks.Uplink(net, spec, run)
         self.uplinks.append(link)
@@ -298,9 +308,9 @@ class Lab:
                 | {p.name for p in self.ports}:
             raise LgnetError("port name %r: must be a new name matching %s" % (name, NAME_PATTERN))
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        command = [sys.executable, "-m", "lgnet", "launch", "--broker", self.socket_path,
-                   "--no-console-input", "--die-with-parent", "--sharenet", self.net_file(net),
-                   "--tunnet", "fd:%d" % theirs.fileno(), str(PORT_MEM_MB), PORT_KERNEL]
+        command = self.launcher_command("--sharenet", self.net_file(net), "--tunnet",
+                                        "fd:%d" % theirs.fileno(), str(PORT_MEM_MB),
+                                        PORT_KERNEL)
         command += (["mac=" + mac] if mac else []) + (["promisc"] if promisc else [])
         try:
             run = self._spawn(GuestSpec(name=name, driver="python", nets=(net,),
@@ -563,62 +573,48 @@ def up(scenario: Scenario | str, out: TextIO | None = None, capture: bool = True
     return Lab(scenario, out, capture=capture, pcap=pcap)
 
 
-# --- `lgnet up` -----------------------------------------------------------------------------
+# --- a whole run: what `lgnet up` and `lgnet test` do, printing nothing ----------------------
 
-COLUMNS = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "tx_carrier_errors",
-           "rx_dropped")
-HEADINGS = ("guest", "tx pkts", "tx bytes", "rx pkts", "rx bytes", "carrier err", "drops",
-            "ended")
-# Why a guest's own "tx N packets" may be another number: it counts frames it sent, the broker
-# counts deliveries (README, "What the results table counts").
-TABLE_NOTE = ("(the broker's counts, per delivery: a broadcast that reaches N guests is N tx "
-              "pkts; a guest's own count is per frame sent)")
+@dataclass
+class RunResult:
+    """How a run ended: every guest (with its counters), whether Ctrl-C / SIGTERM cut it
+    short, and the capture files it wrote (with pcap=DIR)."""
+    guests: list[GuestRun]
+    uplinks: list = field(default_factory=list)            # lgnet.uplink.Uplink
+    interrupted: bool = False
+    captures: list[str] = field(default_factory=list)
 
-
-def results_table(guests: list[GuestRun]) -> str:
-    rows = [HEADINGS] + [(g.name,) + tuple(str(g.stats.get(c, 0)) for c in COLUMNS)
-                         + (g.ending,) for g in guests]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADINGS) - 1)]
-    lines = []
-    for row in rows:
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:-1], widths[1:])]
-        lines.append("  ".join(cells + [row[-1]]))
-    return "\n".join(lines)
+    @property
+    def killed(self) -> bool:
+        return any(g.killed for g in self.guests)
 
 
-def run_up(path: str, duration: float | None = None, out: TextIO = sys.stdout,
-           pcap: str | None = None, uplink: list[str] = ()) -> int:
-    """Bring the scenario up, wait for its end, print the table; 0 when no guest was killed.
-    With pcap=DIR, DIR/<net>.pcapng records every delivery on each net; `uplink` holds
-    `--uplink NET=...` options (lgnet.uplink.parse_option)."""
+def run_up(path: str, duration: float | None = None, out: TextIO | None = None,
+           pcap: str | None = None, uplink: list[str] = (),
+           on_up: Callable[[Lab], None] | None = None) -> RunResult:
+    """Bring the scenario up and wait for its end (every guest ended, `duration`, or a
+    KeyboardInterrupt); always torn down. With pcap=DIR, DIR/<net>.pcapng records every
+    delivery on each net; `uplink` holds `--uplink NET=...` options
+    (lgnet.uplink.parse_option). Console lines go to `out`, prefixed with the guest's name;
+    on_up(lab) runs once everything is started (`lgnet up` says where things are)."""
     scenario = uplinks.with_uplinks(load_scenario(path), list(uplink))
     duration = duration if duration is not None else scenario.duration
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     lab = Lab(scenario, out, pcap=pcap)
-    interrupted = False
+    result = RunResult(lab.guests, lab.uplinks)
     try:
         lab.start()
-        with lab.out_lock:
-            out.write("".join("lgnet up: %s\n" % line for line in lab.whereabouts()))
-            out.flush()
+        if on_up is not None:
+            on_up(lab)
         lab.wait(duration)
     except KeyboardInterrupt:
-        interrupted = True
+        result.interrupted = True
     finally:
         lab.stop()
-    out.write("\n" + results_table(lab.guests + [u.run for u in lab.uplinks]) + "\n"
-              + TABLE_NOTE + "\n")
-    for link in lab.uplinks:
-        out.write(link.describe() + "\n")
     if pcap is not None:
-        out.write("capture: %s\n" % " ".join(sorted(
-            os.path.join(pcap, f) for f in os.listdir(pcap) if f.endswith(pcapng.CAPTURE_SUFFIX))))
-    if interrupted:
-        return 130
-    return 1 if any(g.killed for g in lab.guests) else 0
+        result.captures = sorted(os.path.join(pcap, f) for f in os.listdir(pcap)
+                                 if f.endswith(pcapng.CAPTURE_SUFFIX))
+    return result
 
-
-# --- `lgnet test` ---------------------------------------------------------------------------
 
 def run_seconds(scenario: Scenario) -> float:
     """How long `lgnet test` may run: `duration`, else the longest `within`, else a default."""
@@ -628,9 +624,9 @@ def run_seconds(scenario: Scenario) -> float:
                default=DEFAULT_TEST_SECONDS)
 
 
-def run_test(path: str, out: TextIO = sys.stdout, pcap: str | None = None) -> int:
-    """Run the scenario and check its `expect:` against the capture: 0 when every expectation
-    held, 1 when one did not (with what was seen). A scenario error is an LgnetError (2).
+def run_test(path: str, out: TextIO | None = None, pcap: str | None = None) -> list:
+    """Run the scenario and check its `expect:` against the capture: the verdicts
+    (lgnet.packets.Verdict), one per expectation. A scenario error is an LgnetError.
 
     The run ends when every guest has ended, when the time is up (run_seconds), or early when
     every expectation is an "at least" one and already holds."""
@@ -639,7 +635,6 @@ def run_test(path: str, out: TextIO = sys.stdout, pcap: str | None = None) -> in
         raise LgnetError("%s: expect: nothing to check (add an expect: list)" % path)
     limit = run_seconds(scenario)
     early = all(e.count is None for e in scenario.expect)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     with Lab(scenario, out, capture=True, pcap=pcap) as lab:
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
@@ -647,8 +642,4 @@ def run_test(path: str, out: TextIO = sys.stdout, pcap: str | None = None) -> in
                 break
             if early and all(v.held for v in lab.check()):
                 break
-        verdicts = lab.check()
-    out.write("\n" + "\n".join(v.report for v in verdicts) + "\n")
-    failed = sum(not v.held for v in verdicts)
-    out.write("%d of %d expectations held\n" % (len(verdicts) - failed, len(verdicts)))
-    return 1 if failed else 0
+        return lab.check()

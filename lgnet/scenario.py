@@ -34,6 +34,7 @@ from lgnet.filekind import describe_file
 from lgnet.guest.devices import tun
 from lgnet.guest.devices.tun import TunSpec, Vxlan
 from lgnet.guest.images import BUNDLED_KERNEL, BUNDLED_NAME
+from lgnet.guest.launcher import MAX_PORT
 from lgnet.guest.loader import load_kernel
 
 NAME_PATTERN = r"[a-z][a-z0-9_-]{0,30}"
@@ -43,7 +44,6 @@ SEND_TARGETS = ("broadcast", "peers")
 DEFAULT_MEM_MB = 32
 MAX_MEM_MB = 1024
 MAX_SECONDS = 86400
-MAX_PORT = 65535                     # a TCP port; 0 asks for any free one
 MAX_SEND_COUNT = 65536
 _NULL_TAG = "tag:yaml.org,2002:null"
 

@@ -35,6 +35,7 @@ Where the speed comes from (lgnet's, not lguest's: lguest had a CPU per guest to
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import heapq
 import json
@@ -46,10 +47,12 @@ import shutil
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 
-from lgnet import abi, wire
+from lgnet import abi, process, wire
+from lgnet.errors import LgnetError
 from lgnet.fabric.capture import Capture
 from lgnet.fabric.connection import Input, State, running, transition
 from lgnet.fabric.devlguest import LguestFile
@@ -62,6 +65,7 @@ from lgnet.fabric.wakeups import HeldWakes, flag_bits, wakes_halted
 UCRED = struct.Struct("3i")          # struct ucred: pid, uid, gid
 RESTOCK_SECONDS = 0.0005             # how long "one chance to restock" waits for a free buffer
 LISTEN_BACKLOG = 256
+READY = b"ready\n"                  # written on --ready-fd once the socket listens
 RING_PASS_CALLS = 16                 # queued calls run per guest per pass between socket looks
 
 
@@ -750,16 +754,74 @@ def run_broker(socket_path: str, watch_fd: int | None = None, ready_fd: int | No
                first_guest_id: int = 0) -> None:
     """Serve until told to stop. With owns_directory (a lab's private runtime directory),
     the directory goes with the broker, so even a SIGKILLed lab leaves nothing behind.
-    on_listening() runs once the socket is bound (so "listening" is never said in vain)."""
+    on_listening() runs once the socket is bound (so "listening" is never said in vain).
+    An OSError of the socket (in use, no permission) is the user's: an LgnetError."""
     try:
-        capture = Capture(capture_dir, net_names) if capture_dir is not None else None
-        broker = Broker(socket_path, watch_fd, capture, first_guest_id)
+        try:
+            capture = Capture(capture_dir, net_names) if capture_dir is not None else None
+            broker = Broker(socket_path, watch_fd, capture, first_guest_id)
+        except OSError as exc:
+            raise LgnetError("broker: %s" % (exc.strerror or exc)) from None
         if on_listening is not None:
             on_listening()
         if ready_fd is not None:
-            os.write(ready_fd, b"ready\n")
+            os.write(ready_fd, READY)
             os.close(ready_fd)
         broker.serve_forever()
     finally:
         if owns_directory:
             shutil.rmtree(os.path.dirname(socket_path), ignore_errors=True)
+
+
+def check_first_guest_id(first: int) -> int:
+    if not 0 <= first <= abi.GUEST_ID_LIMIT - abi.MAX_GUESTS:
+        raise LgnetError("--first-guest-id must be from 0 to %d, got %d"
+                         % (abi.GUEST_ID_LIMIT - abi.MAX_GUESTS, first))
+    return first
+
+
+def parse_net_name(text: str) -> tuple[str, str]:
+    """--net NAME=PATH -> (PATH, NAME)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise LgnetError("--net wants NAME=PATH, got %r" % text)
+    return path, name
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The broker's user options (`lgnet broker` has these and no others)."""
+    parser.add_argument("--socket", help="socket path (default: $LGNET_BROKER or per-user)")
+    parser.add_argument("--capture", metavar="DIR",
+                        help="record every delivery: one pcapng per net file in DIR")
+    parser.add_argument("--net", action="append", default=[], metavar="NAME=PATH",
+                        help="name the capture of this net file (default: its file name)")
+    parser.add_argument("--first-guest-id", type=int, default=0, metavar="N",
+                        help="number guests from N (lguest_net's MAC is 02:00:<guest id>:00:00: "
+                             "Hosts whose nets an uplink joins need ranges apart)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lgnet.fabric.broker`: the broker as a lab starts it — the user options and
+    the lab's own (the pipe it watches, the pipe it says READY on, its directory)."""
+    parser = argparse.ArgumentParser(prog="python -m lgnet.fabric.broker")
+    add_arguments(parser)
+    parser.add_argument("--watch-fd", type=int, help="exit when this pipe reaches EOF")
+    parser.add_argument("--ready-fd", type=int, help="write READY here once listening")
+    parser.add_argument("--owns-directory", action="store_true",
+                        help="remove the socket's directory on the way out")
+    parser.add_argument("--die-with-parent", action="store_true")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        if args.die_with_parent:
+            process.die_with_parent()
+        run_broker(args.socket or wire.default_socket_path(), args.watch_fd, args.ready_fd,
+                   args.capture, dict(parse_net_name(text) for text in args.net),
+                   args.owns_directory,
+                   first_guest_id=check_first_guest_id(args.first_guest_id))
+        return 0
+    return process.entry_main(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

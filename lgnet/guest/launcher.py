@@ -15,7 +15,7 @@ requests to stop the guest: a gdb wanting a guest asleep in HALT is input like a
 """
 from __future__ import annotations
 
-import ctypes
+import argparse
 import importlib
 import mmap
 import os
@@ -26,17 +26,19 @@ from dataclasses import dataclass, field
 
 import posix_ipc
 
-from lgnet import abi, netfile, wire
+from lgnet import abi, netfile, process, wire
 from lgnet.errors import LgnetError
 from lgnet.guest import devices as devs
 from lgnet.guest import loader
+from lgnet.guest.images import resolve_kernel
 from lgnet.guest.host import BrokerHost, GuestStopped
 from lgnet.guest.physmem import PhysMap
 
 PYTHON_KERNEL = "python:"
-PR_SET_PDEATHSIG = 1
 GDB_LISTENING = "lgnet: gdb server on %s:%d (in gdb: target remote :%d)"
+MAX_PORT = 65535                     # a TCP port; 0 asks for any free one
 EXIT_KILLED = 1
+MAX_MEM_MB = 1024
 
 # The Launcher's device options; each adds one device, in the order given.
 SHARENET = "sharenet"
@@ -58,14 +60,6 @@ class LaunchConfig:
     broker: str | None = None
     console_input: bool = True
     gdb: int | None = None                # a gdb server's port (0: any free one)
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGTERM us when the process that started us dies (lgnet up's children)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:
-        raise SystemExit(EXIT_KILLED)
 
 
 class Launcher:
@@ -259,7 +253,7 @@ def run_guest(kernel: str, phys: PhysMap, mem: int, host: BrokerHost, boot,
 
 def launch_main(config: LaunchConfig, parent_watch: bool = False) -> int:
     if parent_watch:
-        die_with_parent()
+        process.die_with_parent()
     launcher = Launcher(config)
 
     def stop(*_) -> None:
@@ -270,3 +264,95 @@ def launch_main(config: LaunchConfig, parent_watch: bool = False) -> int:
             sys.exit(EXIT_KILLED)
     signal.signal(signal.SIGTERM, stop)
     return launcher.run()
+
+
+# --- the command line: `lgnet launch` (the user's) and `python -m lgnet.guest.launcher` --------
+
+def parse_mem(text: str) -> int:
+    try:
+        mem = int(text)
+    except ValueError:
+        mem = 0
+    if not 1 <= mem <= MAX_MEM_MB:
+        raise LgnetError("memory must be a whole number of megabytes from 1 to %d, got %r"
+                         % (MAX_MEM_MB, text))
+    return mem
+
+
+def parse_port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= MAX_PORT:
+        raise LgnetError("--gdb wants a TCP port from 0 (any free one) to %d, got %r"
+                         % (MAX_PORT, text))
+    return port
+
+
+class DeviceOption(argparse.Action):
+    """--sharenet, --tunnet, --block: each may repeat, and all of them land in one list of
+    (option name, argument) in command-line order, the order of the guest's devices (the
+    names are LaunchConfig.devices' kinds)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        # A new list each time, as argparse's own "append" does: the default is shared.
+        devices = list(getattr(namespace, self.dest) or [])
+        devices.append((self.option_strings[0].lstrip("-"), value))
+        setattr(namespace, self.dest, devices)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The Launcher's user options, as lguest's took them (`lgnet launch` has these)."""
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.set_defaults(devices=[])
+    parser.add_argument("--sharenet", action=DeviceOption, dest="devices", metavar="FILE",
+                        help="join the network of this net file (created if missing); "
+                        "devices are added in command-line order, at most %d and the "
+                        "console" % (abi.MAX_DEVICES - 1))
+    parser.add_argument("--tunnet", action=DeviceOption, dest="devices",
+                        metavar="IP|bridge:NAME|tap:NAME",
+                        help="a network to the host: a TAP with this address, in this bridge "
+                             "(with ,vxlan:ID,remote:IP,dev:IF also a VXLAN port there), or "
+                             "of this name")
+    parser.add_argument("--block", action=DeviceOption, dest="devices", metavar="FILE",
+                        help="a block device backed by FILE")
+    parser.add_argument("--initrd", metavar="FILE", help="an initrd placed at the top of RAM")
+    parser.add_argument("--broker", help="the broker's socket (default: $LGNET_BROKER)")
+    parser.add_argument("--no-console-input", action="store_true",
+                        help="do not read stdin into the guest's console")
+    parser.add_argument("--gdb", metavar="PORT",
+                        help="serve gdb on 127.0.0.1:PORT (0: any free port, printed); "
+                        "then in gdb: target remote :PORT")
+    parser.add_argument("mem", metavar="MEM_MB")
+    parser.add_argument("kernel", metavar="KERNEL",
+                        help="a vmlinux/bzImage, `bundled` for lgnet's own guest kernel, "
+                        "or python:MODULE for a Python guest")
+    parser.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+                        help="the guest kernel's command line")
+
+
+def config_from(args: argparse.Namespace) -> LaunchConfig:
+    """What the options ask for, checked: a user's mistake is an LgnetError."""
+    kernel = resolve_kernel(args.kernel)
+    config = LaunchConfig(mem_mb=parse_mem(args.mem), kernel=kernel, args=args.args,
+                          devices=args.devices, initrd=args.initrd, verbose=args.verbose,
+                          broker=args.broker, console_input=not args.no_console_input,
+                          gdb=parse_port(args.gdb) if args.gdb is not None else None)
+    if not kernel.startswith(PYTHON_KERNEL) and not os.path.exists(kernel):
+        raise LgnetError("kernel image '%s': no such file" % kernel)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lgnet.guest.launcher`: one guest as a lab starts it — the user options and
+    the lab's own (die with the lab)."""
+    parser = argparse.ArgumentParser(prog="python -m lgnet.guest.launcher")
+    parser.add_argument("--die-with-parent", action="store_true")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return process.entry_main(lambda: launch_main(config_from(args), args.die_with_parent))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

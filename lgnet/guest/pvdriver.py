@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from lgnet import abi
+from lgnet.guest import script
 from lgnet.guest.host import GuestStopped, HostLink
 from lgnet.guest.ipstack import IpStack, ip_text, parse_ip_list
 from lgnet.guest.physmem import PhysMap
@@ -353,34 +354,32 @@ class PyGuest:
 
 # --- the script: what a `driver: python` guest of a scenario does ---------------------------
 
-def run_script(guest: PyGuest, script: str) -> None:
-    """Steps, comma-separated: await:N:PEERS, bcast:N, peers:N, wait:SECONDS (N = net index),
-    ping:A.B.C.D[:COUNT] (needs ip=)."""
+def run_script(guest: PyGuest, steps: list[script.Step]) -> None:
+    """Run the steps of a `script=` (lgnet.guest.script), in order."""
     console = guest.console
-    for step in filter(None, script.split(",")):
-        kind, *args = step.split(":")
-        if kind == "await":
-            net, want = guest.nets[int(args[0])], int(args[1])
-            deadline = time.monotonic() + float(args[2]) if len(args) > 2 else time.monotonic() + 10
-            while len(net.peers()) < want and time.monotonic() < deadline:
+    for step in steps:
+        if isinstance(step, script.Await):
+            net = guest.nets[step.net]
+            deadline = time.monotonic() + step.seconds
+            while len(net.peers()) < step.peers and time.monotonic() < deadline:
                 guest.machine.idle_until(min(deadline, time.monotonic() + 0.01))
-        elif kind == "bcast":
-            net = guest.nets[int(args[0])]
+        elif isinstance(step, script.Broadcast):
+            net = guest.nets[step.net]
             got = net.transmit(guest.frame(net, abi.BROADCAST_MAC,
                                            "broadcast from %s" % format_mac(net.mac)))
             console.write("eth%d: broadcast reached %d peers\n" % (net.index, got))
-        elif kind == "peers":
-            net = guest.nets[int(args[0])]
+        elif isinstance(step, script.Peers):
+            net = guest.nets[step.net]
             for _slot, mac in net.peers():
                 dest = bytes([mac[0] & ~abi.NET_PROMISC_BIT]) + mac[1:]
                 net.transmit(guest.frame(net, dest, "unicast from %s to %s"
                                          % (format_mac(net.mac), format_mac(dest))))
-        elif kind == "wait":
-            guest.machine.idle_until(time.monotonic() + float(args[0]))
-        elif kind == "ping" and guest.stack is not None:
-            guest.stack.ping(console, args[0], int(args[1]) if len(args) > 1 else 1)
+        elif isinstance(step, script.Wait):
+            guest.machine.idle_until(time.monotonic() + step.seconds)
+        elif isinstance(step, script.Ping) and guest.stack is not None:
+            guest.stack.ping(console, step.ip, step.count)
         else:
-            console.write("lgnet pvdriver: unknown script step %r\n" % step)
+            console.write("lgnet pvdriver: unknown script step %r\n" % script.encode_step(step))
 
 
 def report(guest: PyGuest) -> None:
@@ -412,7 +411,7 @@ def main(machine: Machine) -> None:
                                     for n in guest.nets) or "no network"))
     if "ip" in options and "script" not in options:
         serve(guest)
-    run_script(guest, options.get("script", ""))
+    run_script(guest, script.parse(options.get("script", "")))
     report(guest)
     for net in guest.nets:
         net.close()

@@ -8,13 +8,14 @@ surviving guest would show that lgnet failed to kill it.
 import time
 
 from lgnet import abi
+from lgnet.guest import script
 from lgnet.guest.pvdriver import Machine, PyGuest, parse_cmdline, run_script
 
 
 def main(machine: Machine) -> None:
     guest = PyGuest.boot(machine)
     options = parse_cmdline(machine.cmdline())
-    run_script(guest, "await:0:1:10")
+    run_script(guest, [script.Await(net=0, peers=1, seconds=10)])
     net = guest.nets[0]
     peer_slot, _mac = net.peers()[0]
     key = abi.peer_key(net.page, peer_slot)
