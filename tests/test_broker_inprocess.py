@@ -315,3 +315,18 @@ def test_a_timer_wakes_a_halted_guest(kit):
     assert a.hcall(abi.LHCALL_SET_CLOCKEVENT, 1_000_000).result == 0    # 1 ms
     assert a.hcall(abi.LHCALL_HALT).result == 0
     assert a.irq_flag(abi.TIMER_IRQ) == 1
+
+
+def test_a_clock_event_queued_before_a_parked_send_is_not_lost(kit):
+    kit.broker.restock_seconds = 60
+    a, b = pair(kit)
+    [entry] = b.bind_rx(1)
+    b.put_u32(entry, 77)
+    a.put_tx(PAYLOAD)
+    a.queue((abi.LHCALL_SET_CLOCKEVENT, 1_000_000, 0, 0), (abi.LHCALL_SEND_DMA, a.key(1), TX, 0))
+    a.halt()                                      # drains the ring first: parks at the send
+    kit.settle()
+    assert kit.broker.counters.restocks == 1
+    b.put_u32(entry, 0)
+    assert a.reply().result == 0                  # the HALT returns: the timer fired
+    assert a.irq_flag(abi.TIMER_IRQ) == 1

@@ -222,3 +222,19 @@ def test_a_halted_guest_sleeps_through_interrupts_it_blocked(guests, tmp_path):
     halted_ms = int(out.split("halted for ", 1)[1].split()[0])
     assert 350 <= halted_ms < 2000, out       # woken by its timer, not by the blocked net irq
     guests.finish(chatter)
+
+
+@pytest.mark.parametrize("act", ["badconsole", "badpointer"])
+def test_a_bad_pointer_handed_to_the_launcher_kills_that_guest_and_the_host_hears_why(
+        guests, broker, tmp_path, act):
+    lan = tmp_path / "lan0.net"
+    peer = guests.launch(lan, kernel="python:tests.guests.chatter", args=["seconds=3"])
+    hostile = guests.launch(lan, kernel="python:tests.guests.hostile", args=["hostile=" + act])
+    out = guests.finish(hostile)
+    reason = "Invalid address %#x" % abi.LGUEST_GUEST_TOP
+    # A killed guest (status 1, its reason), not a user's mistake (status 2).
+    assert hostile.returncode == 1, out
+    assert "lgnet: guest died: " + reason in out
+    assert [r["dead"] for r in stats(broker) if r["pid"] == hostile.pid] == [reason]
+    guests.finish(peer)
+    assert peer.returncode == 0

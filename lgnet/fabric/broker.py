@@ -466,7 +466,10 @@ class Broker:
                 # The send was this very call: once tried again, it is answered.
                 return self._park(conn, outcome.restock,
                                   lambda: self._finish_hypercall(conn, guest, outcome))
-            # The ring's drain stopped at it: the same call again resumes the drain.
+            # The ring's drain stopped at it: the same call again resumes the drain. A clock
+            # event the drain met before it is armed now, or the call again would lose it.
+            if outcome.clockevent_ns is not None:
+                self._set_clockevent(conn, outcome.clockevent_ns)
             return self._park(conn, outcome.restock, lambda: self._hypercall(conn, request))
         return self._finish_hypercall(conn, guest, outcome)
 
@@ -596,10 +599,10 @@ class Broker:
         self.running_for = conn
         self.counters.ring_calls += drain_async(self.engine, guest, outcome, RING_PASS_CALLS)
         self._tell_woken()
-        if outcome.restock is not None:
-            return self._park(conn, outcome.restock, lambda: self._ring_again(conn))
         if outcome.clockevent_ns is not None:
             self._set_clockevent(conn, outcome.clockevent_ns)
+        if outcome.restock is not None:
+            return self._park(conn, outcome.restock, lambda: self._ring_again(conn))
         if guest.dead is not None:
             return State.DEAD
         if guest.pending_dma is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 from lgnet import abi, wire
+from lgnet.guest.physmem import InvalidAddress
 
 
 class GuestStopped(Exception):
@@ -50,20 +51,28 @@ class BrokerHost:
                 raise GuestStopped(reply.dead)
             if reply.flags & wire.FLAG_AGAIN:
                 # EAGAIN: service input, then release the Waker (BREAK 0).
-                self.handle_input()
+                self.serve(self.handle_input)
                 self.channel.call(wire.OP_BREAK, 0)
             if reply.flags & wire.FLAG_PENDING_DMA:
-                try:
-                    self.handle_output(reply.arg0, reply.arg1)
-                except GuestStopped as stopped:
-                    # The Launcher's device refused the guest: the Host records why.
-                    self.kill(stopped.reason)
-                    raise
+                self.serve(self.handle_output, reply.arg0, reply.arg1)
                 if reply.flags & wire.FLAG_DEFERRED:
                     continue          # the async ring stopped before this call: make it now
             elif reply.result < 0 and call != abi.LHCALL_HALT:
                 raise GuestStopped("hypercall %d refused: error %d" % (call, -reply.result))
             return reply.result
+
+    def serve(self, handler: Callable, *args) -> None:
+        """Run a device's handler for the guest. A device that refuses the guest, or a
+        pointer of the guest's the Launcher cannot use, is the guest's death: the Host
+        records why (first reason wins) and the guest stops."""
+        try:
+            handler(*args)
+        except InvalidAddress as bad:
+            self.kill(str(bad))
+            raise GuestStopped(str(bad)) from None
+        except GuestStopped as stopped:
+            self.kill(stopped.reason)
+            raise
 
     def pending_irqs(self) -> int:
         bits = 0

@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 import posix_ipc
 
 from lgnet import abi, netfile, process, wire
-from lgnet.errors import LgnetError
+from lgnet.errors import USER_ERROR_EXIT, LgnetError
 from lgnet.guest import devices as devs
 from lgnet.guest import loader
+from lgnet.guest.devices.console import ConsoleAbort
 from lgnet.guest.images import resolve_kernel
 from lgnet.guest.host import BrokerHost, GuestStopped
-from lgnet.guest.physmem import PhysMap
+from lgnet.guest.physmem import InvalidAddress, PhysMap
 
 PYTHON_KERNEL = "python:"
 GDB_LISTENING = "lgnet: gdb server on %s:%d (in gdb: target remote :%d)"
@@ -200,6 +201,8 @@ class Launcher:
             self.out.write(b"lgnet: the broker went away; stopping this guest\n")
             self.out.flush()
             return EXIT_KILLED
+        except ConsoleAbort:
+            return USER_ERROR_EXIT      # the reference Launcher's three-^C exit status
         finally:
             self.close()
         if reason == abi.MSG_CRASH % abi.MSG_POWER_DOWN:
@@ -249,6 +252,10 @@ def run_guest(kernel: str, phys: PhysMap, mem: int, host: BrokerHost, boot,
         return cpu.run()
     except GuestStopped as stopped:
         return stopped.reason
+    except InvalidAddress as bad:
+        # A Python kernel touched memory it does not have: its own death, as the Host hears.
+        host.kill(str(bad))
+        return str(bad)
 
 
 def launch_main(config: LaunchConfig, parent_watch: bool = False) -> int:

@@ -4,20 +4,21 @@ In lguest, guest-physical address X was Launcher address X. In lgnet the guest's
 shared-memory object and its device pages are other mappings, so this small map translates.
 The Launcher checks every pointer the guest hands it, as the reference Launcher's
 check_pointer() did: an address at or above LGUEST_GUEST_TOP, one that wraps, or one nothing
-backs ends the Launcher with "Invalid address".
+backs is refused with "Invalid address". That is the guest's fault, never the user's: the
+guest dies with that reason, reported to the Host (guest/host.py, guest/launcher.py), and the
+Launcher ends as for any killed guest.
 """
 from __future__ import annotations
 
 import struct
 
 from lgnet import abi
-from lgnet.errors import LgnetError
 
 _U32 = struct.Struct("<I")
 
 
-class InvalidAddress(LgnetError):
-    pass
+class InvalidAddress(Exception):
+    """A pointer from the guest that the Launcher cannot use; str() is the guest's reason."""
 
 
 class PhysMap:

@@ -2,8 +2,9 @@
 
 Each waits for a peer on eth0 (so a binding exists for the engine to check against), then:
 baddma: a piece at 0xfffff000 of 0x2000 bytes; badkey: a misaligned key; crosspage: a piece
-crossing a page; crash: CRASH with a message. After the act it keeps running (HALT), so a
-surviving guest would show that lgnet failed to kill it.
+crossing a page; crash: CRASH with a message; badconsole: console output whose piece the
+Launcher cannot map; badpointer: the kernel itself reads beyond its memory. After the act it
+keeps running (HALT), so a surviving guest would show that lgnet failed to kill it.
 """
 import time
 
@@ -33,4 +34,9 @@ def main(machine: Machine) -> None:
         msg = machine.alloc(32)
         machine.phys.write(msg, b"hostile guest\0")
         machine.hcall(abi.LHCALL_CRASH, msg)
+    elif act == "badconsole":
+        machine.phys.write(net.tx_dma, abi.pack_dma([(abi.LGUEST_GUEST_TOP, 16)]))
+        machine.hcall(abi.LHCALL_SEND_DMA, abi.LGUEST_CONSOLE_DMA_KEY, net.tx_dma)
+    elif act == "badpointer":
+        machine.phys.read(abi.LGUEST_GUEST_TOP, 4)
     machine.idle_until(time.monotonic() + 30)

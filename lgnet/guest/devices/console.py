@@ -2,7 +2,8 @@
 
 The reference Launcher's rules: stdin goes raw (no echo, no line buffering, no signals) and is
 restored on every exit; input is read straight into the guest's buffer; three ^C within about
-a second end the Launcher with status 2, each ^C arriving in a buffer of its own.
+a second end the Launcher with status 2, each ^C arriving in a buffer of its own. The device
+only says so (ConsoleAbort); the Launcher decides how it ends.
 """
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from lgnet import abi
 from lgnet.guest.devices import Device, get_dma_buffer, trigger_irq
 
 DISCARD_BYTES = 1024
+
+
+class ConsoleAbort(Exception):
+    """The user pressed ^C three times within about a second: stop this Launcher."""
 
 
 def console_device(out, console_input: bool) -> Device:
@@ -84,7 +89,7 @@ def check_abort(device: Device, length: int, first: bytes) -> None:
         state["aborts"] += 1
         if state["aborts"] >= abi.CONSOLE_ABORT_PRESSES:
             if now <= state["abort_start"] + abi.CONSOLE_ABORT_SECONDS + 1:
-                raise SystemExit(2)
+                raise ConsoleAbort()
             state["aborts"] = 0
     else:
         state["aborts"] = 0
