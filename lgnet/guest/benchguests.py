@@ -35,8 +35,9 @@ import time
 import zlib
 
 from lgnet import abi
-from lgnet.guest.pvdriver import (ETHERTYPE_LGNET, Console, Machine, NetDevice,
-                                  parse_cmdline, split_pages)
+from lgnet.guest.pvconsole import Console
+from lgnet.guest.pvmachine import Machine, parse_cmdline
+from lgnet.guest.pvnet import ETHERTYPE_LGNET, NetDevice, split_pages
 
 # --- the frame: header | crc | body | seq ---------------------------------------------------
 

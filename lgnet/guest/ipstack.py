@@ -87,7 +87,7 @@ class PingReply:
 @dataclass
 class Interface:
     """One net device with an address."""
-    net: object                       # pvdriver.NetDevice
+    net: object                       # pvnet.NetDevice
     ip: int
     netmask: int
 
@@ -98,7 +98,7 @@ class Interface:
 
 @dataclass
 class IpStack:
-    machine: object                   # pvdriver.Machine
+    machine: object                   # pvmachine.Machine
     interfaces: list[Interface] = field(default_factory=list)
     arp_cache: dict[int, bytes] = field(default_factory=dict)
     replies: list[PingReply] = field(default_factory=list)

@@ -242,7 +242,7 @@ def run_guest(kernel: str, phys: PhysMap, mem: int, host: BrokerHost, boot,
     stopped."""
     try:
         if kernel.startswith(PYTHON_KERNEL):
-            from lgnet.guest.pvdriver import Machine
+            from lgnet.guest.pvmachine import Machine
             module = importlib.import_module(kernel[len(PYTHON_KERNEL):] or "lgnet.guest.pvdriver")
             module.main(Machine(phys, mem, host))
             return "the Python kernel returned without powering down"

@@ -26,7 +26,9 @@ from __future__ import annotations
 import re
 
 from lgnet import abi
-from lgnet.guest.pvdriver import Console, Machine, NetDevice, format_mac, parse_cmdline
+from lgnet.guest.pvconsole import Console
+from lgnet.guest.pvmachine import Machine, parse_cmdline
+from lgnet.guest.pvnet import NetDevice, format_mac
 
 READY = "lgnet port: up slot %d mac %s"
 CLASH = ("lgnet uplink: a frame from %s came in, but a guest here has that MAC: give each "

@@ -1,15 +1,23 @@
 """What a scripted Python guest does, as typed steps, and how they ride its command line.
 
-Rules of this file: it is pure data and its one text form. The lab (and anyone starting a
-Python guest) builds steps and calls `command_line`; the Python kernel (guest/pvdriver.py)
-calls `parse` and runs them. The text form exists because a guest's only input is its kernel
-command line, as lguest's guests had: `script=STEP,STEP,...` with steps
+Rules of this file: the steps are pure data with one text form; the lab (and anyone starting
+a Python guest) builds steps and calls `command_line`; the Python kernel (guest/pvdriver.py)
+calls `parse`, then `run_script` runs them on the guest's devices. The text form exists
+because a guest's only input is its kernel command line, as lguest's guests had: `script=STEP,STEP,...` with steps
 `await:NET:PEERS[:SECONDS]`, `bcast:NET`, `peers:NET`, `wait:SECONDS`, `ping:IP[:COUNT]`
 (NET is a net device's index: eth0 is 0).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lgnet import abi
+from lgnet.guest.pvnet import format_mac
+
+if TYPE_CHECKING:
+    from lgnet.guest.pvdriver import PyGuest
 
 AWAIT_SECONDS = 10.0               # how long an await waits for its peers by default
 ARG = "script="
@@ -97,3 +105,33 @@ def parse_step(text: str) -> Step:
 def parse(text: str) -> list[Step]:
     """The steps of a `script=` value (without `script=`)."""
     return [parse_step(part) for part in text.split(",") if part]
+
+
+# --- running them -----------------------------------------------------------------------
+
+def run_script(guest: "PyGuest", steps: list[Step]) -> None:
+    """Run the steps in order on a booted Python guest."""
+    console = guest.console
+    for step in steps:
+        if isinstance(step, Await):
+            net = guest.nets[step.net]
+            deadline = time.monotonic() + step.seconds
+            while len(net.peers()) < step.peers and time.monotonic() < deadline:
+                guest.machine.idle_until(min(deadline, time.monotonic() + 0.01))
+        elif isinstance(step, Broadcast):
+            net = guest.nets[step.net]
+            got = net.transmit(guest.frame(net, abi.BROADCAST_MAC,
+                                           "broadcast from %s" % format_mac(net.mac)))
+            console.write("eth%d: broadcast reached %d peers\n" % (net.index, got))
+        elif isinstance(step, Peers):
+            net = guest.nets[step.net]
+            for _slot, mac in net.peers():
+                dest = bytes([mac[0] & ~abi.NET_PROMISC_BIT]) + mac[1:]
+                net.transmit(guest.frame(net, dest, "unicast from %s to %s"
+                                         % (format_mac(net.mac), format_mac(dest))))
+        elif isinstance(step, Wait):
+            guest.machine.idle_until(time.monotonic() + step.seconds)
+        elif isinstance(step, Ping) and guest.stack is not None:
+            guest.stack.ping(console, step.ip, step.count)
+        else:
+            console.write("lgnet pvdriver: unknown script step %r\n" % encode_step(step))

@@ -5,7 +5,8 @@ import time
 
 from lgnet import abi
 from lgnet.guest import script
-from lgnet.guest.pvdriver import Machine, PyGuest, run_script
+from lgnet.guest.pvdriver import PyGuest
+from lgnet.guest.pvmachine import Machine
 
 SLEEP_NS = 400_000_000
 
@@ -13,7 +14,7 @@ SLEEP_NS = 400_000_000
 def main(machine: Machine) -> None:
     guest = PyGuest.boot(machine)
     net = guest.nets[0]
-    run_script(guest, [script.Await(net=0, peers=1, seconds=10)])
+    script.run_script(guest, [script.Await(net=0, peers=1, seconds=10)])
     machine.phys.write_u32(machine.lguest_data + abi.LGUEST_DATA_BLOCKED_INTERRUPTS,
                            1 << net.irq)
     time.sleep(0.3)                       # the peer's frames arrive meanwhile: irq pending

@@ -4,7 +4,7 @@ end. The Launcher must refuse both, and the first must not grow the file. `type2
 request of type 2 with two sectors of PATTERN for sector 1: 2.6.23 wrote whenever the type
 was not 0."""
 from lgnet import abi
-from lgnet.guest.pvdriver import Machine, parse_cmdline
+from lgnet.guest.pvmachine import Machine, parse_cmdline
 
 REQUEST_BYTES = 2 * abi.SECTOR_SIZE
 PATTERN = bytes(range(256)) * (REQUEST_BYTES // 256)

@@ -7,7 +7,8 @@ traffic continue while other guests come and go.
 import time
 
 from lgnet import abi
-from lgnet.guest.pvdriver import Machine, PyGuest, parse_cmdline
+from lgnet.guest.pvdriver import PyGuest
+from lgnet.guest.pvmachine import Machine, parse_cmdline
 
 
 def main(machine: Machine) -> None:

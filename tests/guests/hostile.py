@@ -10,13 +10,14 @@ import time
 
 from lgnet import abi
 from lgnet.guest import script
-from lgnet.guest.pvdriver import Machine, PyGuest, parse_cmdline, run_script
+from lgnet.guest.pvdriver import PyGuest
+from lgnet.guest.pvmachine import Machine, parse_cmdline
 
 
 def main(machine: Machine) -> None:
     guest = PyGuest.boot(machine)
     options = parse_cmdline(machine.cmdline())
-    run_script(guest, [script.Await(net=0, peers=1, seconds=10)])
+    script.run_script(guest, [script.Await(net=0, peers=1, seconds=10)])
     net = guest.nets[0]
     peer_slot, _mac = net.peers()[0]
     key = abi.peer_key(net.page, peer_slot)

@@ -4,7 +4,8 @@ the order it finds them (one line each: index, type, features, pfn)."""
 import struct
 
 from lgnet import abi
-from lgnet.guest.pvdriver import Console, Machine
+from lgnet.guest.pvconsole import Console
+from lgnet.guest.pvmachine import Machine
 
 
 def main(machine: Machine) -> None:

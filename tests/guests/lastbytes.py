@@ -2,7 +2,7 @@
 Host reads 128 bytes there (lgread of the message), running on into the descriptor page
 just above RAM: lguest's copy_from_user saw one range and read it, and so must lgnet."""
 from lgnet import abi
-from lgnet.guest.pvdriver import Machine
+from lgnet.guest.pvmachine import Machine
 
 MESSAGE = b"at the end of RAM"
 ROOM = 20
