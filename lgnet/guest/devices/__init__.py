@@ -7,13 +7,16 @@ a private key (the guest's SEND_DMA to it comes back to the Launcher: handle_out
 input descriptor (the Waker kicks the guest out of run when it is readable: handle_input).
 Net pages come from net files and are shared; every other page lives in the guest's own
 shared-memory object.
+
+One class per device kind (SharedNet here; Console, Block, Tun in their rooms), each with its
+own typed fields; the list only calls what every Device has: init once its pages are placed,
+output for a DMA to its key, input when its descriptor is readable, close.
 """
 from __future__ import annotations
 
 import os
 import select
 import threading
-from dataclasses import dataclass, field
 from typing import Callable
 
 from lgnet import abi, wire
@@ -22,20 +25,55 @@ from lgnet.guest.loader import write_device_descriptors
 from lgnet.guest.physmem import PhysMap
 
 
-@dataclass
 class Device:
-    type: int
-    features: int
-    num_pages: int
-    watch_key: int | None = None          # set once the page address is known
-    handle_output: Callable | None = None  # (phys, channel, pieces, device) -> used_len
-    input_fd: int | None = None
-    handle_input: Callable | None = None   # (phys, channel, device) -> keep watching?
-    shared_fd: int | None = None          # a net file, handed to the broker
-    shared_map: object = None
-    page: int = 0                         # guest-physical address of the first page
-    state: dict = field(default_factory=dict)
-    close: Callable[[], None] | None = None
+    """A device of the Launcher: its descriptor, its pages, what it serves."""
+    serves_output = False                 # does a DMA to watch_key come to output()?
+
+    def __init__(self, type: int, features: int, num_pages: int,
+                 watch_key: int | None = None, input_fd: int | None = None):
+        self.type = type
+        self.features = features
+        self.num_pages = num_pages
+        self.watch_key = watch_key            # None: its first page, once placed
+        self.input_fd = input_fd              # watched by the Waker while not None
+        self.page = 0                         # guest-physical address of the first page
+
+    @property
+    def shared_fd(self) -> int | None:
+        """A net file's descriptor, handed to the broker (None: pages of the guest's own)."""
+        return None
+
+    def init(self, phys: PhysMap) -> None:
+        """Its pages are placed (self.page): write what the guest finds there."""
+
+    def output(self, phys: PhysMap, channel, pieces: list[memoryview]) -> int:
+        """The guest sent DMA to watch_key: serve it; the used_len to give back."""
+        raise NotImplementedError
+
+    def input(self, phys: PhysMap, channel) -> bool:
+        """input_fd is readable: serve it; False to stop watching it (e.g. EOF)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the device holds."""
+
+
+class SharedNet(Device):
+    """--sharenet: a net file's page, shared with every guest on that net (and the broker).
+    The broker gets its own open of the file: the slot lock stays ours alone, and dies with
+    this process as lguest intended."""
+
+    def __init__(self, net):
+        super().__init__(abi.LGUEST_DEVICE_T_NET, net.slot | abi.LGUEST_NET_F_NOCSUM, 1)
+        self.handover = os.open(net.path, os.O_RDWR)
+        self.map = net.mmap
+
+    @property
+    def shared_fd(self) -> int:
+        return self.handover
+
+    def close(self) -> None:
+        os.close(self.handover)
 
 
 class DeviceList:
@@ -53,25 +91,19 @@ class DeviceList:
         return device
 
     def add_net(self, net) -> Device:
-        # The broker gets its own open of the file: the slot lock stays ours alone, and dies
-        # with this process as lguest intended.
-        handover = os.open(net.path, os.O_RDWR)
-        device = self.add(Device(abi.LGUEST_DEVICE_T_NET, net.slot | abi.LGUEST_NET_F_NOCSUM,
-                                 1, shared_fd=handover, shared_map=net.mmap))
-        device.close = lambda: os.close(handover)
-        return device
+        return self.add(SharedNet(net))
 
     def add_tun(self, arg: str, out, verbose: bool = False) -> Device:
-        from lgnet.guest.devices.tun import tun_device
-        return self.add(tun_device(arg, out, verbose))
+        from lgnet.guest.devices.tun import Tun
+        return self.add(Tun.open(arg, out, verbose))
 
     def add_block(self, path: str) -> Device:
-        from lgnet.guest.devices.block import open_block
-        return self.add(open_block(path))
+        from lgnet.guest.devices.block import Block
+        return self.add(Block.open(path))
 
     def add_console(self, out, console_input: bool) -> Device:
-        from lgnet.guest.devices.console import console_device
-        return self.add(console_device(out, console_input))
+        from lgnet.guest.devices.console import Console
+        return self.add(Console(out, console_input))
 
     # --- laying them out ----------------------------------------------------------------
 
@@ -98,15 +130,14 @@ class DeviceList:
                 if device.shared_fd is not None:
                     regions.append(wire.Region(top, size, 0, shared_index, True))
                     shared_index += 1
-                    phys.add(top, device.shared_map)
+                    phys.add(top, device.map)
                 else:
                     regions.append(wire.Region(top, size, next_private, 0, False))
                     phys.add(top, memoryview(ram)[next_private:next_private + size])
                     next_private += size
-                if device.watch_key is None and device.handle_output is not None:
+                if device.watch_key is None and device.serves_output:
                     device.watch_key = top
-            if device.state.get("init") is not None:
-                device.state["init"](phys, device)
+            device.init(phys)
         write_device_descriptors(phys.view(mem, abi.PAGE_SIZE),
                                  [(d.type, d.features, d.num_pages, d.page // abi.PAGE_SIZE)
                                   for d in self.list])
@@ -117,24 +148,23 @@ class DeviceList:
 
     def output(self, phys: PhysMap, channel, dma: int, key: int) -> int | None:
         for device in self.list:
-            if device.handle_output is not None and device.watch_key == key:
-                return device.handle_output(phys, channel, phys.dma_pieces(dma), device)
+            if device.serves_output and device.watch_key == key:
+                return device.output(phys, channel, phys.dma_pieces(dma))
         return None
 
     def input_fds(self) -> list[int]:
-        return [d.input_fd for d in self.list if d.handle_input is not None]
+        return [d.input_fd for d in self.list if d.input_fd is not None]
 
     def input(self, phys: PhysMap, channel) -> None:
         ready = select.select(self.input_fds(), [], [], 0)[0]
         for device in self.list:
-            if device.handle_input is not None and device.input_fd in ready:
-                if not device.handle_input(phys, channel, device):
-                    device.handle_input = None       # e.g. console EOF: stop watching
+            if device.input_fd is not None and device.input_fd in ready:
+                if not device.input(phys, channel):
+                    device.input_fd = None           # e.g. console EOF: stop watching
 
     def close(self) -> None:
         for device in self.list:
-            if device.close is not None:
-                device.close()
+            device.close()
         self.list.clear()
 
 

@@ -17,26 +17,37 @@ from lgnet.guest.devices import Device, get_dma_buffer, trigger_irq
 from lgnet.guest.host import GuestStopped
 
 
-def open_block(path: str) -> Device:
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError as exc:
-        raise LgnetError("cannot open block file '%s': %s" % (path, exc.strerror)) from None
-    length = os.lseek(fd, 0, os.SEEK_END)
-    device = Device(abi.LGUEST_DEVICE_T_BLOCK, abi.LGUEST_DEVICE_F_RANDOMNESS, 1,
-                    handle_output=handle_block_output)
-    device.state.update(fd=fd, length=length, init=write_size)
-    device.close = lambda: os.close(fd)
-    return device
+class Block(Device):
+    serves_output = True
+
+    def __init__(self, fd: int, length: int):
+        super().__init__(abi.LGUEST_DEVICE_T_BLOCK, abi.LGUEST_DEVICE_F_RANDOMNESS, 1)
+        self.fd = fd
+        self.length = length                  # bytes; the guest sees length / SECTOR_SIZE
+
+    @classmethod
+    def open(cls, path: str) -> "Block":
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as exc:
+            raise LgnetError("cannot open block file '%s': %s" % (path, exc.strerror)) from None
+        return cls(fd, os.lseek(fd, 0, os.SEEK_END))
+
+    def init(self, phys) -> None:
+        """The page tells the guest the device's size, in sectors."""
+        page = abi.LGUEST_BLOCK_PAGE.pack(0, 0, 0, 0, self.length // abi.SECTOR_SIZE)
+        phys.write(self.page, page)
+
+    def output(self, phys, channel, pieces) -> int:
+        return serve_request(phys, channel, pieces, self)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
-def write_size(phys, device: Device) -> None:
-    page = abi.LGUEST_BLOCK_PAGE.pack(0, 0, 0, 0, device.state["length"] // abi.SECTOR_SIZE)
-    phys.write(device.page, page)
-
-
-def handle_block_output(phys, channel, pieces, device: Device) -> int:
-    fd, length = device.state["fd"], device.state["length"]
+def serve_request(phys, channel, pieces, device: Block) -> int:
+    """One request the guest wrote into the page, with its data (a write) in `pieces`."""
+    fd, length = device.fd, device.length
     kind, sector, want, _result, _n = abi.LGUEST_BLOCK_PAGE.unpack(
         phys.read(device.page, abi.LGUEST_BLOCK_PAGE.size))
     offset = sector * abi.SECTOR_SIZE

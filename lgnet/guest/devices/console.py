@@ -23,73 +23,74 @@ class ConsoleAbort(Exception):
     """The user pressed ^C three times within about a second: stop this Launcher."""
 
 
-def console_device(out, console_input: bool) -> Device:
-    device = Device(abi.LGUEST_DEVICE_T_CONSOLE, 0, 0, watch_key=abi.LGUEST_CONSOLE_DMA_KEY,
-                    handle_output=handle_console_output)
-    device.state.update(out=out, aborts=0, abort_start=0.0)
-    if console_input:
-        device.input_fd = sys.stdin.fileno()
-        device.handle_input = handle_console_input
-        raw_terminal(device)
-    return device
+class Console(Device):
+    serves_output = True
 
+    def __init__(self, out, console_input: bool):
+        super().__init__(abi.LGUEST_DEVICE_T_CONSOLE, 0, 0,
+                         watch_key=abi.LGUEST_CONSOLE_DMA_KEY,
+                         input_fd=sys.stdin.fileno() if console_input else None)
+        self.out = out
+        self.aborts = 0                       # ^C pressed in a row ...
+        self.abort_start = 0.0                # ... since this moment
+        self.restore = None                   # puts the terminal back as it was
+        if self.input_fd is not None:
+            self.raw_terminal()
 
-def raw_terminal(device: Device) -> None:
-    fd = device.input_fd
-    try:
-        saved = termios.tcgetattr(fd)
-    except termios.error:
-        return                      # not a terminal: nothing to restore
-    term = list(saved)
-    term[3] &= ~(termios.ISIG | termios.ICANON | termios.ECHO)
-    termios.tcsetattr(fd, termios.TCSANOW, term)
-    restore = lambda: termios.tcsetattr(fd, termios.TCSANOW, saved)
-    atexit.register(restore)
-    device.close = restore
+    def raw_terminal(self) -> None:
+        fd = self.input_fd
+        try:
+            saved = termios.tcgetattr(fd)
+        except termios.error:
+            return                      # not a terminal: nothing to restore
+        term = list(saved)
+        term[3] &= ~(termios.ISIG | termios.ICANON | termios.ECHO)
+        termios.tcsetattr(fd, termios.TCSANOW, term)
+        self.restore = lambda: termios.tcsetattr(fd, termios.TCSANOW, saved)
+        atexit.register(self.restore)
 
+    def close(self) -> None:
+        if self.restore is not None:
+            self.restore()
 
-def handle_console_output(phys, channel, pieces, device: Device) -> int:
-    out = device.state["out"]
-    written = 0
-    for piece in pieces:
-        out.write(piece)
-        written += len(piece)
-    out.flush()
-    return written
+    def output(self, phys, channel, pieces) -> int:
+        written = 0
+        for piece in pieces:
+            self.out.write(piece)
+            written += len(piece)
+        self.out.flush()
+        return written
 
+    def input(self, phys, channel) -> bool:
+        found = get_dma_buffer(phys, channel, abi.LGUEST_CONSOLE_DMA_KEY)
+        if found is None:
+            self.out.write(b"lgnet: console: no dma buffer!\n")
+            pieces = [memoryview(bytearray(DISCARD_BYTES))]
+        else:
+            pieces = found[0]
+        try:
+            length = os.readv(self.input_fd, pieces)
+        except OSError:
+            length = 0
+        if length <= 0:
+            self.out.write(b"lgnet: Failed to get console input, ignoring console.\n")
+            length = 0
+        if found is not None:
+            phys.write_u32(found[1], length)
+            trigger_irq(channel, found[2])
+        self.check_abort(length, bytes(pieces[0][:1]) if length else b"")
+        return length > 0
 
-def handle_console_input(phys, channel, device: Device) -> bool:
-    found = get_dma_buffer(phys, channel, abi.LGUEST_CONSOLE_DMA_KEY)
-    if found is None:
-        device.state["out"].write(b"lgnet: console: no dma buffer!\n")
-        pieces = [memoryview(bytearray(DISCARD_BYTES))]
-    else:
-        pieces = found[0]
-    try:
-        length = os.readv(device.input_fd, pieces)
-    except OSError:
-        length = 0
-    if length <= 0:
-        device.state["out"].write(b"lgnet: Failed to get console input, ignoring console.\n")
-        length = 0
-    if found is not None:
-        phys.write_u32(found[1], length)
-        trigger_irq(channel, found[2])
-    check_abort(device, length, bytes(pieces[0][:1]) if length else b"")
-    return length > 0
-
-
-def check_abort(device: Device, length: int, first: bytes) -> None:
-    """Three ^C within about a second: the hack that lets a user out of a raw console."""
-    state = device.state
-    if length == 1 and first == bytes([abi.CTRL_C]):
-        now = time.monotonic()
-        if state["aborts"] == 0:
-            state["abort_start"] = now
-        state["aborts"] += 1
-        if state["aborts"] >= abi.CONSOLE_ABORT_PRESSES:
-            if now <= state["abort_start"] + abi.CONSOLE_ABORT_SECONDS + 1:
-                raise ConsoleAbort()
-            state["aborts"] = 0
-    else:
-        state["aborts"] = 0
+    def check_abort(self, length: int, first: bytes) -> None:
+        """Three ^C within about a second: the hack that lets a user out of a raw console."""
+        if length == 1 and first == bytes([abi.CTRL_C]):
+            now = time.monotonic()
+            if self.aborts == 0:
+                self.abort_start = now
+            self.aborts += 1
+            if self.aborts >= abi.CONSOLE_ABORT_PRESSES:
+                if now <= self.abort_start + abi.CONSOLE_ABORT_SECONDS + 1:
+                    raise ConsoleAbort()
+                self.aborts = 0
+        else:
+            self.aborts = 0

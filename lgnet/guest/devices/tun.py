@@ -287,36 +287,88 @@ def _ioctl(sock: socket.socket, request: int, arg: bytes, what: str) -> bytes:
         raise LgnetError("--tunnet: %s: %s" % (what, exc.strerror)) from None
 
 
-def tun_device(arg: str, out, verbose: bool = False) -> Device:
-    """The device for --tunnet=ARG (see the module's docstring for ARG)."""
-    spec = parse_tunnet(arg)
-    closers = []
-    if spec.fd is not None:
+class Tun(Device):
+    """--tunnet: the guest in slot 1 of a private net page, the host's end (a TAP, or a
+    descriptor a host port hands over) in slot 0."""
+    serves_output = True
+
+    def __init__(self, fd: int, name: str, host_mac: bytes, closers: list, out, verbose: bool):
+        super().__init__(abi.LGUEST_DEVICE_T_NET,
+                         abi.TUN_GUEST_SLOT | abi.LGUEST_DEVICE_F_RANDOMNESS, 1, input_fd=fd)
+        self.fd = fd
+        self.name = name
+        self.host_mac = host_mac
+        self.closers = closers                # undone in reverse order at close (TAP, VXLAN)
+        self.sent = False                     # has the guest sent anything yet?
+        self.out = out
+        self.verbose = verbose
+
+    @classmethod
+    def open(cls, arg: str, out, verbose: bool = False) -> "Tun":
+        """The device for --tunnet=ARG (see the module's docstring for ARG)."""
+        spec = parse_tunnet(arg)
+        closers = []
+        if spec.fd is not None:
+            try:
+                os.fstat(spec.fd)
+            except OSError:
+                raise LgnetError("--tunnet=%s: not an open descriptor" % arg) from None
+            fd, name, host_mac = spec.fd, arg, LINK_HOST_MAC
+        else:
+            fd, name = open_tap(spec.tap or TAP_NAME)
+            closers.append(lambda: os.close(fd))
+            try:
+                host_mac = configure_tap(name, spec)
+                if spec.vxlan:
+                    closers.append(create_vxlan(spec.vxlan, spec.bridge, out))
+            except BaseException:
+                close_all(closers)
+                raise
+        device = cls(fd, name, host_mac, closers, out, verbose)
+        if verbose:
+            out.write(("lgnet: tun device %s, host MAC %s\n" % (name, host_mac.hex(":"))).encode())
+        return device
+
+    def init(self, phys) -> None:
+        """We are slot 0; the promiscuous bit says: send me every single frame."""
+        mac = bytearray(self.host_mac)
+        mac[0] |= abi.NET_PROMISC_BIT
+        phys.write(self.page + abi.TUN_HOST_SLOT * abi.ETH_ALEN, bytes(mac))
+
+    def output(self, phys, channel, pieces) -> int:
+        """Whatever frame the guest sent us, write it to the host end."""
+        self.sent = True
         try:
-            os.fstat(spec.fd)
+            return os.writev(self.fd, pieces)
         except OSError:
-            raise LgnetError("--tunnet=%s: not an open descriptor" % arg) from None
-        fd, name, host_mac = spec.fd, arg, LINK_HOST_MAC
-    else:
-        fd, name = open_tap(spec.tap or TAP_NAME)
-        closers.append(lambda: os.close(fd))
+            return 0                 # e.g. the TAP is down: the guest counts a carrier error
+
+    def input(self, phys, channel) -> bool:
+        """A frame from the host end: into the guest's buffer at its slot's key, or
+        discarded."""
+        found = get_dma_buffer(phys, channel, abi.peer_key(self.page, abi.TUN_GUEST_SLOT))
+        if found is None:
+            if self.sent:
+                self.out.write(b"lgnet: network: no dma buffer!\n")
+            pieces = [memoryview(bytearray(DISCARD_BYTES))]
+        else:
+            pieces = found[0]
         try:
-            host_mac = configure_tap(name, spec)
-            if spec.vxlan:
-                closers.append(create_vxlan(spec.vxlan, spec.bridge, out))
-        except BaseException:
-            close_all(closers)
-            raise
-    device = Device(abi.LGUEST_DEVICE_T_NET, abi.TUN_GUEST_SLOT | abi.LGUEST_DEVICE_F_RANDOMNESS,
-                    1, handle_output=handle_tun_output, input_fd=fd,
-                    handle_input=handle_tun_input)
-    device.state.update(fd=fd, name=name, host_mac=host_mac, sent=False, out=out,
-                        verbose=verbose, init=write_host_mac)
-    if closers:
-        device.close = lambda: close_all(closers)
-    if verbose:
-        out.write(("lgnet: tun device %s, host MAC %s\n" % (name, host_mac.hex(":"))).encode())
-    return device
+            length = os.readv(self.fd, pieces)
+        except OSError as exc:
+            raise GuestStopped("reading network: %s" % exc.strerror) from None
+        if length <= 0:
+            raise GuestStopped("reading network: the host end of %s closed" % self.name)
+        if found is not None:
+            phys.write_u32(found[1], length)
+            trigger_irq(channel, found[2])
+        if self.verbose:
+            self.out.write(b"tun input packet len %d (%s)\n"
+                           % (length, b"sent" if found is not None else b"discarded"))
+        return True
+
+    def close(self) -> None:
+        close_all(self.closers)
 
 
 def close_all(closers: list) -> None:
@@ -381,44 +433,3 @@ def _ip_link(*args: str) -> None:
         why += " (another uplink's, or left by a lab that was killed: `ip link del %s`)" \
             % args[1]
     raise LgnetError("vxlan: `%s` failed: %s" % (" ".join(command), why))
-
-
-def write_host_mac(phys, device: Device) -> None:
-    """We are slot 0; the promiscuous bit says: send me every single frame."""
-    mac = bytearray(device.state["host_mac"])
-    mac[0] |= abi.NET_PROMISC_BIT
-    phys.write(device.page + abi.TUN_HOST_SLOT * abi.ETH_ALEN, bytes(mac))
-
-
-def handle_tun_output(phys, channel, pieces, device: Device) -> int:
-    """Whatever frame the guest sent us, write it to the host end."""
-    device.state["sent"] = True
-    try:
-        return os.writev(device.state["fd"], pieces)
-    except OSError:
-        return 0                     # e.g. the TAP is down: the guest counts a carrier error
-
-
-def handle_tun_input(phys, channel, device: Device) -> bool:
-    """A frame from the host end: into the guest's buffer at its slot's key, or discarded."""
-    state = device.state
-    found = get_dma_buffer(phys, channel, abi.peer_key(device.page, abi.TUN_GUEST_SLOT))
-    if found is None:
-        if state["sent"]:
-            state["out"].write(b"lgnet: network: no dma buffer!\n")
-        pieces = [memoryview(bytearray(DISCARD_BYTES))]
-    else:
-        pieces = found[0]
-    try:
-        length = os.readv(state["fd"], pieces)
-    except OSError as exc:
-        raise GuestStopped("reading network: %s" % exc.strerror) from None
-    if length <= 0:
-        raise GuestStopped("reading network: the host end of %s closed" % state["name"])
-    if found is not None:
-        phys.write_u32(found[1], length)
-        trigger_irq(channel, found[2])
-    if state["verbose"]:
-        state["out"].write(b"tun input packet len %d (%s)\n"
-                           % (length, b"sent" if found is not None else b"discarded"))
-    return True
