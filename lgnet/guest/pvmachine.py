@@ -118,16 +118,22 @@ class Machine:
 
     def idle_until(self, deadline: float, done: Callable[[], bool] = lambda: False) -> None:
         """Take interrupts until `done()` or the monotonic deadline: HALT with a timer."""
+        armed = False
         while not done():
             left = deadline - time.monotonic()
             if left <= 0:
-                return
+                break
             # Armed with no interrupt taken before the HALT (as a kernel arms its clock with
             # interrupts off): a timer that fires before the HALT reaches the Host is still
             # flagged there and ends the HALT at once. Taken in between, it was gone, and the
             # guest slept with no timer left.
             self.host.hypercall(abi.LHCALL_SET_CLOCKEVENT, max(1, int(left * abi.NSEC_PER_SEC)))
+            armed = True
             self.hcall(abi.LHCALL_HALT)
+        if armed:
+            # A HALT that something else ended leaves the timer armed: cancel it and take
+            # what it raised meanwhile, or it would end some later HALT at once.
+            self.hcall(abi.LHCALL_SET_CLOCKEVENT, 0)
 
     def power_down(self) -> None:
         msg = self.alloc(len(abi.MSG_POWER_DOWN) + 1)
