@@ -12,6 +12,10 @@ connection ATTACHed to the guest, as lguest's forked Waker shared the fd; and th
 runs here, so "read() returned" is a hypercall reply (see guest/host.py). With --gdb, a gdb
 server (guest/gdbstub.py) listens before the guest boots, and the Waker also watches its
 requests to stop the guest: a gdb wanting a guest asleep in HALT is input like any other.
+
+Its entry point is `python -m lgnet.guest.launcher` (what a lab starts, with its private
+--die-with-parent); `lgnet launch` shares the user's options (add_arguments, config_from).
+A guest's bad pointer is the guest's death, reported to the Host, never the user's error.
 """
 from __future__ import annotations
 
