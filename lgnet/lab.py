@@ -49,6 +49,7 @@ NET_READY_SECONDS = 20
 POLL_SECONDS = 0.02
 TEST_POLL_SECONDS = 0.2
 DEFAULT_TEST_SECONDS = 10            # `lgnet test` without duration or within
+QUERY_SECONDS = 2.0                  # a running lab's broker answers a query within this
 RUNTIME_PREFIX = "lgnet-"            # a lab's private directory: $TMPDIR/lgnet-XXXXXXXX
 BROKER_SOCKET = "broker.sock"
 NET_SUFFIX = ".net"
@@ -480,9 +481,12 @@ def guest_names(socket_path: str) -> dict[int, str]:
         channel = wire.Channel(socket_path)
     except OSError:
         return {}
+    # A socket that accepts but never answers (a stopped broker, or something else that took
+    # the name) must not hang the command that asked.
+    channel.sock.settimeout(QUERY_SECONDS)
     try:
         rows = json.loads(channel.call(wire.OP_STATS).tail or b"[]")
-    except wire.BrokerGone:
+    except (wire.BrokerGone, TimeoutError):
         return {}
     finally:
         channel.close()

@@ -304,3 +304,19 @@ def test_a_broker_claims_its_named_captures_and_a_second_one_is_refused(tmp_path
     # The refused broker left the first one's file alone: header intact, readable.
     assert pcap.Reader(tmp_path / "pcap" / "lan0.pcapng").interfaces == [] and \
         list(pcap.read_capture(tmp_path / "pcap" / "lan0.pcapng")) == []
+
+
+@pytest.mark.timeout(15)
+def test_a_lab_socket_that_never_answers_does_not_hang_the_query(tmp_path):
+    """A socket named like a broker's that accepts and stays silent (a stopped broker, or
+    another program's) gives no guest names, after QUERY_SECONDS, instead of a hang."""
+    import socket as socketlib
+    from lgnet import lab as labmod
+    path = str(tmp_path / "broker.sock")
+    silent = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_SEQPACKET)
+    silent.bind(path)
+    silent.listen(1)
+    try:
+        assert labmod.guest_names(path) == {}
+    finally:
+        silent.close()
