@@ -29,6 +29,7 @@ import math
 import platform
 import re
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -140,6 +141,7 @@ class Workload:
     rxsize: int = abi.ETH_FRAME_LEN
     guests: int = 2
     capture: bool = False             # the broker records every delivery (pcapng) meanwhile
+    trace: bool = False               # --trace meanwhile (it captures too)
 
     def anchors(self) -> dict[str, tuple]:
         """anchor name -> (helper kind, size, hosts) measured beside this workload."""
@@ -177,6 +179,10 @@ def workloads(opts: BenchOptions) -> list[Workload]:
         out.append(Workload("stream-deep-%d-capture" % size, "stream",
                             "stream, deep rx, capture on", size, DEEP_RX, abi.ETH_FRAME_LEN,
                             capture=True))
+        # And with --trace: what the timeline costs on top of the capture it needs (issue 17).
+        out.append(Workload("stream-deep-%d-trace" % size, "stream",
+                            "stream, deep rx, --trace on", size, DEEP_RX, abi.ETH_FRAME_LEN,
+                            capture=True, trace=True))
     out.append(Workload("latency-%d" % LATENCY_SIZE, "latency", "latency, ping-pong",
                         LATENCY_SIZE))
     for n in opts.fanouts():
@@ -206,7 +212,9 @@ def lab_run(w: Workload, guests: list[tuple[str, list[str]]], seconds: float) ->
     counters, monotonic time the first guest was started)."""
     scenario = Scenario(Path("<lgnet bench>"), None, {NET: Network(NET)}, [], [])
     timeout = seconds + LAB_TIMEOUT + BRINGUP_SECONDS_PER_GUEST * len(guests)
-    with Lab(scenario, capture=w.capture) as lab:
+    with tempfile.TemporaryDirectory(prefix="lgnet-bench-") as scratch, \
+            Lab(scenario, capture=w.capture,
+                trace=os.path.join(scratch, "trace.json") if w.trace else None) as lab:
         started = time.monotonic()
         for name, args in guests:
             lab.start_guest(GuestSpec(name, mem_mb=mem_mb(w), kernel=KERNEL, nets=(NET,),
@@ -745,9 +753,24 @@ def target_lines(result: dict) -> str:
     return "\n".join(lines)
 
 
+def recording_cost(result: dict) -> str:
+    """What capture and --trace add to a frame's wall time (the deep stream of the largest
+    size up to 1514 B)."""
+    traced = next((r for r in result["rows"] if r["workload"].endswith("-trace")), None)
+    size = traced["size"] if traced else None
+    plain, captured = (row_of(result, "stream-deep-%s%s" % (size, tail))
+                       for tail in ("", "-capture"))
+    if not (plain and captured and traced):
+        return "Recording costs: not measured (needs a frame size of at most 1514 B)"
+    wall = [r["lgnet"]["wall_us"] for r in (plain, captured, traced)]
+    return ("Recording costs per frame (deep %d B stream, wall time): capture on %+.2f us; "
+            "--trace on %+.2f us more than capture alone (%+.2f us in all)"
+            % (size, wall[1] - wall[0], wall[2] - wall[1], wall[2] - wall[0]))
+
+
 def report(result: dict) -> str:
-    parts = [table(result), "", breakdown(result), "", scaling(result), "", unicorn_lines(result),
-             "", target_lines(result)]
+    parts = [table(result), "", breakdown(result), "", recording_cost(result), "",
+             scaling(result), "", unicorn_lines(result), "", target_lines(result)]
     skipped = next((r["anchors"]["netns"]["skipped"] for r in result["rows"]
                     if "skipped" in r["anchors"].get("netns", {})), None)
     if skipped:

@@ -35,6 +35,24 @@ def cmd_launch(args) -> int:
     return launch_main(config_from(args))
 
 
+TRACE_WRITTEN = "trace: %s (open it in https://ui.perfetto.dev or chrome://tracing)"
+TRACE_HELP = ("write the run's timeline to FILE (Chrome JSON trace events: every hypercall, "
+              "transfer and interrupt, a flow arrow per frame)")
+
+
+def cmd_trace(args) -> int:
+    from lgnet import chart
+    trace = chart.load_trace(args.file)
+    if args.chart is not None:
+        shown = chart.write_chart(trace, args.chart, args.frames)
+        print("wrote %s: %d of %d deliveries, %d lanes" % (
+            args.chart, shown, len(chart.deliveries(trace)), len(chart.lanes(trace))))
+        return 0
+    for n, d in enumerate(chart.deliveries(trace)[:args.frames], 1):
+        print("%5d %10.3f ms  %s" % (n, d.offset_ms, d.line()))
+    return 0
+
+
 def sigterm_interrupts() -> None:
     """SIGTERM ends a run like Ctrl-C: torn down, the table still printed."""
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -74,13 +92,16 @@ def cmd_up(args) -> int:
             print("".join("lgnet up: %s\n" % line for line in lab.whereabouts()), end="",
                   flush=True)
     result = run_up(args.scenario, duration=args.duration, out=sys.stdout, pcap=args.pcap,
-                    uplink=args.uplink, on_up=whereabouts)
+                    uplink=args.uplink, trace=args.trace,
+                    on_up=whereabouts)
     print("\n" + results_table(result.guests + [u.run for u in result.uplinks]) + "\n"
           + TABLE_NOTE)
     for link in result.uplinks:
         print(link.describe())
     if args.pcap is not None:
         print("capture: %s" % " ".join(result.captures))
+    if args.trace is not None:
+        print(TRACE_WRITTEN % args.trace)
     if result.interrupted:
         return EXIT_INTERRUPTED
     return 1 if result.killed else 0
@@ -90,10 +111,12 @@ def cmd_test(args) -> int:
     """0 when every expectation held, 1 when one did not (with what was seen)."""
     from lgnet.lab import run_test
     sigterm_interrupts()
-    verdicts = run_test(args.scenario, out=sys.stdout, pcap=args.pcap)
+    verdicts = run_test(args.scenario, out=sys.stdout, pcap=args.pcap, trace=args.trace)
     print("\n" + "\n".join(v.report for v in verdicts))
     failed = sum(not v.held for v in verdicts)
     print("%d of %d expectations held" % (len(verdicts) - failed, len(verdicts)))
+    if args.trace is not None:
+        print(TRACE_WRITTEN % args.trace)
     return 1 if failed else 0
 
 
@@ -200,6 +223,19 @@ def parse_sizes(text: str) -> list[int]:
                                          "got %r" % text) from None
 
 
+DEFAULT_FRAMES = 12
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError("want a whole number from 1, got %r" % text)
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lgnet", description="lguest's inter-guest networking "
                                 "(Linux 2.6.23), rebuilt as a multi-process simulator.")
@@ -217,13 +253,25 @@ def parser() -> argparse.ArgumentParser:
                     metavar="NET=bridge:BR[,vxlan:ID,remote:IP,dev:IF]|NET=tap:NAME",
                     help="join NET to a kernel bridge (or a TAP) beyond this host; replaces "
                          "the scenario's uplink: of that net (needs CAP_NET_ADMIN)")
+    up.add_argument("--trace", metavar="FILE", help=TRACE_HELP)
     up.set_defaults(func=cmd_up)
 
     test = sub.add_parser("test", help="run a scenario and check its expect: list "
                           "(exit 0 all held, 1 one failed, 2 the scenario is wrong)")
     test.add_argument("scenario", help="a scenario YAML file with an expect: list")
     test.add_argument("--pcap", metavar="DIR", help="keep the capture in DIR")
+    test.add_argument("--trace", metavar="FILE", help=TRACE_HELP)
     test.set_defaults(func=cmd_test)
+
+    trace = sub.add_parser("trace", help="read a trace of --trace: its deliveries, or draw "
+                           "them as a message sequence chart")
+    trace.add_argument("file", metavar="FILE", help="a trace written by --trace")
+    trace.add_argument("--chart", metavar="OUT.svg",
+                       help="draw the first frames as a sequence chart: a lane per guest, an "
+                       "arrow per delivery")
+    trace.add_argument("-n", "--frames", type=positive, default=DEFAULT_FRAMES, metavar="N",
+                       help="how many deliveries (default %d)" % DEFAULT_FRAMES)
+    trace.set_defaults(func=cmd_trace)
 
     dump = sub.add_parser("dump", help="one decoded line per delivered frame of a capture")
     dump.add_argument("target", metavar="PCAP|NET",

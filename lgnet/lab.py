@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
-from lgnet import abi, netfile, process, wire
+from lgnet import abi, netfile, process, timeline, wire
 from lgnet import uplink as uplinks
 from lgnet.errors import LgnetError
 from lgnet.fabric import capture as pcapng
@@ -120,18 +120,25 @@ class GuestRun:
 
 class Lab:
     """A running scenario. `capture=True` records every delivery in the lab's own directory;
-    `pcap=DIR` records them into DIR (kept after the lab is down)."""
+    `pcap=DIR` records them into DIR (kept after the lab is down); `trace=FILE` writes the
+    run's timeline to FILE once the lab is down (lgnet.timeline; it captures too: the
+    capture's send numbers join a frame's slices)."""
 
     def __init__(self, scenario: Scenario | str, out: TextIO | None = None,
-                 capture: bool = False, pcap: str | None = None):
+                 capture: bool = False, pcap: str | None = None, trace: str | None = None):
         self.scenario = load_scenario(scenario) if isinstance(scenario, (str, os.PathLike)) \
             else scenario
         self.out = out
+        self.trace = timeline.check_trace_path(trace) if trace is not None else None
         self.runtime = tempfile.mkdtemp(prefix=RUNTIME_PREFIX)
         os.chmod(self.runtime, 0o700)
         self.socket_path = os.path.join(self.runtime, BROKER_SOCKET)
+        capture = capture or self.trace is not None
         self.capture_dir = str(pcap) if pcap is not None else \
             os.path.join(self.runtime, "capture") if capture else None
+        # Not in the runtime directory: the broker takes that with it when it exits, and its
+        # stream is complete only then. The lab removes it once merged.
+        self.trace_dir = tempfile.mkdtemp(prefix="lgnet-trace-") if self.trace else None
         self.broker: subprocess.Popen | None = None
         self.watch_w: int | None = None
         self.guests: list[GuestRun] = []
@@ -183,6 +190,8 @@ class Lab:
                 capture += ["--net", "%s=%s" % (net, self.net_file(net))]
         ids = ["--first-guest-id", str(self.scenario.first_guest_id)] \
             if self.scenario.first_guest_id else []
+        if self.trace_dir is not None:
+            capture += ["--trace-stream", self.trace_stream("broker")]
         self.broker = subprocess.Popen(
             process.child_command(
                 "lgnet.fabric.broker", "--die-with-parent", "--owns-directory",
@@ -200,7 +209,7 @@ class Lab:
                 raise LgnetError("the broker did not start (exit status %s)" % self.broker.wait())
 
     def launch_command(self, spec: GuestSpec) -> list[str]:
-        cmd = self.launcher_command()
+        cmd = self.launcher_command(spec.name)
         for net in spec.nets:
             cmd += ["--sharenet", self.net_file(net)]
         if spec.block:
@@ -213,11 +222,17 @@ class Lab:
         ip = ["ip=" + ",".join(spec.ip)] if spec.ip else []
         return cmd + [str(spec.mem_mb), kernel] + list(spec.args) + ip + self.driver_args(spec)
 
-    def launcher_command(self, *options: str) -> list[str]:
-        """A launcher of this lab: the Launcher's own entry point, dying with the lab."""
+    def launcher_command(self, name: str, *options: str) -> list[str]:
+        """The launcher of guest `name`: the Launcher's own entry point, dying with the lab
+        (and writing its timeline events, with a trace)."""
+        if self.trace_dir is not None:
+            options = ("--trace-stream", self.trace_stream(name)) + options
         return process.child_command("lgnet.guest.launcher", "--die-with-parent",
                                      "--broker", self.socket_path, "--no-console-input",
                                      *options)
+
+    def trace_stream(self, name: str) -> str:
+        return os.path.join(self.trace_dir, name + timeline.STREAM_SUFFIX)
 
     def driver_args(self, spec: GuestSpec) -> list[str]:
         """A Python guest is configured like a kernel: through its command line."""
@@ -285,8 +300,9 @@ class Lab:
 
     def start_uplink(self, net: str, spec) -> uplinks.Uplink:
         """The uplink of `net` (a tun.TunSpec: a TAP in a bridge, or a named TAP), once up."""
-        command = self.launcher_command("--sharenet", self.net_file(net))
-        run = self._spawn(uplinks.guest_spec(net), command + uplinks.launch_args(spec))
+        guest = uplinks.guest_spec(net)
+        command = self.launcher_command(guest.name, "--sharenet", self.net_file(net))
+        run = self._spawn(guest, command + uplinks.launch_args(spec))
         link = uplinks.Uplink(net, spec, run)
         self.uplinks.append(link)
         link.wait_ready()
@@ -309,7 +325,7 @@ class Lab:
                 | {p.name for p in self.ports}:
             raise LgnetError("port name %r: must be a new name matching %s" % (name, NAME_PATTERN))
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        command = self.launcher_command("--sharenet", self.net_file(net), "--tunnet",
+        command = self.launcher_command(name, "--sharenet", self.net_file(net), "--tunnet",
                                         "fd:%d" % theirs.fileno(), str(PORT_MEM_MB),
                                         PORT_KERNEL)
         command += (["mac=" + mac] if mac else []) + (["promisc"] if promisc else [])
@@ -461,16 +477,40 @@ class Lab:
                 run.process.stdout.close()
         if self.broker is not None and self.broker.poll() is None:
             self.collect()
+        if self.capture_dir is not None and self.capture_dir.startswith(self.runtime + os.sep):
+            # The lab's own capture goes with its directory, which the broker removes as it
+            # exits: keep what it recorded (every pass of the broker's is flushed, and with
+            # the guests gone no pass delivers more).
+            for net in self.scenario.networks:
+                self.deliveries(net)
         if self.broker is not None:
             terminate(self.broker)
         if self.watch_w is not None:
             os.close(self.watch_w)
             self.watch_w = None
-        if self.capture_dir is not None and self.capture_dir.startswith(self.runtime + os.sep):
-            # The lab's own capture goes with its directory: keep what it recorded.
-            for net in self.scenario.networks:
-                self.deliveries(net)
         shutil.rmtree(self.runtime, ignore_errors=True)
+        if self.trace_dir is not None:
+            try:
+                self.write_trace()
+            finally:
+                shutil.rmtree(self.trace_dir, ignore_errors=True)
+                self.trace_dir = None
+
+    def write_trace(self) -> None:
+        """Every process's stream, merged into the trace file: tracks named after the
+        guests, each transfer with the capture's summary of its frame (lgnet.timeline)."""
+        from lgnet.packets import describe_frame
+        runs = self.guests + [p.run for p in self.ports + self.uplinks]
+        names = {run.process.pid: run.name for run in runs}
+        frames = {}
+        for net in self.scenario.networks:
+            for d in self.deliveries(net):
+                frames[d.send, d.receiver_guest] = {"summary": describe_frame(d.data),
+                                                    "facts": d.comment}
+        streams = sorted(os.path.join(self.trace_dir, f) for f in os.listdir(self.trace_dir))
+        timeline.merge(streams, self.trace, names,
+                       lambda args: frames.get((args.get("send"), args["receiver_guest"]), {}),
+                       [run.name for run in runs])
 
 
 # --- finding a running lab (`lgnet slots lan0`) ----------------------------------------------
@@ -569,12 +609,13 @@ kept_captures = KeptCaptures()
 
 
 def up(scenario: Scenario | str, out: TextIO | None = None, capture: bool = True,
-       pcap: str | None = None) -> Lab:
+       pcap: str | None = None, trace: str | None = None) -> Lab:
     """`with lgnet.up("scenarios/three-guests.yaml") as lab:` — always torn down; captures
-    every delivery unless capture=False (pcap=DIR keeps the files in DIR)."""
+    every delivery unless capture=False (pcap=DIR keeps the files in DIR); trace=FILE writes
+    the run's timeline there when the lab is down (open it in ui.perfetto.dev)."""
     if pcap is None and capture:
         pcap = kept_captures.next()
-    return Lab(scenario, out, capture=capture, pcap=pcap)
+    return Lab(scenario, out, capture=capture, pcap=pcap, trace=trace)
 
 
 # --- a whole run: what `lgnet up` and `lgnet test` do, printing nothing ----------------------
@@ -595,6 +636,7 @@ class RunResult:
 
 def run_up(path: str, duration: float | None = None, out: TextIO | None = None,
            pcap: str | None = None, uplink: list[str] = (),
+           trace: str | None = None,
            on_up: Callable[[Lab], None] | None = None) -> RunResult:
     """Bring the scenario up and wait for its end (every guest ended, `duration`, or a
     KeyboardInterrupt); always torn down. With pcap=DIR, DIR/<net>.pcapng records every
@@ -603,7 +645,7 @@ def run_up(path: str, duration: float | None = None, out: TextIO | None = None,
     on_up(lab) runs once everything is started (`lgnet up` says where things are)."""
     scenario = uplinks.with_uplinks(load_scenario(path), list(uplink))
     duration = duration if duration is not None else scenario.duration
-    lab = Lab(scenario, out, pcap=pcap)
+    lab = Lab(scenario, out, pcap=pcap, trace=trace)
     result = RunResult(lab.guests, lab.uplinks)
     try:
         lab.start()
@@ -628,7 +670,8 @@ def run_seconds(scenario: Scenario) -> float:
                default=DEFAULT_TEST_SECONDS)
 
 
-def run_test(path: str, out: TextIO | None = None, pcap: str | None = None) -> list:
+def run_test(path: str, out: TextIO | None = None, pcap: str | None = None,
+             trace: str | None = None) -> list:
     """Run the scenario and check its `expect:` against the capture: the verdicts
     (lgnet.packets.Verdict), one per expectation. A scenario error is an LgnetError.
 
@@ -639,7 +682,7 @@ def run_test(path: str, out: TextIO | None = None, pcap: str | None = None) -> l
         raise LgnetError("%s: expect: nothing to check (add an expect: list)" % path)
     limit = run_seconds(scenario)
     early = all(e.count is None for e in scenario.expect)
-    with Lab(scenario, out, capture=True, pcap=pcap) as lab:
+    with Lab(scenario, out, capture=True, pcap=pcap, trace=trace) as lab:
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             if lab.wait(TEST_POLL_SECONDS):

@@ -48,6 +48,11 @@ _FLOCK = struct.Struct("@hhlli0l")
 _BUSY = (errno.EAGAIN, errno.EACCES)      # what F_OFD_SETLK says when someone holds the byte
 
 
+def net_name(path) -> str:
+    """A net's name where nobody gave one: its file's name without the extension, one word."""
+    return re.sub(r"\s+", "_", os.path.splitext(os.path.basename(path))[0]) or "net"
+
+
 def open_netfile(path) -> int:
     """Open the net file read/write, creating it as one zeroed page (mode 0600) if missing."""
     try:

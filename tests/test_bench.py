@@ -97,7 +97,9 @@ def test_lgnet_bench_quick_writes_every_workload_and_anchor(tmp_path):
     rows = {r["workload"]: r for r in result["rows"]}
     assert {"stream-lguest_net-60", "stream-lguest_net-1514", "stream-deep-60",
             "stream-deep-1514", "stream-deep-65536", "latency-60", "fanout-2",
-            "fanout-8", "unicorn-icmp"} <= set(rows)
+            "fanout-8", "unicorn-icmp", "stream-deep-1514-capture",
+            "stream-deep-1514-trace"} <= set(rows)
+    assert "Recording costs per frame" in done.stdout and "--trace on" in done.stdout
     for row in rows.values():
         fig = row["metric"]
         lg = row["lgnet"]

@@ -1,8 +1,8 @@
 """The house's floors (DESIGN.md, Layout and rules 1, 3, 4): read every module's imports.
 
 Ground floor: abi.py (imports nothing of ours), then errors.py, wire.py, netfile.py, filekind.py
-(what a file is) and process.py. The two wings, fabric/ and guest/, stand on it and never
-import each other or anything above them.
+(what a file is), process.py and timeline.py (--trace's events). The two wings, fabric/ and
+guest/, stand on it and never import each other or anything above them.
 Above them: lab.py and the rooms it uses; on top, the faces (cli.py, testing.py), which
 nothing of lgnet imports."""
 import ast
@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lgnet"
 GROUND = {"lgnet.abi", "lgnet.errors", "lgnet.wire", "lgnet.netfile", "lgnet.filekind",
-          "lgnet.process"}
+          "lgnet.process", "lgnet.timeline"}
 FACES = {"lgnet.cli", "lgnet.testing", "lgnet.__main__"}
 
 

@@ -60,6 +60,7 @@ from lgnet.fabric.dma import Engine, Guest, Restock, has_free_buffer
 from lgnet.fabric.hypercalls import Outcome, drain_async, finish_restock, ring_empty
 from lgnet.fabric.memory import GuestMemory
 from lgnet.fabric.tsc import host_tsc_khz
+from lgnet.fabric.trace import BrokerTrace
 from lgnet.fabric.wakeups import HeldWakes, flag_bits, wakes_halted
 
 UCRED = struct.Struct("3i")          # struct ucred: pid, uid, gid
@@ -161,9 +162,13 @@ class Broker:
     """socket_path None: no listener; connections come through `adopt` (in-process tests)."""
 
     def __init__(self, socket_path: str | None, watch_fd: int | None = None,
-                 capture: Capture | None = None, first_guest_id: int = 0, lock=None):
+                 capture: Capture | None = None, first_guest_id: int = 0, lock=None,
+                 trace: BrokerTrace | None = None):
         self.socket_path = socket_path
         self.watch_fd = watch_fd
+        self.trace = trace
+        if trace is not None:
+            lock = trace.lock                            # each hold a slice on the timeline
         self.lock = lock if lock is not None else threading.Lock()
         self.engine = Engine(lock=self.lock, tsc_khz=host_tsc_khz(),
                              first_guest_id=first_guest_id)
@@ -172,6 +177,8 @@ class Broker:
         if capture is not None:
             capture.names = self.names
             self.engine.on_transfer = capture.on_transfer
+        if trace is not None:
+            self.engine.on_transfer = trace.on_transfer  # the capture's record, then its own
         # The connection table, resolved once: (state, input) -> (bound action, next state).
         self.actions = {(state, event): (getattr(self, "_" + transition(state, event)[0]),
                                          transition(state, event)[1])
@@ -256,6 +263,8 @@ class Broker:
             self._retry_parked(bool(events))
         if self.capture is not None:
             self.capture.flush()      # this pass's deliveries, before their wake-ups
+        if self.trace is not None:
+            self.trace.flush()
         if self.held:
             self._flush_wakes()
         self._fire_timers()
@@ -269,6 +278,8 @@ class Broker:
             self.listener.close()
         if self.capture is not None:
             self.capture.close()
+        if self.trace is not None:
+            self.trace.close()
         if self.socket_path is not None:
             try:
                 os.unlink(self.socket_path)
@@ -698,7 +709,10 @@ class Broker:
         self.parked = waiting
         for parked in ready:
             self.counters.restock_s += now - parked.started
-            finish_restock(self.engine, parked.restock)
+            sent = finish_restock(self.engine, parked.restock)
+            if self.trace is not None:
+                self.trace.restock(parked.restock.sender, parked.restock.receiver,
+                                   parked.started, now, sent.value)
             self._tell_woken()
             self._listen_to(parked.conn)
             self._input(parked.conn, Input.RESTOCKED, parked)
@@ -754,15 +768,21 @@ class Broker:
 def run_broker(socket_path: str, watch_fd: int | None = None, ready_fd: int | None = None,
                capture_dir: str | None = None, net_names: dict[str, str] | None = None,
                owns_directory: bool = False, on_listening=None,
-               first_guest_id: int = 0) -> None:
+               first_guest_id: int = 0, trace_stream: str | None = None) -> None:
     """Serve until told to stop. With owns_directory (a lab's private runtime directory),
     the directory goes with the broker, so even a SIGKILLed lab leaves nothing behind.
     on_listening() runs once the socket is bound (so "listening" is never said in vain).
-    An OSError of the socket (in use, no permission) is the user's: an LgnetError."""
+    With trace_stream, the broker's timeline events go there (lgnet.timeline); a trace
+    needs the capture (its send numbers key the flows). An OSError of the socket (in use,
+    no permission) is the user's: an LgnetError."""
+    if trace_stream is not None and capture_dir is None:
+        raise LgnetError("broker: --trace-stream needs --capture (its send numbers key the "
+                         "trace's flows)")
     try:
         try:
             capture = Capture(capture_dir, net_names) if capture_dir is not None else None
-            broker = Broker(socket_path, watch_fd, capture, first_guest_id)
+            trace = BrokerTrace(trace_stream, capture) if trace_stream is not None else None
+            broker = Broker(socket_path, watch_fd, capture, first_guest_id, trace=trace)
         except OSError as exc:
             raise LgnetError("broker: %s" % (exc.strerror or exc)) from None
         if on_listening is not None:
@@ -813,6 +833,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--owns-directory", action="store_true",
                         help="remove the socket's directory on the way out")
     parser.add_argument("--die-with-parent", action="store_true")
+    parser.add_argument("--trace-stream", metavar="FILE",
+                        help="write the broker's timeline events here (the lab merges them)")
     args = parser.parse_args(argv)
 
     def run() -> int:
@@ -821,7 +843,8 @@ def main(argv: list[str] | None = None) -> int:
         run_broker(args.socket or wire.default_socket_path(), args.watch_fd, args.ready_fd,
                    args.capture, dict(parse_net_name(text) for text in args.net),
                    args.owns_directory,
-                   first_guest_id=check_first_guest_id(args.first_guest_id))
+                   first_guest_id=check_first_guest_id(args.first_guest_id),
+                   trace_stream=args.trace_stream)
         return 0
     return process.entry_main(run)
 

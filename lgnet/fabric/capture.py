@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from lgnet import abi
+from lgnet import abi, netfile
 from lgnet.errors import LgnetError
 
 # --- pcapng (https://www.ietf.org/archive/id/draft-ietf-opsawg-pcapng): the blocks we use ---
@@ -274,7 +274,8 @@ class Reader:
                 name = value.decode(errors="replace")
             elif code == IF_TSRESOL and value:
                 exp = value[0]
-                ns_per_tick = abi.NSEC_PER_SEC // (10 ** exp if exp < 0x80 else 2 ** (exp & 0x7F)) or 1
+                ns_per_tick = (abi.NSEC_PER_SEC // (10 ** exp if exp < 0x80 else 2 ** (exp & 0x7F))
+                               or 1)
         self.interfaces.append((name, ns_per_tick))
 
     def _packet(self, body: bytes) -> Record:
@@ -523,7 +524,7 @@ class Capture:
         if claimed is not None:
             self.nets[identity] = claimed
             return
-        name = _one_word(os.path.splitext(os.path.basename(source))[0] or "net")
+        name = netfile.net_name(source)
         # A net the lab did not name: its own file, under a name no other net of ours and no
         # other broker is writing (lan0, lan0-2, ...).
         taken = {c.name for c in self.nets.values()} | {c.name for c in self.claimed.values()}
@@ -559,11 +560,12 @@ class Capture:
     # --- the engine's hook: called under lguest_lock after a completed transfer ------------
 
     def on_transfer(self, src, dst, index: int, entry: int, copied: int,
-                    src_dma: abi.LguestDma) -> None:
+                    src_dma: abi.LguestDma) -> int | None:
+        """Record the delivery; its send number (None: not on a net we were told about)."""
         key = dst.key
         net = self.nets.get(key.space)
         if net is None:
-            return                            # not a net file we were told about
+            return None
         data = self._delivered(dst.guest.memory, entry, copied)
         lens = src_dma.len
         offered = lens[0] if not lens[1] else src_dma.total
@@ -580,6 +582,7 @@ class Capture:
         self.dirty = True
         if net.blocks >= FLUSH_BLOCKS:
             net.flush()
+        return send
 
     def _fixed_facts(self, src, dst, net: str) -> tuple:
         """(head, tail, the sender's binding, the receiver's key, the receiver's slot)."""

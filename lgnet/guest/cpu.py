@@ -374,7 +374,7 @@ class GuestCpu:
     def __init__(self, memory_map: list[tuple[int, object]], start: int, pgdir: int,
                  page_offset: int, host: HostLink,
                  slice_instructions: int = SLICE_INSTRUCTIONS,
-                 debugger: Debugger | None = None):
+                 debugger: Debugger | None = None, tracer=None):
         self.host = host
         self.debugger = debugger
         self.start = start
@@ -444,6 +444,33 @@ class GuestCpu:
             uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED
                         | UC_HOOK_MEM_FETCH_UNMAPPED, self._on_unmapped),
         ]
+        if tracer is not None:
+            self._trace_with(tracer)
+
+    # --- --trace: the guest's track (lgnet.guest.trace) ---------------------------------------
+
+    def _trace_with(self, tracer) -> None:
+        """Time this CPU's hypercalls and interrupt deliveries by wrapping what does them —
+        the calls the CPU serves itself, the line to the Host, the delivery — so that an
+        untraced CPU runs exactly the code it would without --trace, and pays nothing."""
+        def timed(call: int, serve):
+            def traced(arg1: int, arg2: int, arg3: int) -> None:
+                eip, started = self._eip(), tracer.now()
+                serve(arg1, arg2, arg3)
+                tracer.hypercall(call, arg1, arg2, arg3, started, eip=eip)
+            return traced
+        self._hcalls = {call: timed(call, serve) for call, serve in self._hcalls.items()}
+        self.host = tracer.traced_host(self.host, where=self._eip)
+        deliver = self._maybe_interrupt
+
+        def delivering(data: memoryview):
+            eip, started, pending = self._eip(), tracer.now(), self.host.pending_irqs()
+            deliver(data)
+            # The line it took is the one acknowledged (the Host only ever adds flags).
+            taken = pending & ~self.host.pending_irqs()
+            if taken:
+                tracer.interrupt((taken & -taken).bit_length() - 1, started, eip, self._eip())
+        self._maybe_interrupt = delivering
 
     # --- memory ---------------------------------------------------------------------------
 

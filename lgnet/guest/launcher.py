@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import posix_ipc
 
-from lgnet import abi, netfile, process, wire
+from lgnet import abi, netfile, process, timeline, wire
 from lgnet.errors import USER_ERROR_EXIT, LgnetError
 from lgnet.guest import devices as devs
 from lgnet.guest import loader
@@ -43,6 +43,8 @@ PYTHON_KERNEL = "python:"
 GDB_LISTENING = "lgnet: gdb server on %s:%d (in gdb: target remote :%d)"
 MAX_PORT = 65535                     # a TCP port; 0 asks for any free one
 EXIT_KILLED = 1
+DEVICE_KINDS = {abi.LGUEST_DEVICE_T_NET: "tun", abi.LGUEST_DEVICE_T_BLOCK: "block",
+                abi.LGUEST_DEVICE_T_CONSOLE: "console"}     # a private page's name in a trace
 MAX_MEM_MB = 1024
 
 # The Launcher's device options; each adds one device, in the order given.
@@ -65,6 +67,8 @@ class LaunchConfig:
     broker: str | None = None
     console_input: bool = True
     gdb: int | None = None                # a gdb server's port (0: any free one)
+    trace_stream: str | None = None       # where this guest's timeline events go
+    trace: str | None = None              # `lgnet launch --trace FILE`: merged there at the end
 
 
 class Launcher:
@@ -79,6 +83,7 @@ class Launcher:
         self.waker: devs.Waker | None = None
         self.closing = False               # close() has begun: a late SIGTERM waits for it
         self.debugger = None                  # lgnet.guest.gdbstub.GdbServer, with --gdb
+        self.trace = None                     # lgnet.guest.trace.GuestTrace, with --trace
 
     def verbose(self, text: str) -> None:
         if self.config.verbose:
@@ -129,9 +134,13 @@ class Launcher:
         cfg = self.config
         if cfg.gdb is not None:
             self.start_gdb_server(cfg.gdb)
+        if cfg.trace_stream is not None:
+            self.start_trace(cfg.trace_stream)
         self.setup_devices()
         ram, ram_fd = self.create_memory()
         layout = self.devices.place(ram, ram_fd, self.phys)
+        if self.trace is not None:
+            self.trace.key_spaces = self.key_spaces()
         boot = load_guest(ram, self.mem, cfg.kernel, cfg.args, cfg.initrd)
         self.channel = self.connect()
         self.closers.append(self.channel.close)
@@ -159,6 +168,29 @@ class Launcher:
         from lgnet.guest.gdbstub import LISTEN_ADDRESS, GdbServer
         self.debugger = GdbServer(port, lambda text: self.say("lgnet: " + text))
         self.say(GDB_LISTENING % (LISTEN_ADDRESS, self.debugger.port, self.debugger.port))
+
+    def start_trace(self, stream: str) -> None:
+        """The guest's track: its hypercalls, interrupts and console lines (guest/trace.py)."""
+        from lgnet.guest import trace
+        kernel = self.config.kernel
+        symbols = None if kernel.startswith(PYTHON_KERNEL) else trace.Symbols(kernel)
+        self.trace = trace.GuestTrace(stream, trace.process_label(kernel), self.phys, [],
+                                      symbols)
+        self.out = trace.ConsoleTee(self.out, self.trace)
+
+    def key_spaces(self) -> list[tuple[int, int, str]]:
+        """Each device page's addresses and the name a key in it reads as: a net by its
+        file's name (as the capture names it), the others by kind."""
+        spaces = []
+        for device in self.devices.list:
+            if not device.num_pages:
+                continue
+            if isinstance(device, devs.SharedNet):
+                name = device.name
+            else:
+                name = DEVICE_KINDS.get(device.type, "device")
+            spaces.append((device.page, device.page + device.num_pages * abi.PAGE_SIZE, name))
+        return spaces
 
     def say(self, text: str) -> None:
         """A line of the Launcher's own on its console."""
@@ -200,7 +232,8 @@ class Launcher:
         """Run the guest to its end: 0 for a clean power-down, 1 when it was killed."""
         try:
             host, boot, _gid, mem = self.build()
-            reason = run_guest(self.config.kernel, self.phys, mem, host, boot, self.debugger)
+            reason = run_guest(self.config.kernel, self.phys, mem, host, boot, self.debugger,
+                               self.trace)
         except wire.BrokerGone:
             self.out.write(b"lgnet: the broker went away; stopping this guest\n")
             self.out.flush()
@@ -227,6 +260,12 @@ class Launcher:
         self.closers.clear()
         if self.debugger is not None:
             self.debugger.close()             # last: the Waker watched its pipe
+        if self.trace is not None:
+            self.trace.close()
+            self.trace = None
+            if self.config.trace is not None:
+                timeline.merge([self.config.trace_stream], self.config.trace)
+                os.unlink(self.config.trace_stream)
 
 
 def load_guest(ram, mem: int, kernel: str, args: list[str],
@@ -241,18 +280,20 @@ def load_guest(ram, mem: int, kernel: str, args: list[str],
 
 
 def run_guest(kernel: str, phys: PhysMap, mem: int, host: BrokerHost, boot,
-              debugger=None) -> str:
-    """Run a Python kernel or a real one (under the debugger, if any); the reason it
-    stopped."""
+              debugger=None, tracer=None) -> str:
+    """Run a Python kernel or a real one (under the debugger, if any; traced, with a
+    tracer); the reason it stopped."""
     try:
         if kernel.startswith(PYTHON_KERNEL):
             from lgnet.guest.pvmachine import Machine
             module = importlib.import_module(kernel[len(PYTHON_KERNEL):] or "lgnet.guest.pvdriver")
+            if tracer is not None:
+                host = tracer.traced_host(host)
             module.main(Machine(phys, mem, host))
             return "the Python kernel returned without powering down"
         from lgnet.guest.cpu import GuestCpu
         cpu = GuestCpu(phys.regions_for_cpu(), boot.start, boot.pgdir, boot.page_offset, host,
-                       debugger=debugger)
+                       debugger=debugger, tracer=tracer)
         return cpu.run()
     except GuestStopped as stopped:
         return stopped.reason
@@ -332,6 +373,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", help="the broker's socket (default: $LGNET_BROKER)")
     parser.add_argument("--no-console-input", action="store_true",
                         help="do not read stdin into the guest's console")
+    parser.add_argument("--trace", metavar="FILE",
+                        help="write a timeline of this guest (Chrome JSON trace events: open "
+                        "it in ui.perfetto.dev)")
     parser.add_argument("--gdb", metavar="PORT",
                         help="serve gdb on 127.0.0.1:PORT (0: any free port, printed); "
                         "then in gdb: target remote :PORT")
@@ -349,10 +393,23 @@ def config_from(args: argparse.Namespace) -> LaunchConfig:
     config = LaunchConfig(mem_mb=parse_mem(args.mem), kernel=kernel, args=args.args,
                           devices=args.devices, initrd=args.initrd, verbose=args.verbose,
                           broker=args.broker, console_input=not args.no_console_input,
-                          gdb=parse_port(args.gdb) if args.gdb is not None else None)
+                          gdb=parse_port(args.gdb) if args.gdb is not None else None,
+                          trace_stream=getattr(args, "trace_stream", None))
     if not kernel.startswith(PYTHON_KERNEL) and not os.path.exists(kernel):
         raise LgnetError("kernel image '%s': no such file" % kernel)
+    if args.trace is not None:
+        config.trace = args.trace
+        config.trace_stream = trace_stream_beside(args.trace)
     return config
+
+
+def trace_stream_beside(path: str) -> str:
+    """`lgnet launch --trace FILE`: the stream is written next to FILE, merged into it at
+    the end. A directory that is not there is the user's mistake, said before the guest runs."""
+    path = timeline.check_trace_path(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    return os.path.join(directory, ".%s.%d%s" % (os.path.basename(path), os.getpid(),
+                                                 timeline.STREAM_SUFFIX))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     the lab's own (die with the lab)."""
     parser = argparse.ArgumentParser(prog="python -m lgnet.guest.launcher")
     parser.add_argument("--die-with-parent", action="store_true")
+    parser.add_argument("--trace-stream", metavar="FILE",
+                        help="write this guest's timeline events here (the lab merges them)")
     add_arguments(parser)
     args = parser.parse_args(argv)
     return process.entry_main(lambda: launch_main(config_from(args), args.die_with_parent))

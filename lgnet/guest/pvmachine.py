@@ -26,6 +26,7 @@ class Machine:
         self.phys = phys
         self.mem = mem
         self.host = host
+        self.trace = getattr(host, "trace", None)   # a TracedHost's (--trace): handlers timed
         self.next_free = FIRST_FREE_RAM
         self.handlers: dict[int, Callable[[], None]] = {}
         self.in_interrupt = False
@@ -110,8 +111,14 @@ class Machine:
                 irq = (pending & -pending).bit_length() - 1
                 self.host.ack_irq(irq)
                 handler = self.handlers.get(irq)
-                if handler is not None:
+                if handler is None:
+                    pass
+                elif self.trace is None:
                     handler()
+                else:
+                    started = self.trace.now()
+                    handler()
+                    self.trace.interrupt(irq, started)
                 pending = self.host.pending_irqs()
         finally:
             self.in_interrupt = False

@@ -19,7 +19,7 @@ import select
 import threading
 from typing import Callable
 
-from lgnet import abi, wire
+from lgnet import abi, netfile, wire
 from lgnet.errors import LgnetError
 from lgnet.guest.loader import write_device_descriptors
 from lgnet.guest.physmem import PhysMap
@@ -67,6 +67,7 @@ class SharedNet(Device):
         super().__init__(abi.LGUEST_DEVICE_T_NET, net.slot | abi.LGUEST_NET_F_NOCSUM, 1)
         self.handover = os.open(net.path, os.O_RDWR)
         self.map = net.mmap
+        self.name = netfile.net_name(net.path)     # as a trace names its keys (lan0+0x4)
 
     @property
     def shared_fd(self) -> int:
