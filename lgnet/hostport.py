@@ -46,17 +46,8 @@ class Port:
     # --- coming up ------------------------------------------------------------------------
 
     def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in list(self.run.console):
-                ready = parse_ready(line)
-                if ready:
-                    self.slot, self.mac = ready
-                    return
-            if self.run.process.poll() is not None or time.monotonic() > deadline:
-                raise LgnetError("port %s on %s did not come up: %s" % (
-                    self.name, self.net, " / ".join(self.run.console) or "no output"))
-            time.sleep(POLL_SECONDS)
+        self.slot, self.mac = await_ready_line(self.run, timeout,
+                                               "port %s on %s" % (self.name, self.net))
 
     def _receive(self) -> None:
         while True:
@@ -218,3 +209,19 @@ def host_mac(mac: str | None) -> str | None:
         raise LgnetError("port MAC %r: must be six bytes, unicast, with a first byte other "
                          "than 00 (lguest's mark of an unused slot)" % mac)
     return raw.hex(":")
+
+
+def await_ready_line(run, timeout: float, what: str) -> tuple[int, str]:
+    """Until the port kernel's Launcher prints its READY line (lgnet.guest.port): its (slot,
+    MAC). A Launcher that ends first, or stays silent past timeout, is an LgnetError that
+    says what it printed. Host ports and uplinks both come up this way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in list(run.console):
+            ready = parse_ready(line)
+            if ready:
+                return ready
+        if run.process.poll() is not None or time.monotonic() > deadline:
+            said = " / ".join(line for line in run.console if line.strip())
+            raise LgnetError("%s did not come up: %s" % (what, said or "no output"))
+        time.sleep(POLL_SECONDS)

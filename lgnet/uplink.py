@@ -21,20 +21,18 @@ go without it (a persistent TAP its owner may attach to).
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, replace
 
 from lgnet import abi
 from lgnet.errors import LgnetError
 from lgnet.guest.devices import tun
 from lgnet.guest.devices.tun import TunSpec
-from lgnet.guest.port import parse_ready
+from lgnet.hostport import await_ready_line
 from lgnet.scenario import UPLINK_NAME, GuestSpec, Scenario
 
 UPLINK_KERNEL = "python:lgnet.guest.port"
 UPLINK_MEM_MB = 4
 UPLINK_START_SECONDS = 20
-POLL_SECONDS = 0.02
 SYS_NET = "/sys/class/net"
 # The TAP's view, from the kernel: what it received from us left the net; what it transmitted
 # to us came in.
@@ -117,19 +115,9 @@ class Uplink:
 
     def wait_ready(self, timeout: float = UPLINK_START_SECONDS) -> None:
         """Until the uplink's Launcher says it is up; then find its TAP by the MAC it holds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in list(self.run.console):
-                ready = parse_ready(line)
-                if ready:
-                    self.slot, self.mac = ready
-                    self.tap = interface_with_mac(self.mac)
-                    return
-            if self.run.process.poll() is not None or time.monotonic() > deadline:
-                said = " / ".join(line for line in self.run.console if line.strip())
-                raise LgnetError("the uplink of %s (%s) did not come up: %s" % (
-                    self.net, self.spec.describe(), said or "no output"))
-            time.sleep(POLL_SECONDS)
+        self.slot, self.mac = await_ready_line(
+            self.run, timeout, "the uplink of %s (%s)" % (self.net, self.spec.describe()))
+        self.tap = interface_with_mac(self.mac)
 
     def count(self) -> None:
         """Read the TAP's counters (before the Launcher, and with it the TAP, goes)."""
