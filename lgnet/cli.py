@@ -196,21 +196,21 @@ def cmd_slots(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from lgnet import bench
-    opts = bench.BenchOptions.make(sizes=args.sizes, seconds=args.seconds, rounds=args.rounds,
-                                   guests=args.guests, quick=args.quick)
-    unplottable = bench.plot_unavailable(args.plot) if args.plot else None
+    from lgnet.bench import make_plan, report, run
+    plan = make_plan(sizes=args.sizes, seconds=args.seconds, rounds=args.rounds,
+                     guests=args.guests, quick=args.quick)
+    unplottable = report.plot_unavailable(args.plot) if args.plot else None
     if unplottable:
         raise LgnetError("--plot %s: %s" % (args.plot, unplottable))   # before a long run
-    print("lgnet bench: %d round(s); progress below, the table at the end" % opts.rounds,
-          flush=True)
-    result = bench.run_bench(opts, progress=sys.stdout)
-    print("\n" + bench.report(result))
+    print("lgnet bench: %d round(s); progress below, the table at the end"
+          % plan.options.rounds, flush=True)
+    result = run(plan, progress=lambda step: print("  " + step, flush=True))
+    print("\n" + report.text(result))
     if args.json:
-        bench.write_json(result, args.json)
+        report.write_json(result, args.json)
         print("\nwrote %s" % args.json)
     if args.plot:
-        skipped = bench.plot(result, args.plot)
+        skipped = report.plot(result, args.plot)
         print("plot skipped: %s" % skipped if skipped else "wrote %s" % args.plot)
     return 0
 

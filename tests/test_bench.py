@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from lgnet import abi, anchors
-from lgnet.bench import Workload, run_fanout, run_stream
+from lgnet.errors import LgnetError
+from lgnet.bench import BenchOptions, Plan, Report, Workload, make_plan, run
+from lgnet.bench.run import parse_flood_summary, run_fanout, run_stream
 from lgnet.guest.benchguests import (END_SEQ, MIN_FRAME, NOT_VERIFIED, frame_template,
                                      prefix_crc, stamp, verify)
 
@@ -76,6 +78,56 @@ def test_a_fanout_reaches_every_receiver_intact():
     fig = run_fanout(w, 0.3)
     assert fig["verified"] == fig["delivered"] > 0 and fig["corrupt"] == 0
     assert fig["bringup_s"] > 0 and fig["rss_mb_max"] > 0
+
+
+@pytest.mark.timeout(60)
+def test_the_run_api_hands_a_script_a_structured_report_and_prints_nothing(capfd):
+    opts = BenchOptions(sizes=(1514,), seconds=0.3, rounds=1)
+    plan = Plan(opts, (Workload("stream-deep-1514", "stream", "stream", 1514, rx=64, rxsize=1514),
+                       Workload("latency-60", "latency", "latency", 60)), unicorn_scale=())
+    steps = []
+    report = run(plan, progress=steps.append)
+    assert isinstance(report, Report)
+    assert capfd.readouterr().out == ""                   # the face prints; the API does not
+    assert steps[0] == "round 1/1: stream, 1514 B" and len(steps) == 3
+    stream = report.row("stream-deep-1514")
+    assert stream["lgnet"]["verified"] > 0 and stream["lgnet"]["corrupt"] == 0
+    assert stream["ratios"]["socketpair"] == pytest.approx(
+        stream["lgnet"]["frames_s"] / stream["anchors"]["socketpair"]["frames_s"])
+    assert report.row("latency-60")["lgnet"]["p50_us"] > 0
+    assert report.row("fanout-2") is None and report.unicorn_scale["tried"] == []
+    document = json.loads(json.dumps(report.to_dict()))
+    assert [r["workload"] for r in document["rows"]] == ["stream-deep-1514", "latency-60"]
+    assert document["options"]["sizes"] == [1514] and document["targets"]
+    assert lgnet_leftovers() == []
+
+
+@pytest.mark.timeout(10)
+def test_a_plan_is_made_from_the_options_alone():
+    quick = make_plan(quick=True)
+    keys = [w.key for w in quick.workloads]
+    assert keys[:2] == ["stream-lguest_net-60", "stream-lguest_net-1514"]
+    assert "fanout-8" in keys and "fanout-32" not in keys and keys[-1] == "unicorn-icmp"
+    assert quick.options.rounds == 1 and quick.unicorn_scale == (4,)
+    full = make_plan(sizes=[100], guests=128)
+    assert [w.key for w in full.workloads if w.kind == "fanout"] == [
+        "fanout-2", "fanout-8", "fanout-32", "fanout-128"]
+    assert "stream-deep-100-capture" in [w.key for w in full.workloads]
+    # The netns anchor is the run's finding, not the plan's.
+    assert "netns" not in full.workloads[0].anchors(netns=False)
+    with pytest.raises(LgnetError, match="--sizes: 70000"):
+        make_plan(sizes=[70000])
+
+
+@pytest.mark.timeout(10)
+def test_the_bundled_kernels_flood_summary_is_parsed_from_its_one_line():
+    # main.c: printk("flood " IP_FMT ": %u sent, %u received, %u replies/s, rtt avg %s ms\n")
+    console = ["lguest: ready", "flood 10.0.0.2: 812 sent, 811 received, 811 replies/s, "
+               "rtt avg 1.234 ms", "lguest: power off"]
+    assert parse_flood_summary(console) == {"target": "10.0.0.2", "sent": 812,
+                                            "received": 811, "replies_s": 811, "rtt_ms": 1.234}
+    assert parse_flood_summary(console[:1]) is None            # not printed yet
+    assert parse_flood_summary(["flood 10.0.0.2: 812 sent"]) is None
 
 
 @pytest.mark.timeout(120)

@@ -3,14 +3,19 @@
 Run as `python:lgnet.guest.benchguests` with `role=` and options on the kernel command line:
 
     role=send  peers=K size=BYTES seconds=S [ring=0] [kick=0]   stream / fan-out sender
-    (every role: grace=S, how long past its work a guest waits before giving up)
     role=recv  size=BYTES [rx=ENTRIES rxsize=BYTES] [poll=1]     receiver
     role=ping  size=BYTES seconds=S                              latency: sends, waits for echo
     role=pong  size=BYTES                                        latency: echoes what it gets
+    every role: grace=S (how long past its work it waits before giving up), result=FILE (where
+    it writes its report)
 
 Rules of this file: like pvdriver's kernel, these use only what a real guest has — RAM, the
 device page, hypercalls and interrupts — so every frame crosses the fabric as a Unicorn guest's
-would. Each guest ends by printing one line, `bench {json}`, and powering down.
+would. Each guest ends by writing its report, one JSON object, to the result= file the bench
+gives it, saying on its console that it is done, and powering down. The report file is the one
+thing a bench guest does that a real guest could not: it is the instrument's read-out, written
+after the measured work and outside the fabric, so the bench reads structured figures and never
+a console line.
 
 Theory of operation. Every frame carries a sequence number (its last four bytes) and a CRC-32
 (right after the Ethernet header) over the header, the body and the sequence number. A sender
@@ -28,6 +33,7 @@ per destination, and the result of a send is read when its buffer comes round ag
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 import struct
@@ -300,10 +306,20 @@ class Bench:
         result.update(role=self.options.get("role"), guest=self.machine.guest_id,
                       cpu=time.process_time() - self.cpu0,
                       maxrss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-        self.console.write("bench %s\n" % json.dumps(result))
+        self.write_result(result)
         if self.net is not None:
             self.net.close()
         self.machine.power_down()
+
+    def write_result(self, result: dict) -> None:
+        """The report into result= (whole or not at all: written aside, then renamed); the
+        console says the role is done, or the error, for whoever watches it."""
+        path = self.options.get("result")
+        if path:
+            with open(path + ".part", "w") as out:
+                json.dump(result, out)
+            os.replace(path + ".part", path)
+        self.console.write("bench: %s\n" % result.get("error", "%s done" % result["role"]))
 
     # --- roles ----------------------------------------------------------------------------
 
