@@ -8,8 +8,7 @@ from __future__ import annotations
 import json
 import os
 
-from lgnet.bench.plan import LATENCY_SIZE
-from lgnet.bench.run import UNICORN_ECHO, UNICORN_FLOODER, US, Report, ratio
+from lgnet.bench.run import UNICORN_ECHO, UNICORN_FLOODER, Report
 
 def human(value, unit: str = "") -> str:
     if value is None:
@@ -44,20 +43,18 @@ def table(report: Report) -> str:
                      fmt_ratio(r["ratios"].get("socketpair")), fmt_ratio(r["ratios"].get("copy")),
                      lost))
         if r["kind"] == "unicorn":
-            lat = report.row("latency-%d" % LATENCY_SIZE)
-            py = 2 * lat["lgnet"]["p50_us"] if lat and "p50_us" in lat["lgnet"] else None
+            py = r["lgnet"].get("python_rtt_p50_us")
             sp = a.get("socketpair", {}).get("rtt_p50_us")
             rows.append(("  (python-driver rtt p50 %s)" % human(py, "us"), "", "us rtt avg",
                          human(r["lgnet"].get("rtt_us"), "us"), human(sp, "us"),
                          human(a.get("netns", {}).get("rtt_p50_us"), "us")
                          if "skipped" not in a.get("netns", {}) else "skipped",
-                         "", fmt_ratio(ratio(r["lgnet"].get("rtt_us"), sp)), "", ""))
+                         "", fmt_ratio(r["ratios"].get("socketpair_rtt")), "", ""))
         if r["kind"] == "latency":
             rows.append(("", "", "us p99", human(r["lgnet"].get("p99_us"), "us"),
                          human(a.get("socketpair", {}).get("p99_us"), "us"),
                          human(a.get("netns", {}).get("p99_us"), "us") if "skipped" not in a.get("netns", {}) else "skipped",
-                         "", fmt_ratio(ratio(r["lgnet"].get("p99_us"),
-                                             a.get("socketpair", {}).get("p99_us"))), "", ""))
+                         "", fmt_ratio(r["ratios"].get("socketpair_p99")), "", ""))
     return head + "\n" + grid(rows)
 
 
@@ -95,14 +92,12 @@ def breakdown(report: Report) -> str:
 def scaling(report: Report) -> str:
     rows = [("fan-out", "guests", "deliveries/s", "vs N=2", "lost", "bring-up s",
              "RSS MB mean", "RSS MB max", "socketpair", "netns")]
-    two = report.row("fanout-2")
-    base = two["lgnet"]["deliveries_s"] if two else None
     for r in report.rows:
         if r["kind"] != "fanout":
             continue
         lg, a = r["lgnet"], r["anchors"]
         rows.append((r["label"], str(r["guests"]), human(lg["deliveries_s"]),
-                     fmt_ratio(ratio(lg["deliveries_s"], base)), "%.1f%%" % lg["lost_pct"],
+                     fmt_ratio(lg.get("vs_fanout_2")), "%.1f%%" % lg["lost_pct"],
                      "%.2f" % lg["bringup_s"], "%.1f" % lg["rss_mb_mean"], "%.1f" % lg["rss_mb_max"],
                      human(a["socketpair"].get("deliveries_s")),
                      human(a["netns"].get("deliveries_s")) if "skipped" not in a["netns"] else "skipped"))
@@ -112,17 +107,15 @@ def scaling(report: Report) -> str:
 def unicorn_lines(report: Report) -> str:
     lines = ["Unicorn guests (bundled kernel, one launcher process each):"]
     row = report.row("unicorn-icmp")
-    lat = report.row("latency-%d" % LATENCY_SIZE)
     if row:
         lg = row["lgnet"]
         line = ("  ICMP echo flood %s -> %s: %s round trips/s, rtt avg %s (%d sent, %d received "
                 "in %d s)" % (UNICORN_FLOODER, UNICORN_ECHO, human(lg["replies_s"]),
                               human(lg["rtt_us"], "us"), lg["sent"], lg["received"],
                               lg["flood_s"]))
-        if lat and lat["lgnet"].get("p50_us"):
+        if "python_rtt_p50_us" in lg:
             line += ("; Python-driver guests: %s round trips/s (rtt p50 %s)"
-                     % (human(US / (2 * lat["lgnet"]["p50_us"])),
-                        human(2 * lat["lgnet"]["p50_us"], "us")))
+                     % (human(lg["python_round_trips_s"]), human(lg["python_rtt_p50_us"], "us")))
         lines.append(line)
     scale = report.unicorn_scale or {}
     for t in scale.get("tried", []):

@@ -383,6 +383,7 @@ def run(plan: Plan, progress: Callable[[str], None] | None = None) -> Report:
                     anchor_rounds.setdefault(spec, []).append(
                         anchor_figures(spec[0], spec[1], opts.seconds, spec[2]))
     rows = [summarize(w, lgnet_rounds[w.key], anchor_rounds, netns_skip) for w in plan.workloads]
+    compare_rows(rows)
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     note(progress, "unicorn guests: how many fit (N = %s idle)"
          % ", ".join(map(str, plan.unicorn_scale)))
@@ -426,6 +427,32 @@ def summarize(w: Workload, rounds: list[dict], anchor_rounds: dict[tuple, list[d
         lg["copy_us"] = copy_us
         lg["engine_work_us"] = max(0.0, lg["broker_engine_us"] - copy_us)
     return row
+
+
+def compare_rows(rows: list[dict]) -> None:
+    """The figures the tables set beside a row's metric: round trips for the latency row, the
+    Unicorn flood against the Python-driver guests' ping-pong, fan-out against N=2."""
+    lat = row_of(rows, "latency-%d" % LATENCY_SIZE)
+    two = row_of(rows, "fanout-2")
+    for row in rows:
+        lg, sp = row["lgnet"], row["anchors"].get("socketpair", {})
+        if row["kind"] == "latency" and "p50_us" in lg:
+            lg["rtt_p50_us"] = 2 * lg["p50_us"]
+            lg["round_trips_s"] = US / lg["rtt_p50_us"]
+            add_ratio(row, "socketpair_p99", lg.get("p99_us"), sp.get("p99_us"))
+        elif row["kind"] == "unicorn":
+            add_ratio(row, "socketpair_rtt", lg.get("rtt_us"), sp.get("rtt_p50_us"))
+            if lat and "rtt_p50_us" in lat["lgnet"]:
+                lg["python_rtt_p50_us"] = lat["lgnet"]["rtt_p50_us"]
+                lg["python_round_trips_s"] = lat["lgnet"]["round_trips_s"]
+        elif row["kind"] == "fanout" and two:
+            lg["vs_fanout_2"] = ratio(lg["deliveries_s"], two["lgnet"]["deliveries_s"])
+
+
+def add_ratio(row: dict, name: str, a, b) -> None:
+    r = ratio(a, b)
+    if r is not None:
+        row["ratios"][name] = r
 
 
 def note(progress: Callable[[str], None] | None, text: str) -> None:
