@@ -101,6 +101,7 @@ def test_the_run_api_hands_a_script_a_structured_report_and_prints_nothing(capfd
     assert latency["ratios"]["socketpair_p99"] == pytest.approx(
         latency["lgnet"]["p99_us"] / latency["anchors"]["socketpair"]["p99_us"])
     assert report.row("fanout-2") is None and report.unicorn_scale["tried"] == []
+    assert report.recording is None                       # no capture or trace rows planned
     document = json.loads(json.dumps(report.to_dict()))
     assert [r["workload"] for r in document["rows"]] == ["stream-deep-1514", "latency-60"]
     assert document["options"]["sizes"] == [1514] and document["targets"]
@@ -117,7 +118,7 @@ def test_a_plan_is_made_from_the_options_alone():
     full = make_plan(sizes=[100], guests=128)
     assert [w.key for w in full.workloads if w.kind == "fanout"] == [
         "fanout-2", "fanout-8", "fanout-32", "fanout-128"]
-    assert "stream-deep-100-capture" in [w.key for w in full.workloads]
+    assert {"stream-deep-100-capture", "stream-deep-100-trace"} <= {w.key for w in full.workloads}
     # The netns anchor is the run's finding, not the plan's.
     assert "netns" not in full.workloads[0].anchors(netns=False)
     with pytest.raises(LgnetError, match="--sizes: 70000"):
