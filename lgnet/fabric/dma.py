@@ -27,6 +27,15 @@ one big lock, lguest_lock; the only moment the lock is dropped is lguest's "one 
 restock" when the receiver had no free buffer. That moment is a visible step here: send_dma
 returns `Restock(receiver)` with the lock dropped, the caller lets the receiver run, then calls
 `retry_send` — the whole lookup once more, and a second failure is final.
+
+Impairments (fabric/impair.py) are applied here, where the frame moves, and only while one is
+configured: `Engine.impair` is None otherwise, and a send checks that one attribute. An
+impaired frame is judged once its lists are checked: a `down` one leaves the sender's used_len
+0 (lguest_net's dead peer: a carrier error); a dropped one is copied nowhere but the sender's
+used_len says it went (a wire lost it); a delayed, duplicated or corrupted one is copied out
+of the sender at send time and delivered from that copy — now, or at its due time into
+whatever receive buffer is then free (`deliver_due`, none free: dropped, as lguest drops).
+Every such frame is reported to `on_fault` or `on_transfer` with what happened and why.
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ from typing import Any, Callable, ContextManager
 
 from lgnet import abi
 from lgnet.fabric import keys
+from lgnet.fabric.impair import flip_bits
 from lgnet.fabric.keys import Key
 from lgnet.fabric.memory import GuestMemory
 
@@ -51,6 +61,9 @@ class Send(Enum):
     FAILED = "failed"                  # a list was bad or the copy faulted: someone was killed
     PENDING = "pending"                # private key: handed to the sender's own Launcher
     BAD_KEY = "bad key"                # the sender was killed for its key
+    LINK_DOWN = "link down"            # an impairment: the link or a partition is down
+    LOST = "lost"                      # an impairment dropped it after the sender's used_len
+    HELD = "held"                      # an impairment holds its copy until its due time
 
 
 class Binding:
@@ -72,7 +85,9 @@ class Binding:
 class Counters:
     """What the fabric saw of one guest's traffic on shared keys (for `lgnet up`'s table)."""
     __slots__ = ("tx_packets", "tx_bytes", "tx_carrier_errors", "rx_packets", "rx_bytes",
-                 "rx_dropped")
+                 "rx_dropped", "tx_lost", "rx_late", "rx_duplicates", "rx_corrupted")
+    # tx_lost: sent (used_len said so) but dropped by an impairment; rx_late, rx_duplicates,
+    # rx_corrupted: deliveries an impairment delayed, repeated or damaged.
 
     def __init__(self):
         for name in self.__slots__:
@@ -124,6 +139,18 @@ class Restock:
     udma: int
     receiver: Guest
     slot: int | None = None
+
+
+@dataclass(eq=False)
+class Late:
+    """An impaired frame's copy on its way: to the first other binder of `key` when due."""
+    src: Guest
+    key: Key
+    data: bytes
+    sent: abi.LguestDma                # the sender's descriptor at send time (for the record)
+    why: str                           # the record's words ("delayed: delay 20ms (...)")
+    verdict: Any                       # fabric.impair.Verdict
+    copy: bool = False                 # the duplicate
 
 
 class Unreadable:
@@ -179,6 +206,10 @@ class Engine:
         self.woken: list[Guest] = []
         # Optional observer of every completed transfer (capture); None costs nothing.
         self.on_transfer: Callable[..., None] | None = None
+        # fabric.impair.Impairments while any impairment is configured; None costs one check.
+        self.impair = None
+        # Optional observer of every frame an impairment kept from its receiver (capture).
+        self.on_fault: Callable[..., None] | None = None
 
     # --- the guest table ----------------------------------------------------------------
 
@@ -295,10 +326,10 @@ class Engine:
 
     @staticmethod
     def _account(guest: Guest, outcome: Send, receiver: Guest | None) -> Send:
-        if outcome is Send.NO_BUFFER or outcome is Send.NO_RECEIVER:
+        if outcome is Send.NO_BUFFER or outcome is Send.NO_RECEIVER or outcome is Send.LINK_DOWN:
             # The sender's used_len stays 0: lguest_net counts a carrier error.
             guest.counters.tx_carrier_errors += 1
-            if receiver is not None:
+            if receiver is not None and outcome is not Send.LINK_DOWN:
                 receiver.counters.rx_dropped += 1
         return outcome
 
@@ -322,6 +353,8 @@ class Engine:
             guest.sends[key_addr] = (self.generation, memory.layout, key, binding)
         if binding is None:
             return Send.NO_RECEIVER, None
+        if self.impair is not None:
+            return self._impaired(guest, udma, binding), binding.guest
         return self._dma_transfer(guest, udma, binding), binding.guest
 
     def _first_other(self, guest: Guest, key: Key) -> Binding | None:
@@ -360,6 +393,118 @@ class Engine:
         # The receiver's interrupt is raised even when it had no free buffer.
         self.raise_irq(dstg, dst.interrupt)
         return Send.DELIVERED if found is not None else Send.NO_BUFFER
+
+    # --- impairments (only while one is configured) ---------------------------------------
+
+    def _impaired(self, src: Guest, udma: int, dst: Binding) -> Send:
+        """A send judged by the impairments, then applied (see the top of this file)."""
+        src_used, src_dma = self._read_dma(src, udma)
+        sources = self.map_dma_list(src, src_dma) if src.dead is None else None
+        if sources is None:
+            return Send.FAILED
+        verdict = self.impair.judge(src, dst.guest, dst.key.space, sources[1])
+        if verdict is None:
+            return self._dma_transfer(src, udma, dst)
+        data = self._copy_out(src, sources[0])
+        if data is None:
+            return Send.FAILED
+        if verdict.down:
+            self._fault(src, dst.guest, dst.key, data, verdict.fault())
+            return Send.LINK_DOWN
+        src.memory.write_u32(udma + _USED, len(data))
+        if data:
+            src.counters.tx_packets += 1
+            src.counters.tx_bytes += len(data)
+        if verdict.dropped:
+            src.counters.tx_lost += 1
+            self._fault(src, dst.guest, dst.key, data, verdict.fault())
+            return Send.LOST
+        if verdict.corrupt:
+            data = flip_bits(data, verdict.corrupt)
+        sent = _as_lguest_dma(src_used, src_dma)
+        copies = [Late(src, dst.key, data, sent, verdict.fault(), verdict)]
+        if verdict.duplicate:
+            copies.append(Late(src, dst.key, data, sent, verdict.fault(copy=True), verdict,
+                               copy=True))
+        if verdict.due is None:
+            self.deliver_late(copies)
+            return Send.DELIVERED
+        for late in copies:
+            self.impair.hold(verdict.due, late)
+        return Send.HELD
+
+    def _copy_out(self, src: Guest, runs: list) -> bytes | None:
+        """The sender's frame as bytes (an impaired frame travels as a copy); None once the
+        sender was killed for a piece nothing backs."""
+        out = []
+        for view, at, length in runs:
+            if view is None:
+                for off in range(0, length, _PAGE):
+                    found = src.memory.locate(at + off, min(_PAGE, length - off))
+                    if found is None:
+                        self.kill_guest(src, abi.MSG_BAD_SEND_ADDRESS)
+                        return None
+                    out.append(found[0].view[found[1]:found[1] + min(_PAGE, length - off)])
+            else:
+                out.append(view[at:at + length])
+        return b"".join(out)
+
+    def _fault(self, src: Guest, receiver: Guest | None, key: Key, data: bytes,
+               why: str) -> None:
+        if self.on_fault is not None:
+            self.on_fault(src, receiver, key, data, why)
+
+    def deliver_late(self, copies: list["Late"]) -> None:
+        """Deliver impaired copies into their receivers' next free buffers: those an
+        impairment held until now (the broker calls this when they are due), or those of
+        a send that was not delayed."""
+        with self.lock:
+            for late in copies:
+                self._deliver_copy(late)
+
+    def _deliver_copy(self, late: "Late") -> None:
+        binding = self._first_other(late.src, late.key)
+        if binding is None:
+            self._fault(late.src, None, late.key, late.data, "dropped: no receiver; " + late.why)
+            return
+        dstg = binding.guest
+        found = self._find_free_buffer(binding)
+        if found.__class__ is Unreadable:
+            return
+        if found is None:
+            # A late frame has no one chance to restock: lguest dropped what found no buffer.
+            dstg.counters.rx_dropped += 1
+            self._fault(late.src, dstg, late.key, late.data,
+                        "dropped: no free buffer; " + late.why)
+            self.raise_irq(dstg, binding.interrupt)
+            return
+        index, region, off = found
+        entry = binding.dmas + index * _SIZE
+        targets = self.map_dma_list(dstg, region.view[off + _LIST:off + _SIZE].tobytes())
+        if targets is None:
+            return
+        if any(view is None for view, _at, _length in targets[0]):
+            self.kill_guest(dstg, abi.MSG_BAD_DMA_PAGES)
+            return
+        data, copied = late.data, 0
+        for view, at, length in targets[0]:
+            n = min(length, len(data) - copied)
+            if n <= 0:
+                break
+            view[at:at + n] = data[copied:copied + n]
+            copied += n
+        if not dstg.memory.write_u32(entry + _USED, copied):
+            return
+        binding.next_dma = (binding.next_dma + 1) & abi.BIND_NUM_MASK
+        counters = dstg.counters
+        counters.rx_packets += 1
+        counters.rx_bytes += copied
+        counters.rx_late += late.verdict.due is not None
+        counters.rx_duplicates += late.copy
+        counters.rx_corrupted += bool(late.verdict.corrupt)
+        if self.on_transfer is not None:
+            self.on_transfer(late.src, binding, index, entry, copied, late.sent, late.why)
+        self.raise_irq(dstg, binding.interrupt)
 
     @staticmethod
     def _read_dma(guest: Guest, addr: int) -> tuple[int, bytes]:
