@@ -26,7 +26,8 @@ def cmd_broker(args) -> int:
             print("lgnet broker listening on %s (export LGNET_BROKER=%s)" % (path, path),
                   flush=True)
     run_broker(path, capture_dir=args.capture, net_names=nets, on_listening=say_listening,
-               first_guest_id=check_first_guest_id(args.first_guest_id))
+               first_guest_id=check_first_guest_id(args.first_guest_id),
+               seed=args.seed)
     return 0
 
 
@@ -62,6 +63,9 @@ COLUMNS = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "tx_carrier_error
            "rx_dropped")
 HEADINGS = ("guest", "tx pkts", "tx bytes", "rx pkts", "rx bytes", "carrier err", "drops",
             "ended")
+# What impairments did, shown when they did anything.
+IMPAIR_COLUMNS = ("tx_lost", "rx_late", "rx_duplicates", "rx_corrupted")
+IMPAIR_HEADINGS = ("lost", "late", "dups", "corrupt")
 
 
 # Why a guest's own "tx N packets" may be another number: it counts frames it sent, the broker
@@ -72,9 +76,13 @@ TABLE_NOTE = ("(the broker's counts, per delivery: a broadcast that reaches N gu
 
 def results_table(guests) -> str:
     """One row per guest: the broker's counters and how it ended."""
-    rows = [HEADINGS] + [(g.name,) + tuple(str(g.stats.get(c, 0)) for c in COLUMNS)
+    columns, headings = COLUMNS, HEADINGS
+    if any(g.stats.get(c) for g in guests for c in IMPAIR_COLUMNS):
+        columns = COLUMNS + IMPAIR_COLUMNS
+        headings = HEADINGS[:-1] + IMPAIR_HEADINGS + HEADINGS[-1:]
+    rows = [headings] + [(g.name,) + tuple(str(g.stats.get(c, 0)) for c in columns)
                          + (g.ending,) for g in guests]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADINGS) - 1)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(headings) - 1)]
     lines = []
     for row in rows:
         cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:-1], widths[1:])]
@@ -93,7 +101,7 @@ def cmd_up(args) -> int:
                   flush=True)
     result = run_up(args.scenario, duration=args.duration, out=sys.stdout, pcap=args.pcap,
                     uplink=args.uplink, trace=args.trace,
-                    on_up=whereabouts)
+                    on_up=whereabouts, seed=args.seed)
     print("\n" + results_table(result.guests + [u.run for u in result.uplinks]) + "\n"
           + TABLE_NOTE)
     for link in result.uplinks:
@@ -162,6 +170,53 @@ def cmd_dump(args) -> int:
     except BrokenPipeError:
         pass
     return 0
+
+
+def cmd_impair(args) -> int:
+    """Change a running lab's impairments; print what it has afterwards."""
+    import json
+    from lgnet.fabric.impair import KEYS
+    from lgnet.lab import BROKER_SOCKET, impair_request
+    if args.broker:
+        socket_path = args.broker
+    elif args.lab:
+        socket_path = os.path.join(args.lab, BROKER_SOCKET)
+    else:
+        socket_path = os.environ.get("LGNET_BROKER") or wire.default_socket_path()
+    if args.link:
+        guest, net = args.link
+        words = ([args.net] if args.net else []) + args.settings
+        if words not in (["down"], ["up"]):
+            raise LgnetError("--link GUEST NET wants one word after it: down or up")
+        asked = {"do": "link", "guest": guest, "net": net, "down": words == ["down"]}
+    elif args.partition:
+        asked = {"do": "partition", "groups": [g.split(",") for g in args.partition]}
+    elif args.heal:
+        asked = {"do": "heal"}
+    elif args.net:
+        params = {}
+        for setting in args.settings:
+            key, sep, value = setting.partition("=")
+            if not sep or key not in KEYS:
+                raise LgnetError("impairment %r: want KEY=VALUE with KEY one of %s"
+                                 % (setting, ", ".join(KEYS)))
+            params[key] = json_value(value)
+        asked = {"do": "set", "net": args.net, "src": args.src, "dst": args.dst,
+                 "params": params}
+    else:
+        asked = {"do": "show"}
+    state = impair_request(socket_path, asked)["state"]
+    print(json.dumps(state, indent=2))
+    return 0
+
+
+def json_value(text: str):
+    """A setting's value as YAML would read it: 0.1, 20, true, '10mbit'."""
+    import yaml
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def cmd_slots(args) -> int:
@@ -254,7 +309,28 @@ def parser() -> argparse.ArgumentParser:
                     help="join NET to a kernel bridge (or a TAP) beyond this host; replaces "
                          "the scenario's uplink: of that net (needs CAP_NET_ADMIN)")
     up.add_argument("--trace", metavar="FILE", help=TRACE_HELP)
+    up.add_argument("--seed", type=int, default=None,
+                    help="seed of every impairment decision (default: the scenario's seed:, "
+                         "else a fresh one; printed either way)")
     up.set_defaults(func=cmd_up)
+
+    impair = sub.add_parser("impair", help="change a running lab's impairments "
+                            "(no arguments: show them)")
+    impair.add_argument("net", nargs="?", help="the net a rule is for")
+    impair.add_argument("settings", nargs="*", metavar="KEY=VALUE",
+                        help="loss=0.1 delay=20 jitter=5 duplicate=0.01 corrupt=0.01 "
+                             "rate=1mbit limit=100 down=true; none: the rule goes")
+    impair.add_argument("--src", help="only frames this guest sends")
+    impair.add_argument("--dst", help="only frames this guest receives")
+    impair.add_argument("--link", nargs=2, metavar=("GUEST", "NET"),
+                        help="take a guest's link down or up: --link beta lan0 down")
+    impair.add_argument("--partition", nargs="+", metavar="G,G",
+                        help="split the guests into groups: --partition alpha beta,gamma")
+    impair.add_argument("--heal", action="store_true", help="end the partition")
+    impair.add_argument("--lab", metavar="DIR", help="the lab's runtime directory "
+                        "(what `lgnet up` prints)")
+    impair.add_argument("--broker", metavar="PATH", help="the broker's socket")
+    impair.set_defaults(func=cmd_impair)
 
     test = sub.add_parser("test", help="run a scenario and check its expect: list "
                           "(exit 0 all held, 1 one failed, 2 the scenario is wrong)")

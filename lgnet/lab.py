@@ -13,12 +13,19 @@ the files speak the scenario's language. Host ports (`port()`) are guests too: e
 launcher, which the lab owns like the others; so is each net's uplink (lgnet.uplink), started
 before the guests so that nothing they send early misses the world beyond the host.
 
+Impairments are the broker's (fabric/impair.py): the lab sends the scenario's `impair:`
+rules before any guest starts, runs its `events:` timeline on a thread of its own, and
+`impair()`, `link()`, `partition()` / `heal()` change them live — each one IMPAIR request, the
+same one `lgnet impair` sends to a running lab. Every decision comes from the lab's seed
+(`seed`: the scenario's, the caller's, or a fresh one), which the capture records.
+
 This is the Python API that `lgnet up`, `lgnet test`, the tests and the benchmark share.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import select
 import shutil
@@ -36,7 +43,7 @@ from lgnet import uplink as uplinks
 from lgnet.errors import LgnetError
 from lgnet.fabric import capture as pcapng
 from lgnet.guest import script
-from lgnet.scenario import NAME_PATTERN, GuestSpec, Scenario, load_scenario
+from lgnet.scenario import NAME_PATTERN, Event, GuestSpec, Scenario, load_scenario
 
 BROKER_START_SECONDS = 10
 TEARDOWN_GRACE_SECONDS = 1.0
@@ -53,6 +60,7 @@ QUERY_SECONDS = 2.0                  # a running lab's broker answers a query wi
 RUNTIME_PREFIX = "lgnet-"            # a lab's private directory: $TMPDIR/lgnet-XXXXXXXX
 BROKER_SOCKET = "broker.sock"
 NET_SUFFIX = ".net"
+SEED_BITS = 32                       # a fresh seed: short enough to type back in
 
 
 @dataclass
@@ -125,9 +133,12 @@ class Lab:
     capture's send numbers join a frame's slices)."""
 
     def __init__(self, scenario: Scenario | str, out: TextIO | None = None,
-                 capture: bool = False, pcap: str | None = None, trace: str | None = None):
+                 capture: bool = False, pcap: str | None = None, trace: str | None = None,
+                 seed: int | None = None):
         self.scenario = load_scenario(scenario) if isinstance(scenario, (str, os.PathLike)) \
             else scenario
+        self.seed = seed if seed is not None else self.scenario.seed \
+            if self.scenario.seed is not None else random.getrandbits(SEED_BITS)
         self.out = out
         self.trace = timeline.check_trace_path(trace) if trace is not None else None
         self.runtime = tempfile.mkdtemp(prefix=RUNTIME_PREFIX)
@@ -148,6 +159,10 @@ class Lab:
         self.started_at: float | None = None       # wall clock, when the guests were started
         self._readers: dict[str, pcapng.Reader] = {}
         self._delivered: dict[str, list[pcapng.Delivery]] = {}
+        self.started_mono: float | None = None
+        self.timeline: threading.Thread | None = None
+        self.timeline_done: list[tuple[float, Event, str]] = []   # (at, event, error or "")
+        self._stopping = threading.Event()
 
     # --- up -----------------------------------------------------------------------------
 
@@ -170,33 +185,42 @@ class Lab:
     def start(self) -> None:
         uplinks.check_privilege(self.scenario)
         self.start_broker()
+        for rule in self.scenario.impair:
+            self.impair(rule.net, rule.src, rule.dst, **rule.params)
         for net, network in self.scenario.networks.items():
             if network.uplink is not None:
                 self.start_uplink(net, network.uplink)
         self.started_at = time.time()
+        self.started_mono = time.monotonic()
         for spec in self.scenario.guests:
             self.start_guest(spec)
+        if self.scenario.events:
+            self.timeline = threading.Thread(target=self._run_timeline, daemon=True)
+            self.timeline.start()
 
     def start_broker(self) -> None:
         watch_r, self.watch_w = os.pipe()
         ready_r, ready_w = os.pipe()
-        capture = []
+        options = ["--seed", str(self.seed)]
         if self.capture_dir is not None:
-            capture = ["--capture", self.capture_dir]
+            options += ["--capture", self.capture_dir]
             for net in self.scenario.networks:
                 # One writer per file: refuse now, with the other lab's pid, rather than let
                 # the broker find out (it checks again, for two labs starting at once).
                 pcapng.check_free(os.path.join(self.capture_dir, net + pcapng.CAPTURE_SUFFIX))
-                capture += ["--net", "%s=%s" % (net, self.net_file(net))]
-        ids = ["--first-guest-id", str(self.scenario.first_guest_id)] \
-            if self.scenario.first_guest_id else []
+        for net in self.scenario.networks:
+            options += ["--net", "%s=%s" % (net, self.net_file(net))]
+        for spec in self.scenario.guests:
+            options += ["--guest", spec.name]
+        if self.scenario.first_guest_id:
+            options += ["--first-guest-id", str(self.scenario.first_guest_id)]
         if self.trace_dir is not None:
-            capture += ["--trace-stream", self.trace_stream("broker")]
+            options += ["--trace-stream", self.trace_stream("broker")]
         self.broker = subprocess.Popen(
             process.child_command(
                 "lgnet.fabric.broker", "--die-with-parent", "--owns-directory",
                 "--socket", self.socket_path, "--watch-fd", str(watch_r),
-                "--ready-fd", str(ready_w), *capture, *ids),
+                "--ready-fd", str(ready_w), *options),
             pass_fds=(watch_r, ready_w), stdin=subprocess.DEVNULL)
         os.close(watch_r)
         os.close(ready_w)
@@ -263,6 +287,122 @@ class Lab:
         self.guests.append(run)
         return run
 
+    def kill(self, name: str) -> None:
+        """SIGKILL the guest's Launcher: its slot lock dies with it, the broker closes it
+        (lguest's close()); to its peers it is a dead peer."""
+        run = self._running(name)
+        run.kill()
+        run.process.wait()
+
+    def restart(self, name: str) -> GuestRun:
+        """Launch the guest again, with the same command line, into a free slot; its MAC
+        follows its guest id as in lguest (the lowest free one: the id it had, unless a
+        lower one was freed meanwhile). The new run replaces the old one in `guests`."""
+        old = self._run(name)
+        if old.process.poll() is None:
+            raise LgnetError("guest %r is still running: kill it first" % name)
+        self.collect()
+        new = self._spawn(old.spec, self.launch_command(old.spec))
+        new.console = old.console                # one console for the guest, both lives
+        self.guests[self.guests.index(old)] = new
+        return new
+
+    def _run(self, name: str) -> GuestRun:
+        for run in self.guests:
+            if run.name == name:
+                return run
+        raise LgnetError("no guest %r in %s (guests: %s)" % (
+            name, self.scenario.path, ", ".join(r.name for r in self.guests)))
+
+    def _running(self, name: str) -> GuestRun:
+        run = self._run(name)
+        if run.process.poll() is not None:
+            raise LgnetError("guest %r is not running (%s)" % (name, run.ending))
+        return run
+
+    # --- impairments --------------------------------------------------------------------
+
+    def impair(self, net: str, src: str | None = None, dst: str | None = None,
+               **params) -> "Impairment":
+        """Set the rule for frames from `src` to `dst` on `net` (either None: any), e.g.
+        `lab.impair("lan0", src="alpha", dst="beta", loss=0.1, delay=20)`; no params turns
+        it off. The handle restores the rule that was there (`.restore()`, or leave its
+        `with` block)."""
+        self._check_names(net, [g for g in (src, dst) if g is not None])
+        reply = self.impair_request({"do": "set", "net": net, "src": src, "dst": dst,
+                                     "params": params})
+        return Impairment(self, net, src, dst, reply["previous"])
+
+    def link(self, guest: str, net: str) -> "Link":
+        """A guest's attachment to a net: `.down()`, `.up()`, `.state`."""
+        self._check_names(net, [guest])
+        specs = list(self.scenario.guests) + [p.run.spec for p in self.ports]
+        if not any(net in spec.nets for spec in specs if spec.name == guest):
+            raise LgnetError("guest %r is not on %s" % (guest, net))
+        return Link(self, guest, net)
+
+    def partition(self, groups) -> None:
+        """Split the guests: frames between different groups go as to a dead peer (a guest
+        no group names keeps every link). `heal()` ends it."""
+        self._check_names(None, [name for group in groups for name in group])
+        self.impair_request({"do": "partition", "groups": [list(g) for g in groups]})
+
+    def heal(self) -> None:
+        self.impair_request({"do": "heal"})
+
+    def impairments(self) -> dict:
+        """Every rule, down link and partition group now, and the seed."""
+        return self.impair_request({"do": "show"})["state"]
+
+    def impair_request(self, asked: dict) -> dict:
+        return impair_request(self.socket_path, asked)
+
+    def _check_names(self, net: str | None, guests: list[str]) -> None:
+        if net is not None and net not in self.scenario.networks:
+            raise LgnetError("no network %r in %s (networks: %s)" % (
+                net, self.scenario.path, ", ".join(self.scenario.networks) or "none"))
+        known = {spec.name for spec in self.scenario.guests} | {p.name for p in self.ports}
+        for guest in guests:
+            if guest not in known:
+                raise LgnetError("no guest %r in %s (guests: %s)" % (
+                    guest, self.scenario.path, ", ".join(sorted(known))))
+
+    # --- the timeline -------------------------------------------------------------------
+
+    def _run_timeline(self) -> None:
+        """The scenario's events, each at its time after the guests were started."""
+        for event in self.scenario.events:
+            if self._stopping.wait(max(0.0, self.started_mono + event.at - time.monotonic())):
+                return
+            error = ""
+            try:
+                self.apply(event)
+            except LgnetError as exc:
+                error = str(exc)
+            self.timeline_done.append((time.monotonic() - self.started_mono, event, error))
+            if self.out is not None:
+                with self.out_lock:
+                    self.out.write("lab: %.2fs: %s%s\n" % (
+                        event.at, event.describe(), " failed: " + error if error else ""))
+                    self.out.flush()
+
+    def apply(self, event: Event) -> None:
+        """One event of a timeline, now."""
+        if event.kind == "link":
+            self.impair_request({"do": "link", "net": event.net, "guest": event.guest,
+                                 "down": event.down})
+        elif event.kind == "impair":
+            r = event.rule
+            self.impair(r.net, r.src, r.dst, **r.params)
+        elif event.kind == "kill":
+            self.kill(event.guest)
+        elif event.kind == "restart":
+            self.restart(event.guest)
+        elif event.kind == "partition":
+            self.partition(event.groups)
+        elif event.kind == "heal":
+            self.heal()
+
     def _spawn(self, spec: GuestSpec, command: list[str], pass_fds=()) -> GuestRun:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, pass_fds=pass_fds)
@@ -287,7 +427,7 @@ class Lab:
 
     def whereabouts(self) -> list[str]:
         """Where this lab keeps things, one line each: its runtime directory, each net file
-        (what `lgnet slots` reads) and each capture file."""
+        (what `lgnet slots` reads), each capture file, and the impairment seed."""
         lines = ["runtime directory %s (broker socket %s)" % (self.runtime, self.socket_path)]
         lines += ["net %s: %s (`lgnet slots %s`)" % (net, self.net_file(net),
                                                      net if self.scenario.networks[net].file
@@ -296,6 +436,8 @@ class Lab:
         if self.capture_dir is not None:
             lines += ["capture of %s: %s" % (net, self.capture_path(net))
                       for net in self.scenario.networks]
+        lines.append("impairment seed %d (`lgnet impair` changes this lab's impairments)"
+                     % self.seed)
         return lines
 
     def start_uplink(self, net: str, spec) -> uplinks.Uplink:
@@ -370,6 +512,11 @@ class Lab:
     def deliveries(self, net: str) -> list[pcapng.Delivery]:
         """Every delivery on `net` so far (lgnet.fabric.capture.Delivery), oldest first; after
         the lab is down, every delivery of the run."""
+        return [d for d in self.records(net) if d.delivered]
+
+    def records(self, net: str) -> list[pcapng.Delivery]:
+        """Every frame the capture of `net` holds: the deliveries and the frames an
+        impairment kept from their receivers (`.delivered` False, `.fault` says why)."""
         path = self.capture_path(net)
         if os.path.exists(path):              # not yet: no guest has joined the net
             if net not in self._readers:
@@ -385,15 +532,16 @@ class Lab:
         return list(self._delivered.get(net, []))
 
     def capture(self, net: str):
-        """Every delivery on `net` so far, as a scapy PacketList; each packet carries .sender
-        and .receiver (guest names), .time, and .lgnet (every lguest fact of the delivery)."""
+        """Every frame of the capture of `net` so far, as a scapy PacketList; each packet
+        carries .sender and .receiver (guest names), .time, and .lgnet (every lguest fact of
+        the delivery; `.lgnet.fault` what an impairment did and why, "" for none)."""
         from lgnet.packets import packet_list
-        return packet_list(self.deliveries(net), name=net)
+        return packet_list(self.records(net), name=net)
 
     def check(self) -> list:
         """The scenario's `expect:` against the capture so far (lgnet.packets.Verdict each)."""
         from lgnet.packets import check
-        everything = [d for net in self.scenario.networks for d in self.deliveries(net)]
+        everything = [d for net in self.scenario.networks for d in self.records(net)]
         everything.sort(key=lambda d: d.time)
         return [check(e, everything, self.started_at) for e in self.scenario.expect]
 
@@ -420,15 +568,25 @@ class Lab:
     # --- running ------------------------------------------------------------------------
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until every guest has ended (True) or the timeout passed (False)."""
+        """Wait until every guest has ended and the timeline is over (True: a restart on it
+        may bring a guest back) or the timeout passed (False)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for run in self.guests:
+        while True:
+            for run in list(self.guests):
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    run.process.wait(left)
+                except subprocess.TimeoutExpired:
+                    return False
+            timeline = self.timeline
+            if timeline is None or not timeline.is_alive():
+                if all(run.process.poll() is not None for run in self.guests):
+                    return True
+                continue
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                run.process.wait(left)
-            except subprocess.TimeoutExpired:
+            timeline.join(left)
+            if timeline.is_alive():
                 return False
-        return True
 
     def collect(self) -> None:
         """Fetch the broker's per-guest counters (live and ended guests alike)."""
@@ -458,6 +616,9 @@ class Lab:
 
     def stop(self) -> None:
         """Stop every process and remove the runtime directory; safe to call twice."""
+        self._stopping.set()
+        if self.timeline is not None and self.timeline is not threading.current_thread():
+            self.timeline.join(timeout=TEARDOWN_GRACE_SECONDS * 5)
         if self.broker is not None and self.broker.poll() is None:
             self.collect()
         runs = self.guests + [p.run for p in self.ports + self.uplinks]
@@ -482,7 +643,7 @@ class Lab:
             # exits: keep what it recorded (every pass of the broker's is flushed, and with
             # the guests gone no pass delivers more).
             for net in self.scenario.networks:
-                self.deliveries(net)
+                self.records(net)
         if self.broker is not None:
             terminate(self.broker)
         if self.watch_w is not None:
@@ -511,6 +672,80 @@ class Lab:
         timeline.merge(streams, self.trace, names,
                        lambda args: frames.get((args.get("send"), args["receiver_guest"]), {}),
                        [run.name for run in runs])
+
+
+class Impairment:
+    """A rule set by `Lab.impair`: `restore()` (or leaving its `with`) puts back the rule
+    that was there before."""
+
+    def __init__(self, lab: Lab, net: str, src: str | None, dst: str | None,
+                 previous: dict | None):
+        self.lab, self.net, self.src, self.dst = lab, net, src, dst
+        self.previous = previous
+
+    def restore(self) -> None:
+        self.lab.impair_request({"do": "set", "net": self.net, "src": self.src,
+                                 "dst": self.dst, "params": self.previous or {}})
+
+    def __enter__(self) -> "Impairment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+class Link:
+    """A guest's attachment to a net. `down()` / `up()` return it, and leaving a `with`
+    block puts back the state it had when the block began:
+    `with lab.link("beta", "lan0").down(): ...`."""
+
+    def __init__(self, lab: Lab, guest: str, net: str):
+        self.lab, self.guest, self.net = lab, guest, net
+        self._before: list[bool] = []
+
+    @property
+    def state(self) -> str:
+        """"down" or "up", as the broker has it now."""
+        down = {(d["net"], d["guest"]) for d in self.lab.impairments()["down"]}
+        return "down" if (self.net, self.guest) in down else "up"
+
+    def _set(self, down: bool) -> "Link":
+        reply = self.lab.impair_request({"do": "link", "net": self.net, "guest": self.guest,
+                                         "down": down})
+        self._before.append(reply["previous"])
+        return self
+
+    def down(self) -> "Link":
+        return self._set(True)
+
+    def up(self) -> "Link":
+        return self._set(False)
+
+    def __enter__(self) -> "Link":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._before:
+            self._set(self._before[0])
+            self._before.clear()
+
+
+def impair_request(socket_path: str, asked: dict) -> dict:
+    """One IMPAIR request to the broker at socket_path: its JSON reply; a refusal (an unknown
+    guest or net, a bad value) is an LgnetError with the broker's words."""
+    try:
+        channel = wire.Channel(socket_path)
+    except OSError as exc:
+        raise LgnetError("no broker at %s: %s" % (socket_path, exc.strerror or exc)) from None
+    try:
+        reply = channel.call(wire.OP_IMPAIR, tail=json.dumps(asked).encode())
+    except wire.BrokerGone:
+        raise LgnetError("the broker at %s is gone" % socket_path) from None
+    finally:
+        channel.close()
+    if reply.result < 0:
+        raise LgnetError("impair: %s" % reply.tail.decode(errors="replace"))
+    return json.loads(reply.tail)
 
 
 # --- finding a running lab (`lgnet slots lan0`) ----------------------------------------------
@@ -609,13 +844,15 @@ kept_captures = KeptCaptures()
 
 
 def up(scenario: Scenario | str, out: TextIO | None = None, capture: bool = True,
-       pcap: str | None = None, trace: str | None = None) -> Lab:
+       pcap: str | None = None, trace: str | None = None,
+       seed: int | None = None) -> Lab:
     """`with lgnet.up("scenarios/three-guests.yaml") as lab:` — always torn down; captures
     every delivery unless capture=False (pcap=DIR keeps the files in DIR); trace=FILE writes
-    the run's timeline there when the lab is down (open it in ui.perfetto.dev)."""
+    the run's timeline there when the lab is down (open it in ui.perfetto.dev); `seed` for
+    every impairment decision (default: the scenario's, else a fresh one: `lab.seed`)."""
     if pcap is None and capture:
         pcap = kept_captures.next()
-    return Lab(scenario, out, capture=capture, pcap=pcap, trace=trace)
+    return Lab(scenario, out, capture=capture, pcap=pcap, trace=trace, seed=seed)
 
 
 # --- a whole run: what `lgnet up` and `lgnet test` do, printing nothing ----------------------
@@ -628,6 +865,7 @@ class RunResult:
     uplinks: list = field(default_factory=list)            # lgnet.uplink.Uplink
     interrupted: bool = False
     captures: list[str] = field(default_factory=list)
+    seed: int | None = None
 
     @property
     def killed(self) -> bool:
@@ -637,7 +875,8 @@ class RunResult:
 def run_up(path: str, duration: float | None = None, out: TextIO | None = None,
            pcap: str | None = None, uplink: list[str] = (),
            trace: str | None = None,
-           on_up: Callable[[Lab], None] | None = None) -> RunResult:
+           on_up: Callable[[Lab], None] | None = None,
+           seed: int | None = None) -> RunResult:
     """Bring the scenario up and wait for its end (every guest ended, `duration`, or a
     KeyboardInterrupt); always torn down. With pcap=DIR, DIR/<net>.pcapng records every
     delivery on each net; `uplink` holds `--uplink NET=...` options
@@ -645,8 +884,8 @@ def run_up(path: str, duration: float | None = None, out: TextIO | None = None,
     on_up(lab) runs once everything is started (`lgnet up` says where things are)."""
     scenario = uplinks.with_uplinks(load_scenario(path), list(uplink))
     duration = duration if duration is not None else scenario.duration
-    lab = Lab(scenario, out, pcap=pcap, trace=trace)
-    result = RunResult(lab.guests, lab.uplinks)
+    lab = Lab(scenario, out, pcap=pcap, trace=trace, seed=seed)
+    result = RunResult(lab.guests, lab.uplinks, seed=lab.seed)
     try:
         lab.start()
         if on_up is not None:

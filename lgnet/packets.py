@@ -85,7 +85,9 @@ def check(expectation, deliveries: list, start: float) -> Verdict:
                   if (e.net is None or d.net == e.net)
                   and (e.sender is None or d.sender == e.sender)
                   and (e.receiver is None or d.receiver == e.receiver)
-                  and (e.within is None or d.time - start <= e.within)]
+                  and (e.within is None or d.time - start <= e.within)
+                  # frames an impairment kept from their receivers count only for `fault:`
+                  and (d.delivered if e.fault is None else e.fault in d.fault)]
     test = compile_filter(e.match) if e.match else (lambda p: True)
     matched = [d for d in considered if test(d.data)]
     held = len(matched) == e.count if e.count is not None else len(matched) >= e.least

@@ -29,6 +29,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from lgnet import abi
 from lgnet.errors import LgnetError
+from lgnet.fabric.impair import KEYS as IMPAIR_KEYS, ImpairError, check_params
 from lgnet.filters import FilterError, compile_filter
 from lgnet.filekind import describe_file
 from lgnet.guest.devices import tun
@@ -47,7 +48,8 @@ MAX_SECONDS = 86400
 MAX_SEND_COUNT = 65536
 _NULL_TAG = "tag:yaml.org,2002:null"
 
-TOP_KEYS = ("duration", "networks", "guests", "expect", "first_guest_id")
+TOP_KEYS = ("duration", "seed", "networks", "guests", "impair", "events", "expect",
+            "first_guest_id")
 NETWORK_KEYS = ("file", "uplink")
 UPLINK_KEYS = ("bridge", "tap", "vxlan")
 VXLAN_KEYS = ("id", "remote", "dev")
@@ -55,7 +57,11 @@ GUEST_KEYS = ("name", "mem", "kernel", "driver", "nets", "promisc", "ip", "cmdli
               "block", "initrd", "script", "gdb")
 STEP_KEYS = ("send", "net", "count", "wait", "ping")
 STEP_KINDS = ("send", "wait", "ping")
-EXPECT_KEYS = ("from", "to", "net", "match", "count", "min", "within")
+EXPECT_KEYS = ("from", "to", "net", "match", "fault", "count", "min", "within")
+RULE_PLACE_KEYS = ("net", "src", "dst")
+EVENT_KINDS = ("link", "impair", "kill", "restart", "partition", "heal")
+EVENT_KEYS = ("at", "down", "up") + EVENT_KINDS
+MAX_SEED = (1 << 64) - 1
 MAX_PING_COUNT = 65535               # icmp_seq is 16 bits
 MAX_EXPECT_COUNT = 1 << 20
 
@@ -119,10 +125,12 @@ class Expectation:
     count: int | None = None
     least: int = 1
     within: float | None = None
+    fault: str | None = None            # frames an impairment touched: its record contains this
 
     def describe(self) -> str:
         parts = [("from", self.sender), ("to", self.receiver), ("net", self.net),
                  ("match", repr(self.match) if self.match else None),
+                 ("fault", repr(self.fault) if self.fault else None),
                  ("count", self.count), ("min", self.least if self.least != 1 else None),
                  ("within", "%gs" % self.within if self.within is not None else None)]
         return ", ".join("%s %s" % (k, v) for k, v in parts if v is not None) or "any delivery"
@@ -136,6 +144,46 @@ class Expectation:
 
 
 @dataclass(frozen=True)
+class Rule:
+    """An impairment rule: on `net`, frames from `src` to `dst` (each None: any) get
+    `params` (checked keys of lgnet.fabric.impair, as the user wrote them)."""
+    where: str
+    net: str
+    src: str | None
+    dst: str | None
+    params: dict
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of the timeline, `at` seconds after the guests were started. kind 'link':
+    `guest`'s link to `net` goes `down` (or up); 'impair': `rule` is set; 'kill' / 'restart':
+    `guest`; 'partition': `groups`; 'heal'."""
+    where: str
+    at: float
+    kind: str
+    guest: str | None = None
+    net: str | None = None
+    down: bool | None = None
+    rule: Rule | None = None
+    groups: tuple[tuple[str, ...], ...] = ()
+
+    def describe(self) -> str:
+        if self.kind == "link":
+            return "link %s on %s %s" % (self.guest, self.net, "down" if self.down else "up")
+        if self.kind == "impair":
+            r = self.rule
+            return "impair %s" % " ".join("%s=%s" % (k, v) for k, v in
+                                          [("net", r.net), ("src", r.src), ("dst", r.dst)]
+                                          + sorted(r.params.items()) if v is not None)
+        if self.kind == "partition":
+            return "partition %s" % " | ".join(",".join(g) for g in self.groups)
+        if self.kind == "heal":
+            return "heal"
+        return "%s %s" % (self.kind, self.guest)
+
+
+@dataclass(frozen=True)
 class Scenario:
     path: Path
     duration: float | None              # None: run until every guest halts
@@ -145,6 +193,9 @@ class Scenario:
     # The guest id the lab's Host gives its first guest: lguest_net's MAC is 02:00:<guest
     # id>:00:00, so labs whose nets are uplinked to each other need ranges apart.
     first_guest_id: int = 0
+    seed: int | None = None             # None: the lab picks one (and says which)
+    impair: tuple[Rule, ...] = ()
+    events: tuple[Event, ...] = ()
 
 
 # --- generic checks -----------------------------------------------------------------------
@@ -421,7 +472,77 @@ def _scenario(root: _Node, path: Path) -> Scenario:
         lambda v: _is_int(v) and 0 <= v <= last_base,
         "a guest id from 0 to %d (ids are 16 bits, a Host has %d)" % (last_base,
                                                                        abi.MAX_GUESTS)), 0)
-    return Scenario(path, duration, networks, guests, expect, first_id)
+    seed = top.get_or("seed", lambda n: n.whole(0, MAX_SEED, "(a seed)"), None)
+    names = [g.name for g in guests]
+    rules = top.get_or("impair", lambda n: tuple(_rule(item, names, networks)
+                                                 for item in n.items("impairment rules")), ())
+    events = top.get_or("events", lambda n: _events(n, guests, networks), ())
+    return Scenario(path, duration, networks, guests, expect, first_id, seed, rules, events)
+
+
+def _rule(node: _Node, guests: list[str], networks: dict[str, Network]) -> Rule:
+    """{net, src?, dst?, <impairments>}: each value checked by lgnet.fabric.impair."""
+    fields = node.fields(RULE_PLACE_KEYS + IMPAIR_KEYS)
+    net = fields.need("net").choice(networks, "the networks")
+    src = fields.get_or("src", lambda n: n.choice(guests, "the guests"), None)
+    dst = fields.get_or("dst", lambda n: n.choice(guests, "the guests"), None)
+    params = {}
+    for key in IMPAIR_KEYS:
+        if key in fields:
+            value = fields[key]
+            if not isinstance(value.node, ScalarNode):
+                value.must("a single value")
+            try:
+                check_params({key: value.value()})
+            except ImpairError as e:
+                value.fail(e.what)
+            params[key] = value.value()
+    if not params:
+        node.fail("needs at least one impairment (%s)" % ", ".join(IMPAIR_KEYS))
+    try:
+        check_params(params)
+    except ImpairError as e:
+        fields[e.key].key.fail(e.what)
+    return Rule("%s:%d" % (node.file, node.line), net, src, dst, params)
+
+
+def _events(node: _Node, guests: list[GuestSpec], networks: dict[str, Network]) -> tuple:
+    names = [g.name for g in guests]
+    out = []
+    for item in node.items("events"):
+        fields = item.fields(EVENT_KEYS)
+        at = fields.need("at").scalar(lambda v: _is_number(v) and 0 <= v <= MAX_SECONDS,
+                                      "a number of seconds from 0 to %d" % MAX_SECONDS)
+        kind = fields.one_of(*EVENT_KINDS)
+        where = "%s:%d" % (item.file, item.line)
+        fields.only_with("down", "link")
+        fields.only_with("up", "link")
+        if kind == "link":
+            pair = fields["link"].items("a guest and a net", 2, 2)
+            guest = pair[0].choice(names, "the guests")
+            net = pair[1].choice(networks, "the networks")
+            if not any(net in g.nets for g in guests if g.name == guest):
+                fields["link"].fail("%s is not on %s" % (guest, net))
+            state = fields.one_of("down", "up")
+            flag = fields[state].flag()
+            out.append(Event(where, float(at), kind, guest=guest, net=net,
+                             down=flag if state == "down" else not flag))
+        elif kind == "impair":
+            out.append(Event(where, float(at), kind, rule=_rule(fields["impair"], names,
+                                                                networks)))
+        elif kind in ("kill", "restart"):
+            out.append(Event(where, float(at), kind, guest=fields[kind].choice(names,
+                                                                               "the guests")))
+        elif kind == "partition":
+            groups = tuple(tuple(m.choice(names, "the guests") for m in g.items("guests", 1))
+                           for g in fields["partition"].items("groups of guests", 2))
+            _no_repeats([(name, fields["partition"]) for g in groups for name in g], "guest")
+            out.append(Event(where, float(at), kind, groups=groups))
+        else:
+            if not fields["heal"].flag():
+                fields["heal"].must("true")
+            out.append(Event(where, float(at), kind))
+    return tuple(sorted(out, key=lambda e: e.at))
 
 
 def _networks(node: _Node, base: Path) -> dict[str, Network]:
@@ -583,7 +704,8 @@ def _expect(node: _Node, guests: list[str], networks: dict[str, Network]) -> lis
             count=fields.get_or("count", lambda n: n.whole(0, MAX_EXPECT_COUNT, "deliveries"),
                                 None),
             least=fields.get_or("min", lambda n: n.whole(1, MAX_EXPECT_COUNT, "deliveries"), 1),
-            within=fields.get_or("within", _Node.seconds, None)))
+            within=fields.get_or("within", _Node.seconds, None),
+            fault=fields.get_or("fault", _Node.text, None)))
     return out
 
 

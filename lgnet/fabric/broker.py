@@ -32,6 +32,13 @@ Where the speed comes from (lgnet's, not lguest's: lguest had a CPU per guest to
   receiver about to be denied a buffer is woken at once (the one chance to restock). The
   interrupt flags themselves are set at once: a guest that is running sees them. The policy
   is fabric/wakeups.py's; this file only keeps the clock and sends the replies.
+
+Impairments (fabric/impair.py) are the lab's to set, live, with an IMPAIR request (JSON in,
+JSON out; only our own user may connect at all). The engine applies them under lguest_lock
+where each frame moves; a frame held for its due time waits in the impairments' queue, and
+the loop delivers it when due — a timer like the guests' clock events, fired outside the lock,
+the delivery itself one more engine operation. With nothing configured the engine's hook is
+None.
 """
 from __future__ import annotations
 
@@ -51,13 +58,14 @@ import sys
 import threading
 import time
 
-from lgnet import abi, process, wire
+from lgnet import abi, netfile, process, wire
 from lgnet.errors import LgnetError
-from lgnet.fabric.capture import Capture
+from lgnet.fabric.capture import Capture, net_source
 from lgnet.fabric.connection import Input, State, running, transition
 from lgnet.fabric.devlguest import LguestFile
 from lgnet.fabric.dma import Engine, Guest, Restock, has_free_buffer
 from lgnet.fabric.hypercalls import Outcome, drain_async, finish_restock, ring_empty
+from lgnet.fabric.impair import ImpairError, Impairments, check_params
 from lgnet.fabric.memory import GuestMemory
 from lgnet.fabric.tsc import host_tsc_khz
 from lgnet.fabric.trace import BrokerTrace
@@ -122,7 +130,8 @@ REQUEST_INPUTS = {wire.OP_INITIALIZE: Input.INITIALIZE, wire.OP_HCALL: Input.HCA
                   wire.OP_NOTIFY: Input.NOTIFY, wire.OP_GETDMA: Input.GETDMA,
                   wire.OP_IRQ: Input.IRQ, wire.OP_ATTACH: Input.ATTACH,
                   wire.OP_KILL: Input.KILL, wire.OP_STATS: Input.STATS,
-                  wire.OP_BROKER_STATS: Input.BROKER_STATS, wire.OP_NAME: Input.NAME}
+                  wire.OP_BROKER_STATS: Input.BROKER_STATS, wire.OP_NAME: Input.NAME,
+                  wire.OP_IMPAIR: Input.IMPAIR}
 
 
 def request_input(request: Request) -> Input:
@@ -163,7 +172,8 @@ class Broker:
 
     def __init__(self, socket_path: str | None, watch_fd: int | None = None,
                  capture: Capture | None = None, first_guest_id: int = 0, lock=None,
-                 trace: BrokerTrace | None = None):
+                 trace: BrokerTrace | None = None, seed: int = 0,
+                 net_names: dict[str, str] | None = None, guest_names: tuple = ()):
         self.socket_path = socket_path
         self.watch_fd = watch_fd
         self.trace = trace
@@ -173,10 +183,16 @@ class Broker:
         self.engine = Engine(lock=self.lock, tsc_khz=host_tsc_khz(),
                              first_guest_id=first_guest_id)
         self.names: dict[int, str] = {}                  # launcher pid -> guest name (lab's)
+        self.guest_names = set(guest_names)              # the lab's guests, before they run
+        # net file path -> the lab's name for it; net file identity -> its name once seen
+        self.net_names = {os.path.realpath(p): n for p, n in (net_names or {}).items()}
+        self.nets: dict[tuple, str] = {}
+        self.impair = Impairments(seed, time.monotonic, self.nets.get, self.guest_name)
         self.capture = capture
         if capture is not None:
             capture.names = self.names
             self.engine.on_transfer = capture.on_transfer
+            self.engine.on_fault = capture.on_fault
         if trace is not None:
             self.engine.on_transfer = trace.on_transfer  # the capture's record, then its own
         # The connection table, resolved once: (state, input) -> (bound action, next state).
@@ -251,6 +267,10 @@ class Broker:
         if deadline is not None and not self.rings:
             held = max(0.0, deadline - time.monotonic())
             wait = held if wait is None else min(wait, held)
+        due = self.impair.next_due()
+        if due is not None:
+            late = max(0.0, due - time.monotonic())
+            wait = late if wait is None else min(wait, late)
         started = clock()
         events = self.selector.select(wait)
         woke = clock()
@@ -261,6 +281,8 @@ class Broker:
             self._run_rings()
         if self.parked:
             self._retry_parked(bool(events))
+        if self.impair.late:
+            self._deliver_due()
         if self.capture is not None:
             self.capture.flush()      # this pass's deliveries, before their wake-ups
         if self.trace is not None:
@@ -377,7 +399,87 @@ class Broker:
         self.names[request.a] = request.tail.decode(errors="replace")
         if self.capture is not None:
             self.capture.named()
+        self.impair.changed()
         conn.reply(0)
+
+    def _impair(self, conn: Connection, request: Request) -> None:
+        """IMPAIR: change the lab's impairments (JSON); the reply is what was there before
+        and the whole state after, or -EINVAL with what is wrong."""
+        try:
+            asked = json.loads(request.tail or b"{}")
+            previous = self.change_impairments(asked)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            conn.reply(-errno.EINVAL, tail=str(exc).encode())
+            return
+        conn.reply(0, tail=json.dumps({"previous": previous,
+                                       "state": self.impair.state()}).encode())
+
+    def change_impairments(self, asked: dict):
+        """One change: {"do": "set", net, src, dst, params} | {"do": "link", net, guest,
+        down} | {"do": "partition", groups} | {"do": "heal"} | {"do": "show"}. Returns what
+        the changed thing was before (a rule's keys, a link's down, the groups)."""
+        impair, do = self.impair, asked.get("do")
+        if do == "show":
+            return None
+        if do == "set":
+            net, src, dst = asked["net"], asked.get("src"), asked.get("dst")
+            self._known(net=net, guests=[g for g in (src, dst) if g is not None])
+            try:
+                params = check_params(asked.get("params") or {})
+            except ImpairError as exc:
+                raise ValueError(str(exc)) from None
+            old = impair.rules.get((net, src, dst))
+            impair.set(net, src, dst, params)
+            previous = old.as_dict() if old is not None else None
+        elif do == "link":
+            net, guest = asked["net"], asked["guest"]
+            self._known(net=net, guests=[guest])
+            previous = (net, guest) in impair.down
+            impair.link(net, guest, bool(asked["down"]))
+        elif do == "partition":
+            groups = asked["groups"]
+            if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
+                raise ValueError("partition: wants a list of lists of guest names")
+            self._known(guests=[name for group in groups for name in group])
+            previous = [sorted(g) for g in impair.groups]
+            impair.partition(groups)
+        elif do == "heal":
+            previous = [sorted(g) for g in impair.groups]
+            impair.heal()
+        else:
+            raise ValueError("unknown impairment request %r (set, link, partition, heal, "
+                             "show)" % (do,))
+        self._impair_changed()
+        return previous
+
+    def _known(self, net: str | None = None, guests: list = ()) -> None:
+        """A change names nets and guests this broker knows (the lab's names)."""
+        nets = set(self.net_names.values()) | set(self.nets.values())
+        if net is not None and net not in nets:
+            raise ValueError("no network %r (networks: %s)" % (net, ", ".join(sorted(nets))
+                                                               or "none yet"))
+        known = set(self.names.values()) | self.guest_names
+        for guest in guests:
+            if guest not in known:
+                raise ValueError("no guest %r (guests: %s)" % (guest, ", ".join(sorted(known))
+                                                               or "none yet"))
+
+    def _impair_changed(self) -> None:
+        # The engine checks one attribute per frame: None while nothing is configured.
+        self.engine.impair = self.impair if self.impair.active else None
+
+    def _deliver_due(self) -> None:
+        """The impaired frames whose due time has come, delivered; then their wake-ups."""
+        due = self.impair.take_due(time.monotonic())
+        if due:
+            self.engine.deliver_late(due)
+            self._tell_woken()
+            if not self.impair.active:
+                self._impair_changed()
+
+    def guest_name(self, guest: Guest) -> str:
+        """The lab's name for a guest (impairment rules name guests), else guest<id>."""
+        return self.names.get(guest.owner) or "guest%d" % guest.id
 
     def _close(self, conn: Connection, _arg=None) -> State:
         """lguest's close(): bindings released, guest slot freed, mappings dropped."""
@@ -422,8 +524,8 @@ class Broker:
                 st = os.fstat(fd)
                 memory.add_region(region.base, m, (st.st_dev, st.st_ino) if region.shared
                                   else None, "fd%d" % region.fd_index)
-                if region.shared and self.capture is not None:
-                    self.capture.learn_net((st.st_dev, st.st_ino), fd)
+                if region.shared:
+                    self._learn_net((st.st_dev, st.st_ino), fd)
             control = mmap.mmap(fds[control_fd], wire.CONTROL_PAGE_SIZE, mmap.MAP_SHARED,
                                 mmap.PROT_READ | mmap.PROT_WRITE, offset=control_offset)
             conn.mappings.append(control)
@@ -442,6 +544,19 @@ class Broker:
         self.owners[conn.file.guest.id] = conn
         conn.reply(result, a=conn.file.guest.id)
         return State.RUNNING
+
+    def _learn_net(self, identity: tuple, fd: int) -> None:
+        """A net file a launcher handed over: its name, for the capture and the rules."""
+        if self.capture is not None:
+            name = self.capture.learn_net(identity, fd)
+        elif identity in self.nets:
+            return
+        else:
+            source = net_source(identity, fd)
+            name = self.net_names.get(os.path.realpath(source)) or netfile.net_name(source)
+        if self.nets.get(identity) != name:
+            self.nets[identity] = name
+            self.impair.changed()
 
     def _attach(self, conn: Connection, request: Request) -> State | None:
         gid = request.a
@@ -768,7 +883,8 @@ class Broker:
 def run_broker(socket_path: str, watch_fd: int | None = None, ready_fd: int | None = None,
                capture_dir: str | None = None, net_names: dict[str, str] | None = None,
                owns_directory: bool = False, on_listening=None,
-               first_guest_id: int = 0, trace_stream: str | None = None) -> None:
+               first_guest_id: int = 0, trace_stream: str | None = None, seed: int = 0,
+               guest_names: tuple = ()) -> None:
     """Serve until told to stop. With owns_directory (a lab's private runtime directory),
     the directory goes with the broker, so even a SIGKILLed lab leaves nothing behind.
     on_listening() runs once the socket is bound (so "listening" is never said in vain).
@@ -780,9 +896,11 @@ def run_broker(socket_path: str, watch_fd: int | None = None, ready_fd: int | No
                          "trace's flows)")
     try:
         try:
-            capture = Capture(capture_dir, net_names) if capture_dir is not None else None
+            capture = Capture(capture_dir, net_names, seed=seed) \
+                if capture_dir is not None else None
             trace = BrokerTrace(trace_stream, capture) if trace_stream is not None else None
-            broker = Broker(socket_path, watch_fd, capture, first_guest_id, trace=trace)
+            broker = Broker(socket_path, watch_fd, capture, first_guest_id, trace=trace,
+                            seed=seed, net_names=net_names, guest_names=guest_names)
         except OSError as exc:
             raise LgnetError("broker: %s" % (exc.strerror or exc)) from None
         if on_listening is not None:
@@ -817,10 +935,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capture", metavar="DIR",
                         help="record every delivery: one pcapng per net file in DIR")
     parser.add_argument("--net", action="append", default=[], metavar="NAME=PATH",
-                        help="name the capture of this net file (default: its file name)")
+                        help="name this net file, for its capture and impairments "
+                             "(default: its file name)")
     parser.add_argument("--first-guest-id", type=int, default=0, metavar="N",
                         help="number guests from N (lguest_net's MAC is 02:00:<guest id>:00:00: "
                              "Hosts whose nets an uplink joins need ranges apart)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of every impairment decision (default 0)")
+    parser.add_argument("--guest", action="append", default=[], metavar="NAME",
+                        help="a guest name impairment rules may use before it runs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -844,7 +967,8 @@ def main(argv: list[str] | None = None) -> int:
                    args.capture, dict(parse_net_name(text) for text in args.net),
                    args.owns_directory,
                    first_guest_id=check_first_guest_id(args.first_guest_id),
-                   trace_stream=args.trace_stream)
+                   trace_stream=args.trace_stream, seed=args.seed,
+                   guest_names=tuple(args.guest))
         return 0
     return process.entry_main(run)
 

@@ -28,6 +28,15 @@ carrying what no tap can see:
 lguest_net transmits a broadcast as one SEND_DMA per recipient, so "one send" is recognised
 the way the driver makes it: consecutive deliveries from one sender, of the same bytes from
 the same source descriptor, to increasing slots, share a send number.
+
+A frame an impairment touched (fabric/impair.py) says so after the facts — what happened and
+why — and one it kept from its receiver is recorded too, with the sender's bytes, no buffer
+(`buffer -`) and used_len 0:
+
+    alpha slot 0 -> beta slot 1 key lan0+0x4 buffer - used_len 0 send 18 (guest 0 ...)
+        dropped: loss 0.1 (link alpha->beta on lan0)
+
+The lab's impairment seed is a comment of the Section Header ("lgnet seed N").
 """
 from __future__ import annotations
 
@@ -95,10 +104,26 @@ def _block(kind: int, body: bytes) -> bytes:
     return _HEAD.pack(kind, length) + body + _TAIL.pack(length)
 
 
-def section_header(application: str) -> bytes:
+SEED_COMMENT = "lgnet seed %d"
+
+
+def section_header(application: str, comments: tuple[str, ...] = ()) -> bytes:
     return _block(SHB_TYPE, _SHB_BODY.pack(BYTE_ORDER_MAGIC, *PCAPNG_VERSION,
                                            SECTION_LENGTH_UNKNOWN)
-                  + _options([(SHB_USERAPPL, application.encode())]))
+                  + _options([(OPT_COMMENT, c.encode()) for c in comments]
+                             + [(SHB_USERAPPL, application.encode())]))
+
+
+def capture_seed(path) -> int | None:
+    """The impairment seed a capture was written with (its Section Header says it)."""
+    reader = Reader(path)
+    for _ in reader.records():
+        break
+    for comment in reader.section_comments:
+        m = re.fullmatch(SEED_COMMENT.replace("%d", r"(\d+)"), comment)
+        if m:
+            return int(m[1])
+    return None
 
 
 def interface_description(name: str, description: str) -> bytes:
@@ -151,10 +176,16 @@ class Delivery:
     receiver_guest: int
     receiver_pid: int
     comment: str = ""
+    fault: str = ""                   # what an impairment did and why ("" for none)
 
     @property
     def truncated(self) -> bool:
-        return self.offered > self.used_len
+        return self.delivered and self.offered > self.used_len
+
+    @property
+    def delivered(self) -> bool:
+        """False for a frame an impairment kept from its receiver (buffer -1)."""
+        return self.buffer >= 0
 
     def facts(self) -> str:
         """The lguest facts in one line (what `lgnet dump` prints after the summary)."""
@@ -181,6 +212,9 @@ def facts_parts(sender: str, sender_slot: int | None, receiver: str, receiver_sl
                                                             pids[1])
 
 
+NOT_DELIVERED = "-"
+
+
 def facts_text(head: str, buffer: int, used_len: int, send: int, offered: int,
                tail: str) -> str:
     return "%s%d used_len %d send %d%s%s" % (
@@ -188,11 +222,17 @@ def facts_text(head: str, buffer: int, used_len: int, send: int, offered: int,
         " truncated from %d" % offered if offered > used_len else "", tail)
 
 
+def fault_text(head: str, send: int, tail: str, fault: str) -> str:
+    """The facts of a frame an impairment kept from its receiver."""
+    return "%s%s used_len 0 send %d%s %s" % (head, NOT_DELIVERED, send, tail, fault)
+
+
 _FACTS = re.compile(
     r"^(?P<sender>\S+) slot (?P<sslot>\d+|\?) -> (?P<receiver>\S+) slot (?P<rslot>\d+) "
-    r"key (?P<net>\S+)\+(?P<key>0x[0-9a-f]+) buffer (?P<buffer>\d+) used_len (?P<used>\d+) "
+    r"key (?P<net>\S+)\+(?P<key>0x[0-9a-f]+) buffer (?P<buffer>\d+|-) used_len (?P<used>\d+) "
     r"send (?P<send>\d+)(?: truncated from (?P<offered>\d+))? "
-    r"\(guest (?P<sg>\d+) pid (?P<sp>\d+) -> guest (?P<rg>\d+) pid (?P<rp>\d+)\)$")
+    r"\(guest (?P<sg>\d+) pid (?P<sp>\d+) -> guest (?P<rg>\d+) pid (?P<rp>\d+)\)"
+    r"(?: (?P<fault>.+))?$")
 
 
 def parse_facts(comment: str, ts: float, data: bytes) -> Delivery | None:
@@ -204,10 +244,12 @@ def parse_facts(comment: str, ts: float, data: bytes) -> Delivery | None:
         time=ts, data=data, net=m["net"], sender=m["sender"],
         sender_slot=None if m["sslot"] == UNKNOWN_SLOT else int(m["sslot"]),
         receiver=m["receiver"], receiver_slot=int(m["rslot"]), key_offset=int(m["key"], 16),
-        buffer=int(m["buffer"]), used_len=used, send=int(m["send"]),
-        offered=int(m["offered"]) if m["offered"] else used,
+        buffer=-1 if m["buffer"] == NOT_DELIVERED else int(m["buffer"]), used_len=used,
+        send=int(m["send"]),
+        offered=int(m["offered"]) if m["offered"] else used if used else len(data),
         sender_guest=int(m["sg"]), sender_pid=int(m["sp"]),
-        receiver_guest=int(m["rg"]), receiver_pid=int(m["rp"]), comment=comment)
+        receiver_guest=int(m["rg"]), receiver_pid=int(m["rp"]), comment=comment,
+        fault=m["fault"] or "")
 
 
 # --- reading (a finished file, or one that is still growing) ----------------------------
@@ -244,6 +286,7 @@ class Reader:
         self.offset = 0
         self.order = "<"
         self.interfaces: list[tuple[str, int]] = []      # (name, ns per tick)
+        self.section_comments: list[str] = []
 
     def records(self) -> Iterator[Record]:
         with open(self.path, "rb") as f:
@@ -256,6 +299,7 @@ class Reader:
                 magic = struct.unpack_from("<I", raw, off + _HEAD.size)[0]
                 self.order = "<" if magic == BYTE_ORDER_MAGIC else ">"
                 self.interfaces = []
+                self._section(raw[off:off + struct.unpack_from(self.order + "I", raw, off + 4)[0]])
             length = struct.unpack_from(self.order + "I", raw, off + 4)[0]
             if length < _HEAD.size + _TAIL.size or off + length > len(raw):
                 break                          # incomplete: still being written
@@ -266,6 +310,11 @@ class Reader:
             elif kind == EPB_TYPE:
                 yield self._packet(body)
         self.offset += off
+
+    def _section(self, block: bytes) -> None:
+        body = block[_HEAD.size + _SHB_BODY.size:len(block) - _TAIL.size]
+        self.section_comments = [v.decode(errors="replace")
+                                 for c, v in _parse_options(body, self.order) if c == OPT_COMMENT]
 
     def _interface(self, body: bytes) -> None:
         name, ns_per_tick = "", 1000         # pcapng's default resolution: microseconds
@@ -433,7 +482,8 @@ class NetCapture:
     second broker pointed at a file in use gets CaptureBusy and leaves the file alone. (Two
     writers appending to one file is what tshark calls "damaged or corrupt".)"""
 
-    def __init__(self, name: str, path: str, source: str, application: str):
+    def __init__(self, name: str, path: str, source: str, application: str,
+                 comments: tuple[str, ...] = ()):
         self.name = name
         self.path = path
         self.pending: list[bytes] = []     # the pieces of whole blocks
@@ -446,7 +496,7 @@ class NetCapture:
             self.fd = -1
             raise CaptureBusy(path, writer_pid(path)) from None
         os.ftruncate(self.fd, 0)
-        os.write(self.fd, section_header(application)
+        os.write(self.fd, section_header(application, comments)
                  + interface_description(name, "lgnet net %s (%s)" % (name, source)))
 
     def flush(self) -> None:
@@ -469,6 +519,14 @@ def _one_word(name: str) -> str:
     return re.sub(r"\s+", "_", name)
 
 
+def net_source(identity: tuple, fd: int) -> str:
+    """The path of a net file a launcher handed over (its identity if it has none)."""
+    try:
+        return os.readlink("/proc/self/fd/%d" % fd)
+    except OSError:
+        return "net-%d-%d" % identity[:2]
+
+
 class _LastSend:
     __slots__ = ("send", "slot", "pieces", "data")
 
@@ -488,12 +546,14 @@ class Capture:
     launcher's pid to its guest's name (the lab fills it in as it starts guests)."""
 
     def __init__(self, directory: str, net_names: dict[str, str] | None = None,
-                 names: dict[int, str] | None = None, application: str = "lgnet"):
+                 names: dict[int, str] | None = None, application: str = "lgnet",
+                 seed: int | None = None):
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
         self.net_names = {os.path.realpath(p): n for p, n in (net_names or {}).items()}
         self.names = names if names is not None else {}
         self.application = application
+        self.comments = (SEED_COMMENT % seed,) if seed is not None else ()
         self.nets: dict[tuple, NetCapture] = {}         # file identity -> its capture
         self.last: dict[int, _LastSend] = {}            # sender guest id -> its last send
         self.sends = 0
@@ -507,23 +567,20 @@ class Capture:
             for source, name in self.net_names.items():
                 name = _one_word(name)
                 path = os.path.join(directory, name + CAPTURE_SUFFIX)
-                self.claimed[source] = NetCapture(name, path, source, application)
+                self.claimed[source] = NetCapture(name, path, source, application, self.comments)
         except BaseException:
             self.close()
             raise
 
-    def learn_net(self, identity: tuple, fd: int) -> None:
-        """A launcher handed over a net file: open its capture (once per net)."""
+    def learn_net(self, identity: tuple, fd: int) -> str:
+        """A launcher handed over a net file: open its capture (once per net); its name."""
         if identity in self.nets:
-            return
-        try:
-            source = os.readlink("/proc/self/fd/%d" % fd)
-        except OSError:
-            source = "net-%d-%d" % identity[:2]
+            return self.nets[identity].name
+        source = net_source(identity, fd)
         claimed = self.claimed.pop(os.path.realpath(source), None)
         if claimed is not None:
             self.nets[identity] = claimed
-            return
+            return claimed.name
         name = netfile.net_name(source)
         # A net the lab did not name: its own file, under a name no other net of ours and no
         # other broker is writing (lan0, lan0-2, ...).
@@ -536,8 +593,9 @@ class Capture:
                 continue
             try:
                 self.nets[identity] = NetCapture(unique, os.path.join(
-                    self.directory, unique + CAPTURE_SUFFIX), source, self.application)
-                return
+                    self.directory, unique + CAPTURE_SUFFIX), source, self.application,
+                    self.comments)
+                return unique
             except CaptureBusy:
                 continue
 
@@ -560,8 +618,9 @@ class Capture:
     # --- the engine's hook: called under lguest_lock after a completed transfer ------------
 
     def on_transfer(self, src, dst, index: int, entry: int, copied: int,
-                    src_dma: abi.LguestDma) -> int | None:
-        """Record the delivery; its send number (None: not on a net we were told about)."""
+                    src_dma: abi.LguestDma, fault: str = "") -> int | None:
+        """Record the delivery (with what an impairment did to it, if anything); its send
+        number (None: not on a net we were told about)."""
         key = dst.key
         net = self.nets.get(key.space)
         if net is None:
@@ -576,6 +635,8 @@ class Capture:
             fixed = self._fixed_facts(src, dst, net.name)
         send = self._send_number(src.id, fixed[4], (src_dma.addr, lens), data)
         comment = facts_text(fixed[0], index, copied, send, offered, fixed[1])
+        if fault:
+            comment += " " + fault
         net.pending += enhanced_packet_parts(time.time_ns(), data, max(offered, copied),
                                              comment)
         net.blocks += 1
@@ -583,6 +644,28 @@ class Capture:
         if net.blocks >= FLUSH_BLOCKS:
             net.flush()
         return send
+
+    def on_fault(self, src, receiver, key, data: bytes, fault: str) -> None:
+        """The engine's other hook: a frame an impairment kept from `receiver` (None: there
+        was none by then), with the sender's bytes."""
+        net = self.nets.get(key.space)
+        if net is None:
+            return
+        own = self._own_binding(src, key.space)
+        sender_slot = own.key.offset // abi.NET_PEER_KEY_STRIDE if own is not None else None
+        head, tail = facts_parts(
+            self.guest_name(src), sender_slot,
+            self.guest_name(receiver) if receiver is not None else UNKNOWN_SLOT,
+            key.offset // abi.NET_PEER_KEY_STRIDE, net.name, key.offset,
+            (src.id, receiver.id if receiver is not None else 0),
+            (src.owner, receiver.owner if receiver is not None else 0))
+        self.sends += 1
+        net.pending += enhanced_packet_parts(time.time_ns(), data, len(data),
+                                             fault_text(head, self.sends, tail, fault))
+        net.blocks += 1
+        self.dirty = True
+        if net.blocks >= FLUSH_BLOCKS:
+            net.flush()
 
     def _fixed_facts(self, src, dst, net: str) -> tuple:
         """(head, tail, the sender's binding, the receiver's key, the receiver's slot)."""

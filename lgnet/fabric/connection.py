@@ -53,6 +53,7 @@ class Input(Enum):
     STATS = "STATS"
     BROKER_STATS = "BROKER_STATS"
     NAME = "NAME"
+    IMPAIR = "IMPAIR"
     UNKNOWN = "unknown request"
     HANGUP = "hangup"
     # what the engine (and the broker's loop) reports for this connection's guest
@@ -67,7 +68,8 @@ class Input(Enum):
 
 REQUESTS = frozenset({Input.INITIALIZE, Input.HCALL, Input.NOTIFY, Input.GETDMA, Input.IRQ,
                       Input.BREAK_ON, Input.BREAK_OFF, Input.ATTACH, Input.KILL, Input.STATS,
-                      Input.BROKER_STATS, Input.NAME, Input.UNKNOWN, Input.HANGUP})
+                      Input.BROKER_STATS, Input.NAME, Input.IMPAIR, Input.UNKNOWN,
+                      Input.HANGUP})
 
 ANY = None
 S, I = State, Input
@@ -115,6 +117,7 @@ TABLE: dict[tuple[State | None, Input], tuple[str, State | None]] = {
     (ANY, I.STATS): ("stats", None),
     (ANY, I.BROKER_STATS): ("broker_stats", None),
     (ANY, I.NAME): ("name", None),
+    (ANY, I.IMPAIR): ("impair", None),                    # the lab's; our own uid only
     (ANY, I.UNKNOWN): ("refuse_unknown", None),
     (ANY, I.HANGUP): ("close", S.CLOSED),
     (ANY, I.WAKE): ("nothing", None),                     # the flags are set: it sees them

@@ -427,7 +427,8 @@ class Engine:
             copies.append(Late(src, dst.key, data, sent, verdict.fault(copy=True), verdict,
                                copy=True))
         if verdict.due is None:
-            self.deliver_late(copies)
+            for late in copies:               # under the lock already: this send's own
+                self._deliver_copy(late)
             return Send.DELIVERED
         for late in copies:
             self.impair.hold(verdict.due, late)

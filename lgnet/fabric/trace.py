@@ -54,9 +54,9 @@ class BrokerTrace:
         self.capture = capture
 
     def on_transfer(self, src, dst, index: int, entry: int, copied: int,
-                    src_dma: abi.LguestDma) -> None:
+                    src_dma: abi.LguestDma, fault: str = "") -> None:
         """The engine's hook (under lguest_lock): the capture's record, then ours."""
-        send = self.capture.on_transfer(src, dst, index, entry, copied, src_dma)
+        send = self.capture.on_transfer(src, dst, index, entry, copied, src_dma, fault)
         receiver = dst.guest
         net = self.capture.nets.get(dst.key.space)
         sender_name = self.capture.guest_name(src)
