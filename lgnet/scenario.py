@@ -535,7 +535,7 @@ def _events(node: _Node, guests: list[GuestSpec], networks: dict[str, Network]) 
                                                                                "the guests")))
         elif kind == "partition":
             groups = tuple(tuple(m.choice(names, "the guests") for m in g.items("guests", 1))
-                           for g in fields["partition"].items("groups of guests", 2))
+                           for g in fields["partition"].items("2 or more groups of guests", 2))
             _no_repeats([(name, fields["partition"]) for g in groups for name in g], "guest")
             out.append(Event(where, float(at), kind, groups=groups))
         else:

@@ -135,11 +135,14 @@ def test_unsafe_tag_is_refused(lab):
 
 # Each case: the YAML, the line and the rest of the message ("key: what").
 DRIVER = "  - name: a\n    driver: python\n"
+NET_AB = ("guests:\n  - {name: a, driver: python, nets: [lan0]}\n"
+          "  - {name: b, driver: python, nets: [lan0]}\n"
+          "networks:\n  lan0: {}\n\n\n")
 BAD = {
     "unknown top-level key": (
         "guests:\n" + DRIVER + "durration: 3\n",
-        4, "durration: unknown key (did you mean 'duration'?) (allowed: duration, networks, "
-           "guests, expect, first_guest_id)"),
+        4, "durration: unknown key (did you mean 'duration'?) (allowed: duration, seed, "
+           "networks, guests, impair, events, expect, first_guest_id)"),
     "guests missing": (
         "duration: 3\n",
         1, "guests: is required"),
@@ -423,6 +426,50 @@ BAD = {
         "networks: {lan0: {}}\nguests:\n" + DRIVER + "    nets: [lan0]\n    ip: 10.0.0.2\n"
         "    script:\n      - {ping: 10.0.0.1, net: lan0}\n",
         8, "guests[0].script[0].net: only allowed with 'send'"),
+    # --- impairments and the timeline (lgnet.fabric.impair checks every value) ---
+    "loss above 1": (
+        NET_AB + "impair:\n  - {net: lan0, src: a,\n     loss: 1.5}\n",
+        10, "impair[0].loss: must be a probability from 0 to 1, got 1.5"),
+    "rate unreadable": (
+        NET_AB + "impair:\n  - net: lan0\n    rate: fast\n",
+        10, "impair[0].rate: must be a rate above 0: bit/s as a number, or a string like "
+            "'10mbit', '500kbit', '100fps'; got 'fast'"),
+    "limit without rate": (
+        NET_AB + "impair:\n  - net: lan0\n    loss: 0.1\n    limit: 10\n",
+        11, "impair[0].limit: only allowed with 'rate'"),
+    "impair on an unknown guest": (
+        NET_AB + "impair:\n  - {net: lan0, dst: zed, delay: 5}\n",
+        9, "impair[0].dst: must be one of the guests ('a', 'b'), got 'zed'"),
+    "impair with nothing": (
+        NET_AB + "impair:\n  - {net: lan0, src: a}\n",
+        9, "impair[0]: needs at least one impairment (loss, burst, delay, jitter, reorder, "
+           "duplicate, corrupt, rate, limit, down)"),
+    "unknown impairment": (
+        NET_AB + "impair:\n  - {net: lan0, lossy: 0.1}\n",
+        9, "impair[0].lossy: unknown key (allowed: net, src, dst, loss, burst, delay, jitter, "
+           "reorder, duplicate, corrupt, rate, limit, down)"),
+    "event link not a pair": (
+        NET_AB + "events:\n  - {at: 1, link: [a], down: true}\n",
+        9, "events[0].link: must be a list of 2 to 2 a guest and a net, got a list"),
+    "event link on a net the guest is not on": (
+        NET_AB + "  lan1: {}\nevents:\n  - {at: 1, link: [a, lan1], down: true}\n",
+        10, "events[0].link: a is not on lan1"),
+    "event without a kind": (
+        NET_AB + "events:\n  - {at: 1}\n",
+        9, "events[0]: needs 'link', 'impair', 'kill', 'restart', 'partition' or 'heal'"),
+    "event time negative": (
+        NET_AB + "events:\n  - {at: -1, heal: true}\n",
+        9, "events[0].at: must be a number of seconds from 0 to 86400, got -1"),
+    "event bad impairment": (
+        NET_AB + "events:\n  - at: 2\n    impair: {net: lan0, delay: -5}\n",
+        10, "events[0].impair.delay: must be a number of milliseconds from 0 to 60000, got -5"),
+    "partition of one group": (
+        NET_AB + "events:\n  - {at: 1, partition: [[a, b]]}\n",
+        9, "events[0].partition: must be a list of 2 or more groups of guests, got a list"),
+    "seed not a number": (
+        NET_AB + "seed: lucky\n",
+        8, "seed: must be a whole number of (a seed) between 0 and 18446744073709551615, "
+           "got 'lucky'"),
 }
 
 
