@@ -94,7 +94,7 @@ expect:
      "expect[0].min: cannot be combined with 'count' (line 11)"),
     ("{to: beta, whithin: 5}", 11, "expect[0].whithin: unknown key (did you mean 'within'?) "
                                    "(allowed: from, to, net, "
-                                   "match, count, min, within)"),
+                                   "match, fault, count, min, within)"),
     ("icmp reaches beta", 11, "expect[0]: must be a mapping, got 'icmp reaches beta'"),
 ])
 def test_a_malformed_expect_exits_2_naming_file_line_and_key(tmp_path, entry, line, message):
