@@ -238,3 +238,11 @@ def test_no_impairment_configured_is_the_plain_path():
     kit, a, b, table, clock, entries, faults = impaired_pair()
     table.set("lan0", "alpha", "beta", Params())
     assert send(kit, a) is Send.DELIVERED and faults == []
+
+
+def test_a_frame_is_judged_once_even_when_it_waits_for_a_restock():
+    kit, a, b, table, clock, entries, faults = impaired_pair(loss=0.5)
+    for e in entries:
+        kit.set_used_len(b, e, 1)                        # every buffer used: Restock, retry
+    send(kit, a)
+    assert table.streams[("lan0", "alpha", "beta")].frames == 1

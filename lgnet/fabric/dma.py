@@ -321,7 +321,9 @@ class Engine:
         """After the receiver's chance to restock: the whole lookup once more, and a second
         failure is final."""
         with self.lock:
-            outcome, receiver = self._send_once(restock.sender, restock.key_addr, restock.udma)
+            # The same frame: the impairments judged it on the first try (it passed).
+            outcome, receiver = self._send_once(restock.sender, restock.key_addr, restock.udma,
+                                                judged=True)
         return self._account(restock.sender, outcome, receiver)
 
     @staticmethod
@@ -333,7 +335,8 @@ class Engine:
                 receiver.counters.rx_dropped += 1
         return outcome
 
-    def _send_once(self, guest: Guest, key_addr: int, udma: int) -> tuple[Send, Guest | None]:
+    def _send_once(self, guest: Guest, key_addr: int, udma: int,
+                   judged: bool = False) -> tuple[Send, Guest | None]:
         memory = guest.memory
         found = guest.sends.get(key_addr)
         if found is not None and found[0] == self.generation and found[1] == memory.layout:
@@ -353,7 +356,7 @@ class Engine:
             guest.sends[key_addr] = (self.generation, memory.layout, key, binding)
         if binding is None:
             return Send.NO_RECEIVER, None
-        if self.impair is not None:
+        if self.impair is not None and not judged:
             return self._impaired(guest, udma, binding), binding.guest
         return self._dma_transfer(guest, udma, binding), binding.guest
 
