@@ -14,10 +14,10 @@ pytestmark = pytest.mark.timeout(90)
 FILE_NAME = "test_echo.py"
 
 
-def readme_example() -> str:
+def readme_example(name: str = FILE_NAME) -> str:
     blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
-    found = [b for b in blocks if b.startswith("# %s\n" % FILE_NAME)]
-    assert len(found) == 1, "README.md must have one ```python block starting '# %s'" % FILE_NAME
+    found = [b for b in blocks if b.startswith("# %s\n" % name)]
+    assert len(found) == 1, "README.md must have one ```python block starting '# %s'" % name
     return found[0]
 
 
@@ -44,3 +44,16 @@ def test_the_readme_scapy_example_runs_as_written(tmp_path):
     kept = pcap.read_deliveries(keep / "test_alpha_answers_arp_ping_and_udp_echo" / "lan0.pcapng")
     assert {d.receiver for d in kept} >= {"alpha", "port0"}
     assert lgnet_shm() == []
+
+
+@pytest.mark.timeout(150)
+def test_the_readme_impairment_example_runs_as_written(tmp_path):
+    code = readme_example("test_lossy.py")
+    assert "scenarios/lossy.yaml" in code and ".lgnet.fault" in code
+    target = tmp_path / "test_lossy.py"
+    target.write_text(code)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             str(target)], cwd=REPO, env=ENV, capture_output=True, text=True,
+                            timeout=140)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
