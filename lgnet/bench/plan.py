@@ -40,6 +40,7 @@ UNICORN_SIZE = 98                     # an echo request: 14 + 20 + 8 + 56 bytes 
 # How many Unicorn guests fit: idle bundled guests on one net, their launchers' RSS.
 UNICORN_SCALE = (8, 16, 32)
 QUICK_UNICORN_SCALE = (4,)
+IMPAIR_LOSS = 1e-6                    # the bench's impairment: judged, (almost) never dropping
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Workload:
     guests: int = 2
     capture: bool = False             # the broker records every delivery (pcapng) meanwhile
     trace: bool = False               # --trace meanwhile (it captures too)
+    impair: tuple = ()                # (key, value) of one impairment on the whole net
 
     def anchors(self, netns: bool) -> dict[str, tuple]:
         """anchor name -> (helper kind, size, hosts) measured beside this workload; the netns
@@ -137,6 +139,11 @@ def workloads(opts: BenchOptions) -> list[Workload]:
         out.append(Workload("stream-deep-%d-trace" % size, "stream",
                             "stream, deep rx, --trace on", size, DEEP_RX, abi.ETH_FRAME_LEN,
                             capture=True, trace=True))
+        # ... and with one impairment on (issue 14): every frame judged by a loss rule of
+        # the whole net that (almost) never drops, so the stream stays lossless.
+        out.append(Workload("stream-deep-%d-impair" % size, "stream",
+                            "stream, deep rx, loss %g on" % IMPAIR_LOSS, size, DEEP_RX,
+                            abi.ETH_FRAME_LEN, impair=(("loss", IMPAIR_LOSS),)))
     out.append(Workload("latency-%d" % LATENCY_SIZE, "latency", "latency, ping-pong",
                         LATENCY_SIZE))
     for n in opts.fanouts():

@@ -72,6 +72,8 @@ def lab_run(w: Workload, guests: list[tuple[str, list[str]]], seconds: float) ->
     with tempfile.TemporaryDirectory(prefix="lgnet-bench-") as results, \
             Lab(scenario, capture=w.capture,
                 trace=os.path.join(results, "trace.json") if w.trace else None) as lab:
+        if w.impair:
+            lab.impair(NET, **dict(w.impair))
         started = time.monotonic()
         for name, args in guests:
             lab.start_guest(GuestSpec(name, mem_mb=mem_mb(w), kernel=KERNEL, nets=(NET,),

@@ -11,7 +11,9 @@
  * Checksums: we always compute them on the way out.  On the way in, the
  * IPv4 header checksum is always checked; ICMP and UDP checksums only when
  * the device lacks LGUEST_NET_F_NOCSUM, which is lguest's "this net does not
- * corrupt frames, do not bother" (Linux then marked frames CHECKSUM_UNNECESSARY).
+ * corrupt frames, do not bother" (Linux then marked frames CHECKSUM_UNNECESSARY),
+ * or the command line says csum (lgnet's nets can corrupt frames on request).
+ * Every failed checksum is counted (net_report's "checksum errors").
  */
 #include "kernel.h"
 
@@ -309,8 +311,10 @@ static void icmp_input(struct net_dev *dev, const u8 *src_mac, u32 saddr, int un
 
 	if (len < sizeof(*icmp))
 		return;
-	if (!dev->nocsum && csum_fold(csum_add(0, p, len)) != 0)
+	if (!dev->nocsum && csum_fold(csum_add(0, p, len)) != 0) {
+		dev->rx_csum_errors++;
 		return;
+	}
 
 	if (icmp->type == ICMP_ECHO && unicast) {
 		struct icmphdr *out = ip_build(dev, src_mac, saddr, IPPROTO_ICMP, len);
@@ -351,8 +355,10 @@ static void udp_input(struct net_dev *dev, const u8 *src_mac, u32 saddr, u32 dad
 	if (ulen < sizeof(*udp) || ulen > len)
 		return;
 	/* A zero checksum means "none" in IPv4. */
-	if (!dev->nocsum && udp->check && udp_csum(saddr, daddr, p, ulen) != 0)
+	if (!dev->nocsum && udp->check && udp_csum(saddr, daddr, p, ulen) != 0) {
+		dev->rx_csum_errors++;
 		return;
+	}
 	if (!unicast || ntohs(udp->dport) != UDP_ECHO_PORT)
 		return;
 
@@ -379,7 +385,11 @@ static void ip_input(struct net_dev *dev, const u8 *src_mac, const u8 *p, unsign
 	tot = ntohs(ip->tot_len);
 	if (ihl < sizeof(*ip) || ihl > len || tot < ihl || tot > len)
 		return;
-	if (csum_fold(csum_add(0, p, ihl)) != 0 || (ntohs(ip->frag) & IP_FRAG_MASK))
+	if (csum_fold(csum_add(0, p, ihl)) != 0) {
+		dev->rx_csum_errors++;
+		return;
+	}
+	if (ntohs(ip->frag) & IP_FRAG_MASK)
 		return;
 	saddr = ntohl(ip->saddr);
 	daddr = ntohl(ip->daddr);

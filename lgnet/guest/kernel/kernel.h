@@ -110,10 +110,11 @@ struct net_dev {
 	int nocsum;
 	u32 ip, netmask;
 	u32 tx_packets, rx_packets, tx_carrier_errors, rx_length_errors;
+	u32 rx_csum_errors;		/* frames a checksum showed damaged */
 };
 extern struct net_dev net_devs[];
 extern unsigned int num_net_devs;
-void net_init(int promisc);
+void net_init(int promisc, int csum);
 u8 *net_tx_buffer(void);
 void net_xmit(struct net_dev *dev, unsigned int len);
 u32 net_peer_key(struct net_dev *dev);

@@ -26,6 +26,9 @@
  *   linger=MS              after pinging, keep answering this long before
  *                          powering down (so slower peers get their replies)
  *   promisc                set the promiscuous bit in our net slots
+ *   csum                   check ICMP and UDP checksums even on a net that
+ *                          says it does not corrupt frames (NOCSUM): lgnet's
+ *                          impairments can
  *   block=test             write sector 1, read sectors 0-1 back, print them
  *   poweroff               power down when done, even without ping=
  *   hostile=WHAT           misbehave, for the Host's tests: baddma, badkey,
@@ -48,7 +51,7 @@ static struct {
 	u32 targets[MAX_TARGETS];
 	unsigned int num_targets;
 	u32 count, interval_ms, timeout_ms, peers, linger_ms, flood_s;
-	int promisc, block_test, poweroff;
+	int promisc, block_test, poweroff, csum;
 	const char *hostile;
 } opt = { .count = 3, .interval_ms = 1000, .timeout_ms = 1000 };
 
@@ -132,6 +135,7 @@ static const struct cmdline_option {
 	{ "peers", NUMBER, &opt.peers, NULL },
 	{ "linger", NUMBER, &opt.linger_ms, NULL },
 	{ "promisc", FLAG, &opt.promisc, NULL },
+	{ "csum", FLAG, &opt.csum, NULL },
 	{ "block", OTHER, NULL, set_block },
 	{ "poweroff", FLAG, &opt.poweroff, NULL },
 	{ "hostile", OTHER, NULL, set_hostile },
@@ -488,7 +492,7 @@ void start_kernel(u32 boot_pa)
 	initrd_size = *(const u32 *)(boot + BOOT_INITRD_SIZE);
 	devices_init(ram_size - initrd_size - PAGE_SIZE);
 	console_init();
-	net_init(opt.promisc);
+	net_init(opt.promisc, opt.csum);
 	for (i = 0; i < num_net_devs && i < opt.num_ips; i++) {
 		net_devs[i].ip = opt.ip[i];
 		net_devs[i].netmask = opt.netmask[i];

@@ -183,7 +183,7 @@ void net_poll(void)
  * (little-endian) and two zeroes, written into our slot (with the
  * promiscuous bit if asked); then the receive buffers are bound at our key.
  */
-void net_init(int promisc)
+void net_init(int promisc, int csum)
 {
 	struct lguest_device_desc *desc;
 	unsigned int nth, index, i;
@@ -200,7 +200,7 @@ void net_init(int promisc)
 		ring = &rx_rings[num_net_devs];
 		memset(dev, 0, sizeof(*dev));
 		dev->slot = desc->features & NET_SLOT_FEATURE_MASK;
-		dev->nocsum = !!(desc->features & LGUEST_NET_F_NOCSUM);
+		dev->nocsum = !csum && (desc->features & LGUEST_NET_F_NOCSUM);
 		dev->irq = index + 1;
 		if (dev->slot >= NET_SLOTS || desc->num_pages < 1) {
 			printk("net%u: bad slot %u\n", num_net_devs, dev->slot);
@@ -244,7 +244,7 @@ void net_report(void)
 
 	for (d = 0; d < num_net_devs; d++)
 		printk("net%u: tx %u packets, rx %u packets, %u carrier errors, "
-		       "%u length errors\n", d, net_devs[d].tx_packets,
+		       "%u length errors, %u checksum errors\n", d, net_devs[d].tx_packets,
 		       net_devs[d].rx_packets, net_devs[d].tx_carrier_errors,
-		       net_devs[d].rx_length_errors);
+		       net_devs[d].rx_length_errors, net_devs[d].rx_csum_errors);
 }
