@@ -130,6 +130,38 @@ def test_the_hook_records_deliveries_with_slots_keys_buffers_and_sends(tmp_path)
     assert all(g.dead is None for g in (a, b, c, loner))
 
 
+def test_impaired_frames_are_recorded_with_what_happened_and_the_seed(tmp_path):
+    from lgnet.fabric.impair import Impairments, Params
+    net = Net(tmp_path / "lan0.net")
+    cap = pcap.Capture(str(tmp_path / "cap"), {str(tmp_path / "lan0.net"): "lan0"},
+                       {100: "alpha", 101: "beta"}, seed=77)
+    engine = Engine()
+    engine.on_transfer, engine.on_fault = cap.on_transfer, cap.on_fault
+    a = kit_guest(engine, net, 100)
+    b = kit_guest(engine, net, 101, rx_sizes=(1514, 1514))
+    cap.learn_net(net.identity, net.fd)
+    bind_slot(engine, a, 0, 1)
+    bind_slot(engine, b, 1, 2)
+    table = Impairments(77, lambda: 0.0, net_of=lambda space: "lan0",
+                        name_of={a: "alpha", b: "beta"}.get)
+    engine.impair = table
+    frame = bytes(range(60))
+    table.set("lan0", "alpha", "beta", Params(loss=1.0))
+    send(engine, a, 1, frame)
+    table.set("lan0", "alpha", "beta", Params(corrupt=1.0))
+    send(engine, a, 1, frame)
+    cap.close()
+    path = tmp_path / "cap" / "lan0.pcapng"
+    lost, damaged = pcap.read_deliveries(path)
+    assert not lost.delivered and lost.buffer == -1 and lost.used_len == 0
+    assert lost.data == frame and lost.offered == 60
+    assert lost.fault == "dropped: loss 1 (link alpha->beta on lan0)"
+    assert "alpha slot 0 -> beta slot 1 key lan0+0x4 buffer - used_len 0" in lost.comment
+    assert damaged.delivered and damaged.fault == "corrupted: corrupt 1 (link alpha->beta on lan0)"
+    assert sum(bin(x ^ y).count("1") for x, y in zip(damaged.data, frame)) == 1
+    assert pcap.capture_seed(path) == 77
+
+
 def test_the_hook_reads_through_views_that_never_kill(tmp_path):
     net = Net(tmp_path / "lan0.net")
     cap = pcap.Capture(str(tmp_path / "cap"))

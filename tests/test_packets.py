@@ -55,3 +55,17 @@ def test_check_counts_windows_and_reports_what_was_seen():
     assert "+1.000s Ether / IP / ICMP 10.0.0.1 > 10.0.0.2 echo-request" in failed.report
     nothing = check(Expectation("x.yaml:7", receiver="gamma"), seen, start)
     assert not nothing.held and "nothing was delivered to gamma" in nothing.report
+
+
+def test_check_counts_impaired_frames_only_for_fault():
+    from dataclasses import replace
+    ok = delivery(ARP(op=1))
+    lost = replace(delivery(ARP(op=1), t=100.5), buffer=-1, used_len=0,
+                   fault="dropped: loss 0.1 (link alpha->beta on lan0)")
+    late = replace(delivery(ARP(op=2), t=101.0), fault="delayed: delay 20ms (net lan0)")
+    everything = [ok, lost, late]
+    assert len(check(Expectation("x:1"), everything, 100.0).matched) == 2     # deliveries
+    assert check(Expectation("x:1", sender="alpha", receiver="beta", fault="dropped: loss"),
+                 everything, 100.0).matched == [lost]
+    assert check(Expectation("x:1", fault="delayed"), everything, 100.0).matched == [late]
+    assert not check(Expectation("x:2", fault="corrupted"), everything, 100.0).held
