@@ -368,8 +368,9 @@ class Engine:
                 return binding
         return None
 
-    def _dma_transfer(self, src: Guest, udma: int, dst: Binding) -> Send:
-        src_used, src_dma = self._read_dma(src, udma)
+    def _dma_transfer(self, src: Guest, udma: int, dst: Binding, read=None) -> Send:
+        """`read`: the sender's descriptor when the caller has read it already."""
+        src_used, src_dma = self._read_dma(src, udma) if read is None else read
         dstg = dst.guest
         found = self._find_free_buffer(dst)
         if found.__class__ is Unreadable:
@@ -401,13 +402,16 @@ class Engine:
 
     def _impaired(self, src: Guest, udma: int, dst: Binding) -> Send:
         """A send judged by the impairments, then applied (see the top of this file)."""
-        src_used, src_dma = self._read_dma(src, udma)
-        sources = self.map_dma_list(src, src_dma) if src.dead is None else None
+        read = self._read_dma(src, udma)
+        if src.dead is not None:
+            return Send.FAILED
+        verdict = self.impair.judge(src, dst.guest, dst.key.space, _offered(read[1]))
+        if verdict is None:
+            return self._dma_transfer(src, udma, dst, read)
+        src_used, src_dma = read
+        sources = self.map_dma_list(src, src_dma)
         if sources is None:
             return Send.FAILED
-        verdict = self.impair.judge(src, dst.guest, dst.key.space, sources[1])
-        if verdict is None:
-            return self._dma_transfer(src, udma, dst)
         data = self._copy_out(src, sources[0])
         if data is None:
             return Send.FAILED
