@@ -60,6 +60,7 @@ QUERY_SECONDS = 2.0                  # a running lab's broker answers a query wi
 RUNTIME_PREFIX = "lgnet-"            # a lab's private directory: $TMPDIR/lgnet-XXXXXXXX
 BROKER_SOCKET = "broker.sock"
 NET_SUFFIX = ".net"
+RESTART_CLOSE_SECONDS = 5.0          # a restart waits this long for the old guest's close
 SEED_BITS = 32                       # a fresh seed: short enough to type back in
 
 
@@ -301,11 +302,20 @@ class Lab:
         old = self._run(name)
         if old.process.poll() is None:
             raise LgnetError("guest %r is still running: kill it first" % name)
-        self.collect()
+        # Once the broker has closed the old launcher (lguest's close()), its guest id is
+        # free again, and with it the MAC.
+        deadline = time.monotonic() + RESTART_CLOSE_SECONDS
+        while not self._closed(old) and time.monotonic() < deadline:
+            time.sleep(POLL_SECONDS)
         new = self._spawn(old.spec, self.launch_command(old.spec))
         new.console = old.console                # one console for the guest, both lives
         self.guests[self.guests.index(old)] = new
         return new
+
+    def _closed(self, run: GuestRun) -> bool:
+        """Has the broker closed this launcher's connection (its guest id is free)?"""
+        self.collect()
+        return bool(run.stats.get("ended"))
 
     def _run(self, name: str) -> GuestRun:
         for run in self.guests:

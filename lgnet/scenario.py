@@ -29,7 +29,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from lgnet import abi
 from lgnet.errors import LgnetError
-from lgnet.fabric.impair import KEYS as IMPAIR_KEYS, ImpairError, check_params
+from lgnet.fabric.impair import KEYS as IMPAIR_KEYS, ImpairError, check_params, check_value
 from lgnet.filters import FilterError, compile_filter
 from lgnet.filekind import describe_file
 from lgnet.guest.devices import tun
@@ -493,7 +493,7 @@ def _rule(node: _Node, guests: list[str], networks: dict[str, Network]) -> Rule:
             if not isinstance(value.node, ScalarNode):
                 value.must("a single value")
             try:
-                check_params({key: value.value()})
+                check_value(key, value.value())
             except ImpairError as e:
                 value.fail(e.what)
             params[key] = value.value()

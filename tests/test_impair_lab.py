@@ -191,10 +191,11 @@ guests:
   - {name: beta, driver: python, nets: [lan0], ip: 10.0.0.2/24}
   - {name: gamma, driver: python, nets: [lan0], ip: 10.0.0.3/24}
 events:
-  - {at: 1.0, kill: gamma}
-  - {at: 2.5, restart: gamma}
-  - {at: 4.0, partition: [[alpha], [beta, gamma]]}
-  - {at: 5.5, heal: true}
+  - {at: 4.0, kill: gamma}
+  - {at: 5.5, restart: gamma}
+  - {at: 7.0, partition: [[alpha], [beta, gamma]]}
+  - {at: 8.5, heal: true}
+  - {at: 9.0, impair: {net: lan0, src: alpha, loss: 0.5, burst: 3}}
 """
 
 
@@ -221,6 +222,7 @@ def test_kill_restart_partition_and_heal_on_a_timeline(tmp_path):
         for ip in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
             port.send(ARP(pdst=ip, psrc="10.0.0.99"))
             macs[ip] = port.expect("is-at and src host %s" % ip, timeout=5)[ARP].hwsrc
+        assert not lab.timeline_done, "the port came up too late to see gamma alive"
         wait_for(lambda: len(lab.timeline_done) >= 1, what="the kill")
         assert lab.guest("gamma").process.poll() is not None
         assert not pinged(port, "10.0.0.3", macs["10.0.0.3"], 1)        # a dead peer
@@ -244,8 +246,11 @@ def test_kill_restart_partition_and_heal_on_a_timeline(tmp_path):
         wait_for(lambda: any(d.sender == "alpha" and d.receiver == "beta" and d.delivered
                              and ICMP in Ether(d.data) for d in lab.records("lan0")),
                  what="alpha reaching beta again")
-        assert [error for _, _, error in lab.timeline_done] == ["", "", "", ""]
-        assert lab.impairments()["partition"] == []
+        wait_for(lambda: len(lab.timeline_done) >= 5, what="the rule")
+        assert [error for _, _, error in lab.timeline_done] == [""] * 5
+        state = lab.impairments()
+        assert state["partition"] == [] and state["rules"] == [
+            {"net": "lan0", "src": "alpha", "dst": None, "loss": 0.5, "burst": 3.0}]
 
 
 # --- rate, duplicate, corrupt, loss: between two host ports --------------------------------------

@@ -495,7 +495,7 @@ class Broker:
         guest = conn.file.guest
         if guest is not None and self.owners.get(guest.id) is conn:
             del self.owners[guest.id]
-            self.ended.append(self.guest_stats(guest))
+            self.ended.append(dict(self.guest_stats(guest), ended=True))
             self._release_breakers(guest)
         elif guest is not None and conn in self._breakers_of(guest):
             self._breakers_of(guest).remove(conn)

@@ -150,32 +150,37 @@ def parse_rate(key: str, v) -> tuple[float, bool]:
     return float(m[1]) * _RATE_SCALE[unit], False
 
 
+def check_value(key: str, value) -> dict:
+    """One key's value, checked alone: the Params fields it sets."""
+    if key not in KEYS:
+        raise ImpairError(key, "unknown impairment (allowed: %s)" % ", ".join(KEYS))
+    if key in ("loss", "duplicate", "corrupt"):
+        return {key: _probability(key, value)}
+    if key in ("delay", "jitter"):
+        return {key: _milliseconds(key, value)}
+    if key in ("reorder", "down"):
+        return {key: _flag(key, value)}
+    if key == "burst":
+        if not (_number(value) and 1 <= value <= MAX_BURST):
+            raise ImpairError(key, "must be a mean burst length in frames from 1 to %d, "
+                              "got %r" % (MAX_BURST, value))
+        return {key: float(value)}
+    if key == "rate":
+        rate, fps = parse_rate(key, value)
+        return {"rate": rate, "rate_fps": fps}
+    if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_LIMIT):
+        raise ImpairError(key, "must be a whole number of frames from 1 to %d, got %r"
+                          % (MAX_LIMIT, value))
+    return {key: value}
+
+
 def check_params(given: dict) -> Params:
     """A rule from its keys (loss, burst, delay, jitter, reorder, duplicate, corrupt, rate,
-    limit, down), every value checked; ImpairError names the first bad key."""
+    limit, down), every value checked, then the rules between keys; ImpairError names the
+    first bad key."""
     out: dict[str, Any] = {}
     for key, value in given.items():
-        if key not in KEYS:
-            raise ImpairError(key, "unknown impairment (allowed: %s)" % ", ".join(KEYS))
-        if key in ("loss", "duplicate", "corrupt"):
-            out[key] = _probability(key, value)
-        elif key in ("delay", "jitter"):
-            out[key] = _milliseconds(key, value)
-        elif key in ("reorder", "down"):
-            out[key] = _flag(key, value)
-        elif key == "burst":
-            if not (_number(value) and 1 <= value <= MAX_BURST):
-                raise ImpairError(key, "must be a mean burst length in frames from 1 to %d, "
-                                  "got %r" % (MAX_BURST, value))
-            out[key] = float(value)
-        elif key == "rate":
-            out["rate"], out["rate_fps"] = parse_rate(key, value)
-        elif key == "limit":
-            if not (isinstance(value, int) and not isinstance(value, bool)
-                    and 1 <= value <= MAX_LIMIT):
-                raise ImpairError(key, "must be a whole number of frames from 1 to %d, got %r"
-                                  % (MAX_LIMIT, value))
-            out[key] = value
+        out.update(check_value(key, value))
     if "burst" in out and not out.get("loss"):
         raise ImpairError("burst", "only allowed with a 'loss' above 0")
     if "burst" in out and out["loss"] >= 1:
