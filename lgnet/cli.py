@@ -176,13 +176,11 @@ def cmd_impair(args) -> int:
     """Change a running lab's impairments; print what it has afterwards."""
     import json
     from lgnet.fabric.impair import KEYS
-    from lgnet.lab import BROKER_SOCKET, impair_request
+    from lgnet.lab import impair_request, lab_socket
     if args.broker:
         socket_path = args.broker
-    elif args.lab:
-        socket_path = os.path.join(args.lab, BROKER_SOCKET)
     else:
-        socket_path = os.environ.get("LGNET_BROKER") or wire.default_socket_path()
+        socket_path = lab_socket(args.lab)
     if args.link:
         guest, net = args.link
         words = ([args.net] if args.net else []) + args.settings
@@ -328,7 +326,7 @@ def parser() -> argparse.ArgumentParser:
                         help="split the guests into groups: --partition alpha beta,gamma")
     impair.add_argument("--heal", action="store_true", help="end the partition")
     impair.add_argument("--lab", metavar="DIR", help="the lab's runtime directory "
-                        "(what `lgnet up` prints)")
+                        "(what `lgnet up` prints; default: the only running lab)")
     impair.add_argument("--broker", metavar="PATH", help="the broker's socket")
     impair.set_defaults(func=cmd_impair)
 

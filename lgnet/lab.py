@@ -813,6 +813,19 @@ def find_net(name: str, lab: str | None = None) -> str:
                      % (len(having), name, ", ".join(having)))
 
 
+def lab_socket(lab: str | None = None) -> str:
+    """The broker socket of the lab whose runtime directory is `lab`, or of the only lab
+    running (what `lgnet impair` talks to)."""
+    if lab is not None:
+        return os.path.join(lab, BROKER_SOCKET)
+    labs = running_labs()
+    if len(labs) != 1:
+        raise LgnetError("%s: choose one with --lab DIR" % (
+            "no lab is running" if not labs else "%d labs are running (%s)"
+            % (len(labs), ", ".join(labs))))
+    return os.path.join(labs[0], BROKER_SOCKET)
+
+
 def _listdir(path: str) -> list[str]:
     try:
         return os.listdir(path)
