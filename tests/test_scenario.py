@@ -446,7 +446,7 @@ BAD = {
            "duplicate, corrupt, rate, limit, down)"),
     "unknown impairment": (
         NET_AB + "impair:\n  - {net: lan0, lossy: 0.1}\n",
-        9, "impair[0].lossy: unknown key (allowed: net, src, dst, loss, burst, delay, jitter, "
+        9, "impair[0].lossy: unknown key (did you mean 'loss'?) (allowed: net, src, dst, loss, burst, delay, jitter, "
            "reorder, duplicate, corrupt, rate, limit, down)"),
     "event link not a pair": (
         NET_AB + "events:\n  - {at: 1, link: [a], down: true}\n",

@@ -486,9 +486,9 @@ class Engine:
                         "dropped: no free buffer; " + late.why)
             self.raise_irq(dstg, binding.interrupt)
             return
-        index, region, off = found
+        index, dst_dma = found
         entry = binding.dmas + index * _SIZE
-        targets = self.map_dma_list(dstg, region.view[off + _LIST:off + _SIZE].tobytes())
+        targets = self.map_dma_list(dstg, dst_dma)
         if targets is None:
             return
         if any(view is None for view, _at, _length in targets[0]):
