@@ -141,11 +141,11 @@ seed: 3
 networks: {lan0: {}}
 guests:
   - {name: alpha, kernel: bundled, nets: [lan0],
-     cmdline: "ip=10.0.0.1/24 peers=1 ping=10.0.0.2 count=60 interval=100 linger=200"}
+     cmdline: "ip=10.0.0.1/24 peers=1 ping=10.0.0.2 count=120 interval=100 linger=200"}
   - {name: beta, kernel: bundled, nets: [lan0], cmdline: "ip=10.0.0.2/24"}
-events:
-  - {at: 3.0, link: [beta, lan0], down: true}
-  - {at: 4.5, link: [beta, lan0], up: true}
+events:                      # well inside alpha's 12 s of pings, even on a loaded machine
+  - {at: 5.0, link: [beta, lan0], down: true}
+  - {at: 7.0, link: [beta, lan0], up: true}
 """
 
 
