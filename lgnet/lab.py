@@ -346,7 +346,7 @@ class Lab:
     def link(self, guest: str, net: str) -> "Link":
         """A guest's attachment to a net: `.down()`, `.up()`, `.state`."""
         self._check_names(net, [guest])
-        specs = list(self.scenario.guests) + [p.run.spec for p in self.ports]
+        specs = list(self.scenario.guests) + [p.run.spec for p in self.ports + self.uplinks]
         if not any(net in spec.nets for spec in specs if spec.name == guest):
             raise LgnetError("guest %r is not on %s" % (guest, net))
         return Link(self, guest, net)
@@ -371,7 +371,8 @@ class Lab:
         if net is not None and net not in self.scenario.networks:
             raise LgnetError("no network %r in %s (networks: %s)" % (
                 net, self.scenario.path, ", ".join(self.scenario.networks) or "none"))
-        known = {spec.name for spec in self.scenario.guests} | {p.name for p in self.ports}
+        known = {spec.name for spec in self.scenario.guests} | {p.name for p in self.ports} \
+            | {u.run.name for u in self.uplinks}
         for guest in guests:
             if guest not in known:
                 raise LgnetError("no guest %r in %s (guests: %s)" % (
