@@ -166,8 +166,8 @@ def test_a_guest_on_two_nets_pings_on_both_and_no_receive_buffer_crosses_a_page(
             assert console[at + 1] == "3 packets transmitted, 3 received, 0% packet loss", console
     alpha = lines_of(result.stdout, "alpha")
     for dev in ("net0", "net1"):
-        assert "%s: tx 7 packets, rx 7 packets, 0 carrier errors, 0 length errors" % dev \
-            in alpha, alpha
+        assert "%s: tx 7 packets, rx 7 packets, 0 carrier errors, 0 length errors, " \
+            "0 checksum errors" % dev in alpha, alpha
     *rows, _note = result.stdout.splitlines()[-4:]
     assert [line.split()[-2:] for line in rows] == [["powered", "down"]] * 3
     assert lgnet_shm() == []
@@ -189,7 +189,8 @@ def test_a_command_line_word_the_bundled_kernel_cannot_follow_stops_it_naming_th
     assert result.returncode == 1, result.stdout + result.stderr
     console = lines_of(result.stdout, "typo")
     assert ("lguest: %s '%s'; the options are: ip= ping= flood= count= interval= timeout= "
-            "peers= linger= promisc block= poweroff hostile=" % (why, word)) in console, console
+            "peers= linger= promisc csum block= poweroff hostile=" % (why, word)) in console, \
+        console
     row = next(line for line in result.stdout.splitlines() if line.startswith("typo "))
     assert row.endswith("killed: CRASH: %s '%s' on the command line" % (why, word)), row
     assert lgnet_shm() == []
