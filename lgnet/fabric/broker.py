@@ -249,6 +249,10 @@ class Broker:
         except BrokerStop:
             pass
         finally:
+            # Already stopping: a second SIGTERM (a lab's teardown, then its process group's)
+            # must not cut the shutdown or the runtime directory's removal short.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             self.shutdown()
 
     def step(self, timeout: float | None = None) -> None:
