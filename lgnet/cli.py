@@ -195,6 +195,88 @@ def cmd_slots(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    import json
+    from lgnet.lab import status
+    labs = status()
+    if args.json:
+        print(json.dumps(labs, indent=1))
+        return 0
+    if not labs:
+        print("no lab is running")
+    for lab in labs:
+        print(status_text(lab))
+    return 0
+
+
+def status_text(lab: dict) -> str:
+    """One running lab as `lgnet status` prints it."""
+    lines = ["%s  (broker pid %s, lab pid %s)" % (lab["scenario"] or "(unknown scenario)",
+                                                  lab["broker_pid"], lab["lab_pid"]),
+             "  runtime directory %s" % lab["runtime"]]
+    rows = [("guest", "pid", "net:slot mac", "tx pkts", "rx pkts", "drops", "state")]
+    for g in lab["guests"]:
+        where = " ".join("%s:%d %s" % (s["net"], s["slot"], s["mac"]) for s in g["slots"])
+        c = g["counters"]
+        rows.append((g["name"], str(g["pid"]), where or "-", str(c.get("tx_packets", 0)),
+                     str(c.get("rx_packets", 0)), str(c.get("rx_dropped", 0)), g["state"]))
+    return "\n".join(lines + ["  " + line for line in columns(rows, right=(1, 3, 4, 5))])
+
+
+def columns(rows: list[tuple], right: tuple[int, ...] = ()) -> list[str]:
+    """Rows of cells as aligned text; the last column is left ragged."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join([c.rjust(w) if i in right else c.ljust(w)
+                       for i, (c, w) in enumerate(zip(row, widths))] + [row[-1]])
+            for row in rows]
+
+
+def bindings_text(view) -> str:
+    """The dma_hash view as `lgnet bindings` prints it: one row per binding, chain order,
+    then what each guest's connection is doing."""
+    rows = [("chain", "pos", "guest", "key", "array", "bufs", "free", "used", "next", "irq",
+             "used_len")]
+    for b in view.bindings:
+        used = " ".join("#%d=%s" % (i, "?" if n is None else n)
+                        for i, n in enumerate(b.used_len) if n != 0) or "-"
+        rows.append((str(b.chain), str(b.position), b.guest, b.key, "%#010x" % b.dmas,
+                     str(b.num_dmas), str(b.free), str(b.used), str(b.next_dma),
+                     str(b.interrupt), used))
+    lines = columns(rows, right=(0, 1, 5, 6, 7, 8, 9)) if view.bindings else ["(no binding)"]
+    guests = [("guest", "id", "pid", "state", "irqs raised", "pending DMA")]
+    for g in view.guests:
+        pending = "dma %#x key %#x" % tuple(g.pending_dma) if g.pending_dma else "-"
+        guests.append((g.name, str(g.guest_id), str(g.pid), g.state + (
+            ": %s" % g.dead if g.dead else ""), ",".join(map(str, g.irq_flags)) or "-",
+            pending))
+    return "\n".join(lines + [""] + columns(guests, right=(1, 2)))
+
+
+def cmd_bindings(args) -> int:
+    import json
+    import time
+    from lgnet import inspector
+    from lgnet.lab import BROKER_SOCKET, description, find_lab
+    runtime = find_lab(args.lab)
+    nets = description(runtime).get("nets", {})
+    socket_path = os.path.join(runtime, BROKER_SOCKET)
+    try:
+        while True:
+            view = inspector.query(socket_path, nets).only(args.name)
+            if args.json:
+                text = json.dumps(view.as_dict(), indent=1)
+            else:
+                text = bindings_text(view)
+            if args.watch is not None:
+                print("\033[H\033[2J" + time.strftime("%H:%M:%S ") + runtime, flush=True)
+            print(text, flush=True)
+            if args.watch is None:
+                return 0
+            time.sleep(args.watch)
+    except BrokenPipeError:
+        return 0
+
+
 def cmd_bench(args) -> int:
     from lgnet.bench import make_plan, report, run
     plan = make_plan(sizes=args.sizes, seconds=args.seconds, rounds=args.rounds,
@@ -291,6 +373,23 @@ def parser() -> argparse.ArgumentParser:
     slots.add_argument("--lab", metavar="DIR",
                        help="the lab's runtime directory (`lgnet up` prints it)")
     slots.set_defaults(func=cmd_slots)
+
+    status = sub.add_parser("status", help="this user's running labs: scenario, broker, "
+                            "guests with pid, slot, MAC, state and counters")
+    status.add_argument("--json", action="store_true", help="as JSON")
+    status.set_defaults(func=cmd_status)
+
+    bindings = sub.add_parser("bindings", help="a running lab's dma_hash, live: every "
+                              "binding, its receive buffers and each guest's state")
+    bindings.add_argument("name", nargs="?", metavar="GUEST|NET",
+                          help="only this guest's bindings, or those on this net")
+    bindings.add_argument("--lab", metavar="DIR|SCENARIO",
+                          help="the lab (its runtime directory or scenario; default: the "
+                               "only one running)")
+    bindings.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
+                          help="refresh every SECONDS (default 1) until Ctrl-C")
+    bindings.add_argument("--json", action="store_true", help="as JSON")
+    bindings.set_defaults(func=cmd_bindings)
 
     bench = sub.add_parser("bench", help="throughput, latency and scale, with anchors "
                            "measured in the same run")

@@ -53,6 +53,7 @@ QUERY_SECONDS = 2.0                  # a running lab's broker answers a query wi
 RUNTIME_PREFIX = "lgnet-"            # a lab's private directory: $TMPDIR/lgnet-XXXXXXXX
 BROKER_SOCKET = "broker.sock"
 NET_SUFFIX = ".net"
+DESCRIPTION = "lab.json"             # what a lab says of itself, for `lgnet status`
 
 
 @dataclass
@@ -174,6 +175,7 @@ class Lab:
             if network.uplink is not None:
                 self.start_uplink(net, network.uplink)
         self.started_at = time.time()
+        self.describe()
         for spec in self.scenario.guests:
             self.start_guest(spec)
 
@@ -207,6 +209,22 @@ class Lab:
                 raise LgnetError("the broker did not start within %gs" % BROKER_START_SECONDS)
             if not ready.readline():
                 raise LgnetError("the broker did not start (exit status %s)" % self.broker.wait())
+
+    def describe(self) -> None:
+        """Leave lab.json in the runtime directory: which scenario this is, its nets and
+        guests, who runs it (`lgnet status` and `--lab DIR` read it)."""
+        description = {
+            "scenario": os.path.abspath(self.scenario.path),
+            "lab_pid": os.getpid(), "broker_pid": self.broker.pid,
+            "started": self.started_at,
+            "nets": {net: self.net_file(net) for net in self.scenario.networks},
+            "guests": [spec.name for spec in self.scenario.guests],
+            "captures": {net: self.capture_path(net) for net in self.scenario.networks}
+            if self.capture_dir is not None else {}}
+        path = os.path.join(self.runtime, DESCRIPTION)
+        with open(path + ".new", "w") as f:
+            json.dump(description, f, indent=1)
+        os.replace(path + ".new", path)            # readers never see half of it
 
     def launch_command(self, spec: GuestSpec) -> list[str]:
         cmd = self.launcher_command(spec.name)
@@ -348,7 +366,9 @@ class Lab:
         deadline = time.monotonic() + timeout
         path = self.net_file(net)
         while True:
-            up = {pid for s in netfile.slot_table(path) if any(s.mac) for pid in s.pids}
+            # No file yet: no launcher has reached the net.
+            table = netfile.slot_table(path) if os.path.exists(path) else []
+            up = {pid for s in table if any(s.mac) for pid in s.pids}
             late = [run.name for run in self.guests if net in run.spec.nets
                     and run.process.poll() is None and run.process.pid not in up]
             if not late:
@@ -446,6 +466,15 @@ class Lab:
         for run in self.guests + [p.run for p in self.ports + self.uplinks]:
             run.stats = by_pid.get(run.process.pid, run.stats)
 
+    def bindings(self, name: str | None = None):
+        """The broker's dma_hash right now (lgnet.inspector.BindingsView): every binding —
+        chain, guest, key as `lan0+0x4`, array, used_len of each buffer, next_dma,
+        interrupt — and each guest's state; only those of guest or net `name` if given."""
+        from lgnet import inspector
+        view = inspector.query(self.socket_path, {net: self.net_file(net)
+                                                  for net in self.scenario.networks})
+        return view.only(name)
+
     def broker_stats(self) -> dict:
         """The broker's own counters: where its time went, rings run, wake-ups held back."""
         channel = wire.Channel(self.socket_path)
@@ -517,20 +546,7 @@ class Lab:
 
 def guest_names(socket_path: str) -> dict[int, str]:
     """Launcher pid -> guest name, as the lab told its broker; {} when no broker answers."""
-    try:
-        channel = wire.Channel(socket_path)
-    except OSError:
-        return {}
-    # A socket that accepts but never answers (a stopped broker, or something else that took
-    # the name) must not hang the command that asked.
-    channel.sock.settimeout(QUERY_SECONDS)
-    try:
-        rows = json.loads(channel.call(wire.OP_STATS).tail or b"[]")
-    except (wire.BrokerGone, TimeoutError):
-        return {}
-    finally:
-        channel.close()
-    return {row["pid"]: row["name"] for row in rows if row.get("name")}
+    return {row["pid"]: row["name"] for row in _broker_rows(socket_path) if row.get("name")}
 
 
 def running_labs() -> list[str]:
@@ -547,6 +563,104 @@ def running_labs() -> list[str]:
             continue                              # not ours to read, or its broker is gone
         found.append(runtime)
     return found
+
+
+def description(runtime: str) -> dict:
+    """A running lab's lab.json (Lab.describe); {} for a lab that left none."""
+    try:
+        with open(os.path.join(runtime, DESCRIPTION)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def find_lab(lab: str | None = None) -> str:
+    """A running lab's runtime directory: `lab` itself when it is one, else the running lab
+    whose scenario is `lab` (its file, or that file's name without .yaml); without `lab`,
+    the only running lab."""
+    if lab is not None and os.path.isdir(lab):
+        return lab
+    labs = running_labs()
+    if lab is not None:
+        labs = [runtime for runtime in labs
+                if lab in _scenario_names(description(runtime).get("scenario"))]
+    if len(labs) == 1:
+        return labs[0]
+    if not labs:
+        raise LgnetError("no running lab%s (`lgnet status` lists them)"
+                         % (" is %r" % lab if lab is not None else ""))
+    raise LgnetError("%d labs are running%s: choose one with --lab DIR (%s)" % (
+        len(labs), " %s" % lab if lab is not None else "", ", ".join(labs)))
+
+
+def _scenario_names(path: str | None) -> set[str]:
+    if not path:
+        return set()
+    base = os.path.basename(path)
+    return {path, base, os.path.splitext(base)[0]}
+
+
+def lab_status(runtime: str) -> dict:
+    """What `lgnet status` says of one running lab: its scenario, broker, runtime directory,
+    and each guest (live and ended) with pid, slots (net, slot, MAC), state and counters."""
+    from lgnet import inspector
+    described = description(runtime)
+    socket_path = os.path.join(runtime, BROKER_SOCKET)
+    nets = described.get("nets") or {f[:-len(NET_SUFFIX)]: os.path.join(runtime, f)
+                                     for f in _listdir(runtime) if f.endswith(NET_SUFFIX)}
+    rows = _broker_rows(socket_path)
+    try:
+        states = {g.pid: g for g in inspector.query(socket_path, nets).guests}
+    except LgnetError:
+        states = {}
+    slots: dict[int, list[dict]] = {}
+    for net, path in nets.items():
+        try:
+            table = netfile.slot_table(path)
+        except (OSError, LgnetError):
+            continue
+        for s in table:
+            for pid in s.pids:
+                slots.setdefault(pid, []).append({"net": net, "slot": s.slot,
+                                                  "mac": s.mac_text})
+    guests = []
+    for row in rows:
+        live = states.get(row["pid"])
+        if row.get("dead") == POWER_DOWN:
+            state = "powered down"
+        elif row.get("dead"):
+            state = "killed: %s" % row["dead"]
+        else:
+            state = live.state if live is not None else "ended"
+        guests.append({"name": row.get("name") or "guest%d" % row["guest"],
+                       "pid": row["pid"], "guest_id": row["guest"], "state": state,
+                       "slots": slots.get(row["pid"], []),
+                       "counters": {k: v for k, v in row.items() if k not in ROW_IDENTITY}})
+    return {"runtime": runtime, "scenario": described.get("scenario"),
+            "lab_pid": described.get("lab_pid"), "broker_pid": described.get("broker_pid"),
+            "started": described.get("started"), "nets": nets, "guests": guests}
+
+
+ROW_IDENTITY = ("guest", "pid", "dead", "name")     # the rest of a stats row is counters
+
+
+def status() -> list[dict]:
+    """Every running lab of this user (lab_status each), oldest runtime directory first."""
+    return [lab_status(runtime) for runtime in running_labs()]
+
+
+def _broker_rows(socket_path: str) -> list[dict]:
+    """The broker's per-guest counters (OP_STATS); [] when no broker answers."""
+    try:
+        channel = wire.Channel(socket_path)
+    except OSError:
+        return []
+    try:
+        return json.loads(channel.call(wire.OP_STATS).tail or b"[]")
+    except wire.BrokerGone:
+        return []
+    finally:
+        channel.close()
 
 
 def find_net(name: str, lab: str | None = None) -> str:

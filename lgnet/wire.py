@@ -40,10 +40,11 @@ OP_STATS = 19                           # the lab asks for per-guest counters (J
 OP_NAME = 20                            # the lab names the guest of launcher pid <arg0>: tail
 OP_NOTIFY = 21                          # doorbell: run my async hypercall ring; no reply
 OP_BROKER_STATS = 22                    # the broker's own counters and times (JSON reply)
+OP_BINDINGS = 23                        # the dma_hash view, read-only (JSON reply)
 OP_NAMES = {OP_INITIALIZE: "INITIALIZE", OP_GETDMA: "GETDMA", OP_IRQ: "IRQ",
             OP_BREAK: "BREAK", OP_HCALL: "HCALL", OP_ATTACH: "ATTACH", OP_KILL: "KILL",
             OP_STATS: "STATS", OP_NAME: "NAME", OP_NOTIFY: "NOTIFY",
-            OP_BROKER_STATS: "BROKER_STATS"}
+            OP_BROKER_STATS: "BROKER_STATS", OP_BINDINGS: "BINDINGS"}
 
 # --- replies: result (negative errno on error) + flags + two u32 (+ tail) -----------------
 
