@@ -53,6 +53,10 @@ QUERY_SECONDS = 2.0                  # a running lab's broker answers a query wi
 RUNTIME_PREFIX = "lgnet-"            # a lab's private directory: $TMPDIR/lgnet-XXXXXXXX
 BROKER_SOCKET = "broker.sock"
 NET_SUFFIX = ".net"
+# Every child in a process group of its own: a Ctrl-C at the terminal (or a SIGTERM to the
+# lab's group) reaches the lab alone, which collects the broker's counters and then stops its
+# children in order — not a broker that dies with the counters before anyone asked.
+OWN_GROUP = 0
 DESCRIPTION = "lab.json"             # what a lab says of itself, for `lgnet status`
 
 
@@ -199,7 +203,7 @@ class Lab:
                 "lgnet.fabric.broker", "--die-with-parent", "--owns-directory",
                 "--socket", self.socket_path, "--watch-fd", str(watch_r),
                 "--ready-fd", str(ready_w), *capture, *ids),
-            pass_fds=(watch_r, ready_w), stdin=subprocess.DEVNULL)
+            pass_fds=(watch_r, ready_w), stdin=subprocess.DEVNULL, process_group=OWN_GROUP)
         os.close(watch_r)
         os.close(ready_w)
         with os.fdopen(ready_r, "rb") as ready:
@@ -283,7 +287,8 @@ class Lab:
 
     def _spawn(self, spec: GuestSpec, command: list[str], pass_fds=()) -> GuestRun:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, pass_fds=pass_fds)
+                                   stderr=subprocess.STDOUT, pass_fds=pass_fds,
+                                   process_group=OWN_GROUP)
         run = GuestRun(spec, process)
         self.name_guest(process.pid, spec.name)
         run.reader = threading.Thread(target=self._read_console, args=(run,), daemon=True)
