@@ -124,14 +124,18 @@ def cmd_dump(args) -> int:
     from lgnet.fabric import capture
     from lgnet.filters import FilterError, compile_filter
     from lgnet.packets import describe_frame
+    from lgnet.lab import find_capture
     path = args.target
-    if not os.path.isfile(path):
+    if args.lab is not None or not os.path.isfile(path):
         if args.pcap is None:
-            raise LgnetError("no capture file %s: give a .pcapng or .pcap file, or a net name "
-                             "with --pcap DIR (the directory of `lgnet up --pcap DIR`)" % path)
-        path = os.path.join(args.pcap, args.target + capture.CAPTURE_SUFFIX)
+            # A running lab's net: its capture is still being written, so follow it.
+            path = find_capture(args.target, args.lab)
+            args.follow = True
+        else:
+            path = os.path.join(args.pcap, args.target + capture.CAPTURE_SUFFIX)
         if not os.path.isfile(path):
-            raise LgnetError("no capture of net %r in %s" % (args.target, args.pcap))
+            raise LgnetError("no capture of net %r in %s yet" % (
+                args.target, args.pcap or os.path.dirname(path)))
     if args.count is not None and args.count < 0:
         raise LgnetError("--count wants a number of frames, 0 or more, got %d" % args.count)
     try:
@@ -166,17 +170,18 @@ def cmd_dump(args) -> int:
 
 def cmd_slots(args) -> int:
     from lgnet import netfile
-    from lgnet.lab import BROKER_SOCKET, find_net, guest_names, running_labs
+    from lgnet.lab import BROKER_SOCKET, find_lab, find_net, guest_names, running_labs
     from lgnet.uplink import holder
     path = args.net
-    if args.lab is not None or not os.path.exists(path):
-        path = find_net(args.net, args.lab)
+    lab = find_lab(args.lab) if args.lab is not None else None
+    if lab is not None or not os.path.exists(path):
+        path = find_net(args.net, lab)
     netfile.require_net_page(path)
     # The lab's broker sits beside its own net files and knows each launcher's guest name;
     # a net file elsewhere (a scenario's `file:`) may belong to any running lab.
-    names = guest_names(os.path.join(args.lab or os.path.dirname(os.path.abspath(path)),
+    names = guest_names(os.path.join(lab or os.path.dirname(os.path.abspath(path)),
                                      BROKER_SOCKET))
-    if not names and args.lab is None:
+    if not names and lab is None:
         for runtime in running_labs():
             names.update(guest_names(os.path.join(runtime, BROKER_SOCKET)))
     table = netfile.slot_table(path)
@@ -357,11 +362,15 @@ def parser() -> argparse.ArgumentParser:
 
     dump = sub.add_parser("dump", help="one decoded line per delivered frame of a capture")
     dump.add_argument("target", metavar="PCAP|NET",
-                      help="a capture file (pcapng or pcap), or a net name with --pcap DIR")
+                      help="a capture file (pcapng or pcap), a net name with --pcap DIR, or "
+                           "a running lab's net")
     dump.add_argument("filter", nargs="*", metavar="EXPRESSION",
                       help="only the frames this pcap-filter(7) expression keeps, as tcpdump "
                            "(e.g. 'udp port 7')")
     dump.add_argument("--pcap", metavar="DIR", help="where `lgnet up --pcap DIR` writes")
+    dump.add_argument("--lab", metavar="DIR|SCENARIO",
+                      help="NET is this running lab's (default: the only lab with that net); "
+                           "its capture is followed live")
     dump.add_argument("-f", "--follow", action="store_true",
                       help="keep printing new frames until the broker stops writing")
     dump.add_argument("-c", "--count", type=int, help="stop after this many frames")
@@ -370,8 +379,9 @@ def parser() -> argparse.ArgumentParser:
     slots = sub.add_parser("slots", help="the live slot table of a net file")
     slots.add_argument("net", metavar="NETFILE|NET",
                        help="a net file, or the name of a running lab's net (lan0)")
-    slots.add_argument("--lab", metavar="DIR",
-                       help="the lab's runtime directory (`lgnet up` prints it)")
+    slots.add_argument("--lab", metavar="DIR|SCENARIO",
+                       help="the lab: its runtime directory (`lgnet up` prints it) or its "
+                            "scenario")
     slots.set_defaults(func=cmd_slots)
 
     status = sub.add_parser("status", help="this user's running labs: scenario, broker, "

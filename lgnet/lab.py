@@ -671,12 +671,13 @@ def _broker_rows(socket_path: str) -> list[dict]:
 def find_net(name: str, lab: str | None = None) -> str:
     """The net file of the net `name` in a running lab: the lab whose runtime directory is
     `lab`, or the only running lab that has such a net."""
-    labs = [lab] if lab is not None else running_labs()
+    labs = [find_lab(lab)] if lab is not None else running_labs()
     having = [runtime for runtime in labs
               if os.path.isfile(os.path.join(runtime, name + NET_SUFFIX))]
     if len(having) == 1:
         return os.path.join(having[0], name + NET_SUFFIX)
     if lab is not None:
+        lab = labs[0]
         raise LgnetError("no net %r in the lab at %s (its nets: %s)" % (
             name, lab, ", ".join(sorted(f[:-len(NET_SUFFIX)] for f in _listdir(lab)
                                         if f.endswith(NET_SUFFIX))) or "none"))
@@ -685,6 +686,27 @@ def find_net(name: str, lab: str | None = None) -> str:
                          % (name, ", ".join(labs) or "none"))
     raise LgnetError("%d running labs have a net %r: choose one with --lab DIR (%s)"
                      % (len(having), name, ", ".join(having)))
+
+
+def find_capture(net: str, lab: str | None = None) -> str:
+    """The capture file a running lab writes for its net `net` (`lgnet dump lan0`): the
+    lab `lab` (find_lab), or the only running lab that has such a net."""
+    labs = [find_lab(lab)] if lab is not None else [
+        runtime for runtime in running_labs() if net in description(runtime).get("nets", {})]
+    if len(labs) > 1:
+        raise LgnetError("%d running labs have a net %r: choose one with --lab DIR (%s)"
+                         % (len(labs), net, ", ".join(labs)))
+    if not labs:
+        raise LgnetError("no capture file %s, and no running lab has a net %r: give a .pcapng "
+                         "or .pcap file, or a net name with --pcap DIR" % (net, net))
+    described = description(labs[0])
+    if net not in described.get("nets", {}):
+        raise LgnetError("no net %r in the lab at %s (its nets: %s)" % (
+            net, labs[0], ", ".join(described.get("nets", {})) or "none"))
+    if net not in described.get("captures", {}):
+        raise LgnetError("the lab at %s does not capture: start it with --pcap DIR (or "
+                         "lgnet shell) to dump its nets" % labs[0])
+    return described["captures"][net]
 
 
 def _listdir(path: str) -> list[str]:

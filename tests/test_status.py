@@ -35,7 +35,7 @@ def status() -> list[dict]:
 def test_status_lists_two_running_labs_then_neither(tmp_path):
     chatty = tmp_path / "chatty.yaml"
     chatty.write_text(CHATTY)
-    with lgnet.up(ECHO, capture=False) as echo, lgnet.up(str(chatty), capture=False) as other:
+    with lgnet.up(ECHO, capture=False) as echo, lgnet.up(str(chatty)) as other:
         for lab in (echo, other):
             lab.wait_net("lan0")
         labs = {lab["runtime"]: lab for lab in status()}      # other users' labs too: ours
@@ -54,6 +54,16 @@ def test_status_lists_two_running_labs_then_neither(tmp_path):
         text = subprocess.run([sys.executable, "-m", "lgnet", "status"], env=ENV,
                               capture_output=True, text=True, timeout=30).stdout
         assert str(chatty) in text and echo.runtime in text
+        run = lambda *a: subprocess.run([sys.executable, "-m", "lgnet", *a], env=ENV,
+                                        capture_output=True, text=True, timeout=30)
+        # A lab and a net name instead of paths: the lab by its scenario's name.
+        dumped = run("dump", "lan0", "--lab", "chatty", "-c", "2")
+        assert dumped.returncode == 0, dumped.stderr
+        assert [line.split()[0] for line in dumped.stdout.splitlines()] == ["1", "2"]
+        refused = run("dump", "lan0", "--lab", echo.runtime)
+        assert refused.returncode == 2 and "does not capture" in refused.stderr
+        slots = run("slots", "lan0", "--lab", "chatty")
+        assert {"alpha", "beta"} <= {line.split()[4] for line in slots.stdout.splitlines()[1:]}
         echo.guest("alpha").kill()
         echo.guest("alpha").wait(10)
         deadline = time.monotonic() + 10
