@@ -107,6 +107,7 @@ def test_lgnet_bindings_prints_the_table_and_json_of_a_running_lab(held_lab):
                                              for b in expected.bindings]
     as_json = json.loads(run("--lab", lab.runtime, "--json", "beta").stdout)
     assert [(b["guest"], b["key"], b["free"]) for b in as_json["bindings"]
-            if b["net"] == "lan0"] == [("beta", lab.bindings("beta").bindings[-1].key, 8)]
+            if b["net"] == "lan0"] == [
+        ("beta", b.key, 8) for b in lab.bindings("beta").bindings if b.net == "lan0"]
     wrong = run("--lab", lab.runtime, "nosuch")
     assert wrong.returncode == 2 and "no guest or net 'nosuch'" in wrong.stderr

@@ -2,7 +2,7 @@
 
 Rules of this file: it only looks. It is sans-IO like the engine (fabric/dma.py) and never
 changes a guest, a binding or a counter: a receive buffer's used_len is read through
-`GuestMemory.view`, which refuses a bad range instead of killing the guest as lgread would
+`GuestMemory.gather`, which refuses a bad range instead of killing the guest as lgread would
 (an inspector must not be a guest's death). The caller holds lguest_lock around `snapshot`,
 so the picture is one moment between two engine operations.
 
@@ -49,8 +49,8 @@ def used_lens(binding: Binding) -> list[int | None]:
     out: list[int | None] = []
     for index in range(binding.num_dmas):
         addr = binding.dmas + index * abi.LGUEST_DMA_SIZE + abi.DMA_USED_LEN_OFFSET
-        window = memory.view(addr, 4)
-        out.append(None if window is None else int.from_bytes(window, "little"))
+        word = memory.gather(addr, 4)
+        out.append(None if word is None else int.from_bytes(word, "little"))
     return out
 
 
