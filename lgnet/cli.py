@@ -102,21 +102,32 @@ def cmd_up(args) -> int:
         print("capture: %s" % " ".join(result.captures))
     if args.trace is not None:
         print(TRACE_WRITTEN % args.trace)
-    if result.interrupted:
-        return EXIT_INTERRUPTED
-    return 1 if result.killed else 0
+    status = EXIT_INTERRUPTED if result.interrupted else 1 if result.killed else 0
+    if args.json:
+        write_json(args.json, result.as_dict(status))
+    return status
+
+
+def write_json(path: str, record: dict) -> None:
+    import json
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
 
 
 def cmd_test(args) -> int:
     """0 when every expectation held, 1 when one did not (with what was seen)."""
     from lgnet.lab import run_test
     sigterm_interrupts()
-    verdicts = run_test(args.scenario, out=sys.stdout, pcap=args.pcap, trace=args.trace)
+    result = run_test(args.scenario, out=sys.stdout, pcap=args.pcap, trace=args.trace)
+    verdicts = result.verdicts
     print("\n" + "\n".join(v.report for v in verdicts))
     failed = sum(not v.held for v in verdicts)
     print("%d of %d expectations held" % (len(verdicts) - failed, len(verdicts)))
     if args.trace is not None:
         print(TRACE_WRITTEN % args.trace)
+    if args.json:
+        write_json(args.json, result.as_dict(1 if failed else 0))
     return 1 if failed else 0
 
 
@@ -341,6 +352,8 @@ def parser() -> argparse.ArgumentParser:
                     help="join NET to a kernel bridge (or a TAP) beyond this host; replaces "
                          "the scenario's uplink: of that net (needs CAP_NET_ADMIN)")
     up.add_argument("--trace", metavar="FILE", help=TRACE_HELP)
+    up.add_argument("--json", metavar="FILE", help="also write the results table (counters "
+                    "and each guest's ending) to FILE as JSON")
     up.set_defaults(func=cmd_up)
 
     test = sub.add_parser("test", help="run a scenario and check its expect: list "
@@ -348,6 +361,8 @@ def parser() -> argparse.ArgumentParser:
     test.add_argument("scenario", help="a scenario YAML file with an expect: list")
     test.add_argument("--pcap", metavar="DIR", help="keep the capture in DIR")
     test.add_argument("--trace", metavar="FILE", help=TRACE_HELP)
+    test.add_argument("--json", metavar="FILE", help="also write every verdict, the "
+                      "counters and each guest's ending to FILE as JSON")
     test.set_defaults(func=cmd_test)
 
     trace = sub.add_parser("trace", help="read a trace of --trace: its deliveries, or draw "

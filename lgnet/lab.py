@@ -769,10 +769,31 @@ class RunResult:
     uplinks: list = field(default_factory=list)            # lgnet.uplink.Uplink
     interrupted: bool = False
     captures: list[str] = field(default_factory=list)
+    scenario: Scenario | None = None
+    verdicts: list | None = None                           # `lgnet test`'s, one per expect:
 
     @property
     def killed(self) -> bool:
         return any(g.killed for g in self.guests)
+
+    def as_dict(self, status: int) -> dict:
+        """The run as JSON-ready data (`--json FILE`): per guest and uplink the broker's
+        counters, how it ended and lguest's death reason; for `lgnet test` each expectation's
+        verdict; `status` is the command's exit status."""
+        record = {"scenario": os.path.abspath(self.scenario.path) if self.scenario else None,
+                  "status": status, "interrupted": self.interrupted,
+                  "guests": [dict({"name": g.name, "pid": g.process.pid},
+                                  **{k: v for k, v in g.stats.items() if k not in ROW_IDENTITY},
+                                  ended=g.ending, killed=g.killed, dead=g.stats.get("dead"))
+                             for g in self.guests + [u.run for u in self.uplinks]]}
+        if self.verdicts is not None:
+            record["expectations"] = [
+                {"where": e.where, "expectation": e.describe(), "held": v.held,
+                 "matched": len(v.matched), "considered": len(v.considered),
+                 "report": v.report}
+                for e, v in zip(self.scenario.expect, self.verdicts)]
+            record["held"] = sum(v.held for v in self.verdicts)
+        return record
 
 
 def run_up(path: str, duration: float | None = None, out: TextIO | None = None,
@@ -787,7 +808,7 @@ def run_up(path: str, duration: float | None = None, out: TextIO | None = None,
     scenario = uplinks.with_uplinks(load_scenario(path), list(uplink))
     duration = duration if duration is not None else scenario.duration
     lab = Lab(scenario, out, pcap=pcap, trace=trace)
-    result = RunResult(lab.guests, lab.uplinks)
+    result = RunResult(lab.guests, lab.uplinks, scenario=scenario)
     try:
         lab.start()
         if on_up is not None:
@@ -812,9 +833,9 @@ def run_seconds(scenario: Scenario) -> float:
 
 
 def run_test(path: str, out: TextIO | None = None, pcap: str | None = None,
-             trace: str | None = None) -> list:
-    """Run the scenario and check its `expect:` against the capture: the verdicts
-    (lgnet.packets.Verdict), one per expectation. A scenario error is an LgnetError.
+             trace: str | None = None) -> RunResult:
+    """Run the scenario and check its `expect:` against the capture: the run, with its
+    verdicts (lgnet.packets.Verdict, one per expectation). A scenario error is an LgnetError.
 
     The run ends when every guest has ended, when the time is up (run_seconds), or early when
     every expectation is an "at least" one and already holds."""
@@ -830,4 +851,5 @@ def run_test(path: str, out: TextIO | None = None, pcap: str | None = None,
                 break
             if early and all(v.held for v in lab.check()):
                 break
-        return lab.check()
+        verdicts = lab.check()
+    return RunResult(lab.guests, lab.uplinks, scenario=scenario, verdicts=verdicts)
