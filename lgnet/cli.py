@@ -115,6 +115,11 @@ def write_json(path: str, record: dict) -> None:
         f.write("\n")
 
 
+def cmd_shell(args) -> int:
+    from lgnet.shell import run_shell
+    return run_shell(args.scenario, pcap=args.pcap)
+
+
 def cmd_test(args) -> int:
     """0 when every expectation held, 1 when one did not (with what was seen)."""
     from lgnet.lab import run_test
@@ -355,6 +360,13 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--json", metavar="FILE", help="also write the results table (counters "
                     "and each guest's ending) to FILE as JSON")
     up.set_defaults(func=cmd_up)
+
+    shell = sub.add_parser("shell", help="bring a scenario up and drive it from a prompt "
+                           "(nodes, pingall, console, dump, kill, restart, bindings, ...)")
+    shell.add_argument("scenario", help="a scenario YAML file (see scenarios/)")
+    shell.add_argument("--pcap", metavar="DIR", help="keep the capture in DIR (the shell "
+                       "always captures, for dump)")
+    shell.set_defaults(func=cmd_shell)
 
     test = sub.add_parser("test", help="run a scenario and check its expect: list "
                           "(exit 0 all held, 1 one failed, 2 the scenario is wrong)")

@@ -33,6 +33,7 @@ from typing import Callable, TextIO
 
 from lgnet import abi, netfile, process, timeline, wire
 from lgnet import uplink as uplinks
+from lgnet.controls import LabControls
 from lgnet.errors import LgnetError
 from lgnet.fabric import capture as pcapng
 from lgnet.guest import script
@@ -69,6 +70,7 @@ class GuestRun:
     stats: dict = field(default_factory=dict)
     reader: threading.Thread | None = None
     stopped: bool = False              # still running when the lab stopped it
+    lives: int = 1                     # 2 after one Lab.restart, ...
 
     @property
     def name(self) -> str:
@@ -85,6 +87,8 @@ class GuestRun:
             return "stopped by the lab"
         if self.process.returncode is None:
             return "running"
+        if self.process.returncode < 0:          # SIGKILL from Lab.kill, or anyone's signal
+            return "killed by %s" % signal.Signals(-self.process.returncode).name
         return "exited %d" % self.process.returncode
 
     @property
@@ -110,6 +114,18 @@ class GuestRun:
         """Everything the guest printed so far."""
         return "".join(line + "\n" for line in list(self.console))
 
+    def type(self, text: str | bytes) -> None:
+        """Send keystrokes to the guest's console (a lab started with console_input=True)."""
+        if self.process.stdin is None:
+            raise LgnetError("%s's console takes no input: start the lab with "
+                             "console_input=True (lgnet shell does)" % self.name)
+        data = text.encode() if isinstance(text, str) else bytes(text)
+        try:
+            self.process.stdin.write(data)
+            self.process.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            raise LgnetError("%s is not running (%s)" % (self.name, self.ending)) from None
+
     def kill(self) -> None:
         """SIGKILL the guest's launcher: a crash, as far as the net and the broker can tell."""
         if self.process.poll() is None:
@@ -123,14 +139,17 @@ class GuestRun:
             return None
 
 
-class Lab:
+class Lab(LabControls):
     """A running scenario. `capture=True` records every delivery in the lab's own directory;
     `pcap=DIR` records them into DIR (kept after the lab is down); `trace=FILE` writes the
     run's timeline to FILE once the lab is down (lgnet.timeline; it captures too: the
-    capture's send numbers join a frame's slices)."""
+    capture's send numbers join a frame's slices); `console_input=True` lets guests' consoles
+    be typed into (GuestRun.type). What can be done to it once it is up — nodes, links,
+    pingall, ping, kill, restart, dump, ... — is lgnet.controls'."""
 
     def __init__(self, scenario: Scenario | str, out: TextIO | None = None,
-                 capture: bool = False, pcap: str | None = None, trace: str | None = None):
+                 capture: bool = False, pcap: str | None = None, trace: str | None = None,
+                 console_input: bool = False):
         self.scenario = load_scenario(scenario) if isinstance(scenario, (str, os.PathLike)) \
             else scenario
         self.out = out
@@ -151,6 +170,8 @@ class Lab:
         self.uplinks: list[uplinks.Uplink] = []
         self.out_lock = threading.Lock()
         self.started_at: float | None = None       # wall clock, when the guests were started
+        self.console_input = console_input
+        self.ping_ports: dict = {}                 # net -> (pingall's port, its address)
         self._readers: dict[str, pcapng.Reader] = {}
         self._delivered: dict[str, list[pcapng.Delivery]] = {}
 
@@ -231,7 +252,7 @@ class Lab:
         os.replace(path + ".new", path)            # readers never see half of it
 
     def launch_command(self, spec: GuestSpec) -> list[str]:
-        cmd = self.launcher_command(spec.name)
+        cmd = self.launcher_command(spec.name, console_input=self.console_input)
         for net in spec.nets:
             cmd += ["--sharenet", self.net_file(net)]
         if spec.block:
@@ -244,14 +265,16 @@ class Lab:
         ip = ["ip=" + ",".join(spec.ip)] if spec.ip else []
         return cmd + [str(spec.mem_mb), kernel] + list(spec.args) + ip + self.driver_args(spec)
 
-    def launcher_command(self, name: str, *options: str) -> list[str]:
+    def launcher_command(self, name: str, *options: str,
+                         console_input: bool = False) -> list[str]:
         """The launcher of guest `name`: the Launcher's own entry point, dying with the lab
-        (and writing its timeline events, with a trace)."""
+        (and writing its timeline events, with a trace); its console reads the pipe the lab
+        holds only with console_input."""
         if self.trace_dir is not None:
             options = ("--trace-stream", self.trace_stream(name)) + options
+        quiet = [] if console_input else ["--no-console-input"]
         return process.child_command("lgnet.guest.launcher", "--die-with-parent",
-                                     "--broker", self.socket_path, "--no-console-input",
-                                     *options)
+                                     "--broker", self.socket_path, *quiet, *options)
 
     def trace_stream(self, name: str) -> str:
         return os.path.join(self.trace_dir, name + timeline.STREAM_SUFFIX)
@@ -281,12 +304,14 @@ class Lab:
         return args + (["promisc"] if spec.promisc else [])
 
     def start_guest(self, spec: GuestSpec) -> GuestRun:
-        run = self._spawn(spec, self.launch_command(spec))
+        run = self._spawn(spec, self.launch_command(spec), console_input=self.console_input)
         self.guests.append(run)
         return run
 
-    def _spawn(self, spec: GuestSpec, command: list[str], pass_fds=()) -> GuestRun:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    def _spawn(self, spec: GuestSpec, command: list[str], pass_fds=(),
+               console_input: bool = False) -> GuestRun:
+        stdin = subprocess.PIPE if console_input else subprocess.DEVNULL
+        process = subprocess.Popen(command, stdin=stdin, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, pass_fds=pass_fds,
                                    process_group=OWN_GROUP)
         run = GuestRun(spec, process)
@@ -507,8 +532,12 @@ class Lab:
         for run in runs:
             if run.reader is not None:
                 run.reader.join(timeout=TEARDOWN_GRACE_SECONDS)
-            if run.process.stdout:
-                run.process.stdout.close()
+            for pipe in (run.process.stdout, run.process.stdin):
+                if pipe:
+                    try:
+                        pipe.close()
+                    except BrokenPipeError:
+                        pass
         if self.broker is not None and self.broker.poll() is None:
             self.collect()
         if self.capture_dir is not None and self.capture_dir.startswith(self.runtime + os.sep):
@@ -750,13 +779,15 @@ kept_captures = KeptCaptures()
 
 
 def up(scenario: Scenario | str, out: TextIO | None = None, capture: bool = True,
-       pcap: str | None = None, trace: str | None = None) -> Lab:
+       pcap: str | None = None, trace: str | None = None, console_input: bool = False) -> Lab:
     """`with lgnet.up("scenarios/three-guests.yaml") as lab:` — always torn down; captures
     every delivery unless capture=False (pcap=DIR keeps the files in DIR); trace=FILE writes
-    the run's timeline there when the lab is down (open it in ui.perfetto.dev)."""
+    the run's timeline there when the lab is down (open it in ui.perfetto.dev);
+    console_input=True lets the guests' consoles be typed into (lab.ping, GuestRun.type)."""
     if pcap is None and capture:
         pcap = kept_captures.next()
-    return Lab(scenario, out, capture=capture, pcap=pcap, trace=trace)
+    return Lab(scenario, out, capture=capture, pcap=pcap, trace=trace,
+               console_input=console_input)
 
 
 # --- a whole run: what `lgnet up` and `lgnet test` do, printing nothing ----------------------
