@@ -328,6 +328,8 @@ def run_shell(path: str, pcap: str | None = None, out=sys.stdout) -> int:
     keys = sys.stdin.fileno() if sys.stdin.isatty() else None
     try:
         lab.start()
+        for net in lab.scenario.networks:
+            lab.wait_net(net)                  # `net` right away shows every MAC
         out.write("".join("lgnet shell: %s\n" % line for line in lab.whereabouts()))
         out.write("lgnet shell: %d guests up; `help` lists the commands\n" % len(lab.guests))
         out.flush()
