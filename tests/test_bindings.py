@@ -109,5 +109,17 @@ def test_lgnet_bindings_prints_the_table_and_json_of_a_running_lab(held_lab):
     assert [(b["guest"], b["key"], b["free"]) for b in as_json["bindings"]
             if b["net"] == "lan0"] == [
         ("beta", b.key, 8) for b in lab.bindings("beta").bindings if b.net == "lan0"]
+    watch = subprocess.Popen([sys.executable, "-m", "lgnet", "bindings", "--lab", lab.runtime,
+                              "--watch", "0.2"], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        frames = 0
+        for line in watch.stdout:                 # each refresh starts with a clear screen
+            frames += line.startswith("\033[H\033[2J")
+            if frames == 3:
+                break
+    finally:
+        watch.kill()
+        watch.communicate()
+    assert frames == 3
     wrong = run("--lab", lab.runtime, "nosuch")
     assert wrong.returncode == 2 and "no guest or net 'nosuch'" in wrong.stderr
