@@ -320,12 +320,13 @@ def history_path() -> str:
 
 def run_shell(path: str, pcap: str | None = None, out=sys.stdout) -> int:
     """`lgnet shell`: up, prompt, down; the results table at the end; the exit status of
-    `lgnet up` (0, or 1 when a guest was killed — by the shell's `kill` too)."""
+    `lgnet up` (0; 1 when a guest was killed, by the shell's `kill` too; 130 on SIGTERM)."""
     def terminated(*_):
         raise Terminated()
     signal.signal(signal.SIGTERM, terminated)
     lab = Lab(path, out=None, capture=True, pcap=pcap, console_input=True)
     keys = sys.stdin.fileno() if sys.stdin.isatty() else None
+    interrupted = False
     try:
         lab.start()
         for net in lab.scenario.networks:
@@ -334,9 +335,11 @@ def run_shell(path: str, pcap: str | None = None, out=sys.stdout) -> int:
         out.write("lgnet shell: %d guests up; `help` lists the commands\n" % len(lab.guests))
         out.flush()
         Shell(lab, out, keys).run()
-    except Terminated:
-        pass
+    except (Terminated, KeyboardInterrupt):      # SIGTERM, or Ctrl-C outside the prompt
+        interrupted = True
     finally:
         lab.stop()
     out.write("\n" + results_table(lab.guests) + "\n" + TABLE_NOTE + "\n")
+    if interrupted:
+        return 130
     return 1 if any(g.killed for g in lab.guests) else 0

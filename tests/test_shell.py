@@ -126,3 +126,22 @@ def test_source_runs_a_file_of_commands_and_ctrl_d_leaves(tmp_path):
     assert term.child.exitstatus == 0
     history = (tmp_path / "state" / "lgnet" / "shell_history").read_text()
     assert "\n+source %s\n" % commands in history            # prompt_toolkit's FileHistory
+
+
+def test_sigterm_tears_the_lab_down_with_the_real_counts(tmp_path):
+    scenario = tmp_path / "mixed.yaml"
+    scenario.write_text(SCENARIO)
+    term = Terminal(scenario, tmp_path)
+    pids = pids_in(term.run("nodes", r"gamma .*\n"))
+    term.run("pingall", r"Results: 0% dropped .*\n")
+    term.wait("lgnet>")
+    term.child.kill(15)
+    term.child.expect(pexpect.EOF)
+    table = ANSI.sub("", term.child.before)
+    term.child.close()
+    assert term.child.exitstatus == 130
+    for name in ("alpha", "beta", "gamma"):      # each answered pingall's ARP and echo
+        row = re.search(r"^%s\s+(\d+)\s+\d+\s+(\d+)\s.*stopped by the lab$" % name, table, re.M)
+        assert row and int(row.group(1)) >= 2 and int(row.group(2)) >= 2, table
+    assert not [pid for pid in pids if alive(pid)]
+    assert lgnet_shm() == []

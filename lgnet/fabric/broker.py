@@ -76,6 +76,10 @@ class BrokerStop(Exception):
 
 
 def _stop(*_) -> None:
+    # One stop is enough: a second signal (the lab's SIGTERM, then its death's) must not cut
+    # the tear-down short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise BrokerStop()
 
 
