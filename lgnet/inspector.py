@@ -87,7 +87,7 @@ def query(socket_path: str, nets: dict[str, str]) -> BindingsView:
         raise LgnetError("no broker answers at %s (%s)" % (socket_path,
                                                            exc.strerror or exc)) from None
     try:
-        reply = channel.call(wire.OP_BINDINGS)
+        reply = channel.query(wire.OP_BINDINGS)
     except wire.BrokerGone:
         raise LgnetError("the broker at %s went away" % socket_path) from None
     finally:

@@ -487,7 +487,7 @@ class Lab(LabControls):
         except OSError:
             return
         try:
-            reply = channel.call(wire.OP_STATS)
+            reply = channel.query(wire.OP_STATS)
         except wire.BrokerGone:
             return
         finally:
@@ -509,7 +509,7 @@ class Lab(LabControls):
         """The broker's own counters: where its time went, rings run, wake-ups held back."""
         channel = wire.Channel(self.socket_path)
         try:
-            return json.loads(channel.call(wire.OP_BROKER_STATS).tail or b"{}")
+            return json.loads(channel.query(wire.OP_BROKER_STATS).tail or b"{}")
         finally:
             channel.close()
 
@@ -690,7 +690,7 @@ def _broker_rows(socket_path: str) -> list[dict]:
     except OSError:
         return []
     try:
-        return json.loads(channel.call(wire.OP_STATS).tail or b"[]")
+        return json.loads(channel.query(wire.OP_STATS).tail or b"[]")
     except wire.BrokerGone:
         return []
     finally:

@@ -202,5 +202,19 @@ class Channel:
         self.send(op, a, b, c, d, tail, fds)
         return self.receive()
 
+    def query(self, op: int) -> Reply:
+        """A request whose JSON reply may outgrow MAX_MESSAGE (STATS of a lab of hundreds
+        of guests, BINDINGS): the reply's real size is peeked first (MSG_TRUNC reports it),
+        so nothing is cut. Not for the hot path: it costs one more system call."""
+        self.send(op)
+        try:
+            size = self.sock.recv_into(bytearray(1), 1, socket.MSG_PEEK | socket.MSG_TRUNC)
+            data = self.sock.recv(max(size, 1))
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            raise BrokerGone("the broker closed the connection")
+        return decode_reply(data)
+
     def close(self) -> None:
         self.sock.close()
