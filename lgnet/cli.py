@@ -235,6 +235,8 @@ def status_text(lab: dict) -> str:
     lines = ["%s  (broker pid %s, lab pid %s)" % (lab["scenario"] or "(unknown scenario)",
                                                   lab["broker_pid"], lab["lab_pid"]),
              "  runtime directory %s" % lab["runtime"]]
+    if not lab["answering"]:
+        return "\n".join(lines + ["  (its broker does not answer)"])
     rows = [("guest", "pid", "net:slot mac", "tx pkts", "rx pkts", "drops", "state")]
     for g in lab["guests"]:
         where = " ".join("%s:%d %s" % (s["net"], s["slot"], s["mac"]) for s in g["slots"])

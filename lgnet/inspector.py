@@ -88,8 +88,8 @@ def query(socket_path: str, nets: dict[str, str]) -> BindingsView:
                                                            exc.strerror or exc)) from None
     try:
         reply = channel.query(wire.OP_BINDINGS)
-    except wire.BrokerGone:
-        raise LgnetError("the broker at %s went away" % socket_path) from None
+    except wire.BrokerGone as gone:
+        raise LgnetError("the broker at %s: %s" % (socket_path, gone)) from None
     finally:
         channel.close()
     if reply.result < 0:

@@ -580,7 +580,8 @@ class Lab(LabControls):
 
 def guest_names(socket_path: str) -> dict[int, str]:
     """Launcher pid -> guest name, as the lab told its broker; {} when no broker answers."""
-    return {row["pid"]: row["name"] for row in _broker_rows(socket_path) if row.get("name")}
+    return {row["pid"]: row["name"] for row in _broker_rows(socket_path) or []
+            if row.get("name")}
 
 
 def running_labs() -> list[str]:
@@ -643,10 +644,12 @@ def lab_status(runtime: str) -> dict:
     nets = described.get("nets") or {f[:-len(NET_SUFFIX)]: os.path.join(runtime, f)
                                      for f in _listdir(runtime) if f.endswith(NET_SUFFIX)}
     rows = _broker_rows(socket_path)
+    answering = rows is not None
     try:
-        states = {g.pid: g for g in inspector.query(socket_path, nets).guests}
+        states = {g.pid: g for g in inspector.query(socket_path, nets).guests} \
+            if answering else None
     except LgnetError:
-        states = {}
+        states = None                 # an older broker: it knows no BINDINGS
     slots: dict[int, list[dict]] = {}
     for net, path in nets.items():
         try:
@@ -658,21 +661,23 @@ def lab_status(runtime: str) -> dict:
                 slots.setdefault(pid, []).append({"net": net, "slot": s.slot,
                                                   "mac": s.mac_text})
     guests = []
-    for row in rows:
-        live = states.get(row["pid"])
+    for row in rows or []:
+        live = (states or {}).get(row["pid"])
         if row.get("dead") == POWER_DOWN:
             state = "powered down"
         elif row.get("dead"):
             state = "killed: %s" % row["dead"]
         else:
-            state = live.state if live is not None else "ended"
+            state = "unknown" if states is None else live.state if live is not None \
+                else "ended"
         guests.append({"name": row.get("name") or "guest%d" % row["guest"],
                        "pid": row["pid"], "guest_id": row["guest"], "state": state,
                        "slots": slots.get(row["pid"], []),
                        "counters": {k: v for k, v in row.items() if k not in ROW_IDENTITY}})
     return {"runtime": runtime, "scenario": described.get("scenario"),
             "lab_pid": described.get("lab_pid"), "broker_pid": described.get("broker_pid"),
-            "started": described.get("started"), "nets": nets, "guests": guests}
+            "started": described.get("started"), "answering": answering, "nets": nets,
+            "guests": guests}
 
 
 ROW_IDENTITY = ("guest", "pid", "dead", "name")     # the rest of a stats row is counters
@@ -683,16 +688,16 @@ def status() -> list[dict]:
     return [lab_status(runtime) for runtime in running_labs()]
 
 
-def _broker_rows(socket_path: str) -> list[dict]:
-    """The broker's per-guest counters (OP_STATS); [] when no broker answers."""
+def _broker_rows(socket_path: str) -> list[dict] | None:
+    """The broker's per-guest counters (OP_STATS); None when no broker answers."""
     try:
         channel = wire.Channel(socket_path)
     except OSError:
-        return []
+        return None
     try:
         return json.loads(channel.query(wire.OP_STATS).tail or b"[]")
     except wire.BrokerGone:
-        return []
+        return None
     finally:
         channel.close()
 

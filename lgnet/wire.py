@@ -163,6 +163,9 @@ def recv_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
     return data, list(fds)
 
 
+QUERY_SECONDS = 5.0                      # how long a query waits for a broker's answer
+
+
 class BrokerGone(Exception):
     """The broker closed the connection (it exited or was killed)."""
 
@@ -202,16 +205,23 @@ class Channel:
         self.send(op, a, b, c, d, tail, fds)
         return self.receive()
 
-    def query(self, op: int) -> Reply:
+    def query(self, op: int, timeout: float = QUERY_SECONDS) -> Reply:
         """A request whose JSON reply may outgrow MAX_MESSAGE (STATS of a lab of hundreds
         of guests, BINDINGS): the reply's real size is peeked first (MSG_TRUNC reports it),
-        so nothing is cut. Not for the hot path: it costs one more system call."""
+        so nothing is cut. A broker that does not answer within `timeout` (stopped, or busy
+        elsewhere) is BrokerGone: whoever asks — `lgnet status` over every lab — goes on.
+        Not for the hot path: it costs one more system call."""
         self.send(op)
+        self.sock.settimeout(timeout)
         try:
             size = self.sock.recv_into(bytearray(1), 1, socket.MSG_PEEK | socket.MSG_TRUNC)
             data = self.sock.recv(max(size, 1))
         except ConnectionResetError:
             data = b""
+        except TimeoutError:
+            raise BrokerGone("the broker did not answer within %gs" % timeout) from None
+        finally:
+            self.sock.settimeout(None)
         if not data:
             raise BrokerGone("the broker closed the connection")
         return decode_reply(data)
