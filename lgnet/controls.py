@@ -80,9 +80,11 @@ class LabControls:
         ending, as in the results table)."""
         self.collect()
         rows = []
-        for run in self.guests + [p.run for p in self.ports]:
+        ports = {id(p.run): "port" for p in self.ports}
+        ports.update({id(u.run): "uplink" for u in self.uplinks})
+        for run in self._runs():
             spec = run.spec
-            kind = "port" if run in [p.run for p in self.ports] else (
+            kind = ports.get(id(run)) or (
                 "python driver" if not spec.kernel else
                 "bundled kernel" if _is_bundled(spec.kernel) else "kernel %s" % spec.kernel)
             rows.append({"name": run.name, "kind": kind, "pid": run.process.pid,
@@ -100,7 +102,7 @@ class LabControls:
                 for pid in s.pids:
                     holders[net, pid] = s
         links = []
-        for run in self.guests + [p.run for p in self.ports]:
+        for run in self._runs():
             for net in run.spec.nets:
                 s = holders.get((net, run.process.pid))
                 links.append(Link(run.name, net, s.slot if s else None,
@@ -115,7 +117,7 @@ class LabControls:
     def stats(self) -> dict:
         """The broker's counters now: {"guests": {name: counters}, "broker": its own}."""
         self.collect()
-        guests = {run.name: dict(run.stats) for run in self.guests + [p.run for p in self.ports]}
+        guests = {run.name: dict(run.stats) for run in self._runs()}
         return {"guests": guests, "broker": self.broker_stats()}
 
     # --- reaching in --------------------------------------------------------------------
@@ -275,6 +277,10 @@ class LabControls:
         return fresh
 
     # --- helpers ------------------------------------------------------------------------
+
+    def _runs(self) -> list:
+        """Every launcher of the lab: the scenario's guests, host ports, uplinks."""
+        return self.guests + [p.run for p in self.ports + self.uplinks]
 
     def _guest_index(self, name: str) -> tuple:
         for index, run in enumerate(self.guests):
