@@ -3,6 +3,7 @@ prompt_toolkit draws the prompt with escape sequences, which are stripped before
 import os
 import re
 import sys
+import time
 
 import pexpect
 import pytest
@@ -119,6 +120,15 @@ def test_source_runs_a_file_of_commands_and_ctrl_d_leaves(tmp_path):
     out = term.run("source %s" % commands, r"holder pids\n(.*\n){3}")
     assert re.search(r"lgnet> net\n.*guest\s+net\s+slot\s+mac\s+state", out)
     assert re.search(r"beta\s+lan0\s+\d\s+02:00:0\d:00:00:00\s+up", out)
+    term.wait("lgnet>")
+    # Tab completes the command, then the guest (completion runs in the background: give
+    # each Tab its moment, as a typist does)
+    for keys in ("con\t", " ga\t", "\r"):
+        term.child.send(keys)
+        time.sleep(0.5)
+    term.wait(r"gamma's console \(Ctrl-\] detaches\)")
+    term.child.send("\x1d")
+    term.wait(r"detached from gamma")
     term.wait("lgnet>")
     term.child.sendcontrol("d")
     term.child.expect(pexpect.EOF)
