@@ -1,6 +1,6 @@
 """`lgnet shell SCENARIO`: bring a lab up and drive it from a prompt, as Mininet's CLI does.
 
-Rules of this file: it is a face. Each command parses its words, calls one method of the
+Rules of this file: it is a face, beside cli.py (whose tables it prints). Each command parses its words, calls one method of the
 running `Lab` (lab.py and controls.py hold everything a Python user would need) and prints
 what came back; `source`, `help` and `exit` are the shell's own. A user's mistake inside a
 command (an LgnetError) is one line and the prompt comes back; Ctrl-C cancels the line or
@@ -28,7 +28,8 @@ import tty
 from typing import Callable
 
 from lgnet.errors import LgnetError
-from lgnet.lab import TABLE_NOTE, Lab, results_table
+from lgnet.cli import COLUMNS, HEADINGS, TABLE_NOTE, bindings_text, columns, results_table
+from lgnet.lab import Lab
 
 PROMPT = "lgnet> "
 DETACH = b"\x1d"                       # Ctrl-]: leave `console NAME`, as telnet's escape
@@ -243,11 +244,9 @@ class Shell:
         self.table(rows)
 
     def bindings(self, name: str | None = None) -> None:
-        from lgnet.cli import bindings_text
         self.say(bindings_text(self.lab.bindings(name)))
 
     def stats(self) -> None:
-        from lgnet.lab import COLUMNS, HEADINGS
         counts = self.lab.stats()
         rows = [HEADINGS[:-1]]
         for name, row in counts["guests"].items():
@@ -281,7 +280,6 @@ class Shell:
                 raise LgnetError("exit in %s: only the prompt's exit leaves" % path)
 
     def table(self, rows: list[tuple], right: tuple[int, ...] = ()) -> None:
-        from lgnet.cli import columns
         for line in columns(rows, right):
             self.say(line)
 
