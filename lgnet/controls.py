@@ -61,7 +61,7 @@ class PingAll:
 
 
 @dataclass
-class Link:
+class NetPlace:
     """A guest's place on a net: its slot and MAC there, and whether it holds them."""
     guest: str
     net: str
@@ -91,7 +91,7 @@ class LabControls:
                          "nets": list(spec.nets), "ip": list(spec.ip), "state": run.ending})
         return rows
 
-    def links(self) -> list[Link]:
+    def links(self) -> list[NetPlace]:
         """Who is on which net: each guest's slot and MAC in each of its nets, from the net
         files' own slot tables (the locks its launcher holds)."""
         holders = {}
@@ -105,7 +105,7 @@ class LabControls:
         for run in self._runs():
             for net in run.spec.nets:
                 s = holders.get((net, run.process.pid))
-                links.append(Link(run.name, net, s.slot if s else None,
+                links.append(NetPlace(run.name, net, s.slot if s else None,
                                   s.mac_text if s else None, "up" if s else "down"))
         return links
 

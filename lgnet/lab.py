@@ -50,7 +50,6 @@ NET_READY_SECONDS = 20
 POLL_SECONDS = 0.02
 TEST_POLL_SECONDS = 0.2
 DEFAULT_TEST_SECONDS = 10            # `lgnet test` without duration or within
-QUERY_SECONDS = 2.0                  # a running lab's broker answers a query within this
 RUNTIME_PREFIX = "lgnet-"            # a lab's private directory: $TMPDIR/lgnet-XXXXXXXX
 BROKER_SOCKET = "broker.sock"
 NET_SUFFIX = ".net"
