@@ -320,7 +320,15 @@ def run_shell(path: str, pcap: str | None = None, out=sys.stdout) -> int:
     """`lgnet shell`: up, prompt, down; the results table at the end; the exit status of
     `lgnet up` (0; 1 when a guest was killed, by the shell's `kill` too; 130 on SIGTERM)."""
     def terminated(*_):
-        raise Terminated()
+        from prompt_toolkit.application.current import get_app_or_none
+        app = get_app_or_none()
+        if app is not None and app.is_running:
+            # Inside the prompt's event loop a raised exception would be caught and shown
+            # ("Press ENTER to continue"): let the prompt itself end with it.
+            if not app.future.done():
+                app.exit(exception=Terminated())
+        else:
+            raise Terminated()
     signal.signal(signal.SIGTERM, terminated)
     lab = Lab(path, out=None, capture=True, pcap=pcap, console_input=True)
     keys = sys.stdin.fileno() if sys.stdin.isatty() else None
