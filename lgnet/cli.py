@@ -110,21 +110,37 @@ def cmd_up(args) -> int:
         print("capture: %s" % " ".join(result.captures))
     if args.trace is not None:
         print(TRACE_WRITTEN % args.trace)
-    if result.interrupted:
-        return EXIT_INTERRUPTED
-    return 1 if result.killed else 0
+    status = EXIT_INTERRUPTED if result.interrupted else 1 if result.killed else 0
+    if args.json:
+        write_json(args.json, result.as_dict(status))
+    return status
+
+
+def write_json(path: str, record: dict) -> None:
+    import json
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+
+
+def cmd_shell(args) -> int:
+    from lgnet.shell import run_shell
+    return run_shell(args.scenario, pcap=args.pcap)
 
 
 def cmd_test(args) -> int:
     """0 when every expectation held, 1 when one did not (with what was seen)."""
     from lgnet.lab import run_test
     sigterm_interrupts()
-    verdicts = run_test(args.scenario, out=sys.stdout, pcap=args.pcap, trace=args.trace)
+    result = run_test(args.scenario, out=sys.stdout, pcap=args.pcap, trace=args.trace)
+    verdicts = result.verdicts
     print("\n" + "\n".join(v.report for v in verdicts))
     failed = sum(not v.held for v in verdicts)
     print("%d of %d expectations held" % (len(verdicts) - failed, len(verdicts)))
     if args.trace is not None:
         print(TRACE_WRITTEN % args.trace)
+    if args.json:
+        write_json(args.json, result.as_dict(1 if failed else 0))
     return 1 if failed else 0
 
 
@@ -132,14 +148,18 @@ def cmd_dump(args) -> int:
     from lgnet.fabric import capture
     from lgnet.filters import FilterError, compile_filter
     from lgnet.packets import describe_frame
+    from lgnet.lab import find_capture
     path = args.target
-    if not os.path.isfile(path):
+    if args.lab is not None or not os.path.isfile(path):
         if args.pcap is None:
-            raise LgnetError("no capture file %s: give a .pcapng or .pcap file, or a net name "
-                             "with --pcap DIR (the directory of `lgnet up --pcap DIR`)" % path)
-        path = os.path.join(args.pcap, args.target + capture.CAPTURE_SUFFIX)
+            # A running lab's net: its capture is still being written, so follow it.
+            path = find_capture(args.target, args.lab)
+            args.follow = True
+        else:
+            path = os.path.join(args.pcap, args.target + capture.CAPTURE_SUFFIX)
         if not os.path.isfile(path):
-            raise LgnetError("no capture of net %r in %s" % (args.target, args.pcap))
+            raise LgnetError("no capture of net %r in %s yet" % (
+                args.target, args.pcap or os.path.dirname(path)))
     if args.count is not None and args.count < 0:
         raise LgnetError("--count wants a number of frames, 0 or more, got %d" % args.count)
     try:
@@ -219,17 +239,18 @@ def json_value(text: str):
 
 def cmd_slots(args) -> int:
     from lgnet import netfile
-    from lgnet.lab import BROKER_SOCKET, find_net, guest_names, running_labs
+    from lgnet.lab import BROKER_SOCKET, find_lab, find_net, guest_names, running_labs
     from lgnet.uplink import holder
     path = args.net
-    if args.lab is not None or not os.path.exists(path):
-        path = find_net(args.net, args.lab)
+    lab = find_lab(args.lab) if args.lab is not None else None
+    if lab is not None or not os.path.exists(path):
+        path = find_net(args.net, lab)
     netfile.require_net_page(path)
     # The lab's broker sits beside its own net files and knows each launcher's guest name;
     # a net file elsewhere (a scenario's `file:`) may belong to any running lab.
-    names = guest_names(os.path.join(args.lab or os.path.dirname(os.path.abspath(path)),
+    names = guest_names(os.path.join(lab or os.path.dirname(os.path.abspath(path)),
                                      BROKER_SOCKET))
-    if not names and args.lab is None:
+    if not names and lab is None:
         for runtime in running_labs():
             names.update(guest_names(os.path.join(runtime, BROKER_SOCKET)))
     table = netfile.slot_table(path)
@@ -246,6 +267,90 @@ def cmd_slots(args) -> int:
     if not table:
         print("(no slot in use)")
     return 0
+
+
+def cmd_status(args) -> int:
+    import json
+    from lgnet.lab import status
+    labs = status()
+    if args.json:
+        print(json.dumps(labs, indent=1))
+        return 0
+    if not labs:
+        print("no lab is running")
+    for lab in labs:
+        print(status_text(lab))
+    return 0
+
+
+def status_text(lab: dict) -> str:
+    """One running lab as `lgnet status` prints it."""
+    lines = ["%s  (broker pid %s, lab pid %s)" % (lab["scenario"] or "(unknown scenario)",
+                                                  lab["broker_pid"], lab["lab_pid"]),
+             "  runtime directory %s" % lab["runtime"]]
+    if not lab["answering"]:
+        return "\n".join(lines + ["  (its broker does not answer)"])
+    rows = [("guest", "pid", "net:slot mac", "tx pkts", "rx pkts", "drops", "state")]
+    for g in lab["guests"]:
+        where = " ".join("%s:%d %s" % (s["net"], s["slot"], s["mac"]) for s in g["slots"])
+        c = g["counters"]
+        rows.append((g["name"], str(g["pid"]), where or "-", str(c.get("tx_packets", 0)),
+                     str(c.get("rx_packets", 0)), str(c.get("rx_dropped", 0)), g["state"]))
+    return "\n".join(lines + ["  " + line for line in columns(rows, right=(1, 3, 4, 5))])
+
+
+def columns(rows: list[tuple], right: tuple[int, ...] = ()) -> list[str]:
+    """Rows of cells as aligned text; the last column is left ragged."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join([c.rjust(w) if i in right else c.ljust(w)
+                       for i, (c, w) in enumerate(zip(row, widths))] + [row[-1]])
+            for row in rows]
+
+
+def bindings_text(view) -> str:
+    """The dma_hash view as `lgnet bindings` prints it: one row per binding, chain order,
+    then what each guest's connection is doing."""
+    rows = [("chain", "pos", "guest", "key", "array", "bufs", "free", "used", "next", "irq",
+             "used_len")]
+    for b in view.bindings:
+        used = " ".join("#%d=%s" % (i, "?" if n is None else n)
+                        for i, n in enumerate(b.used_len) if n != 0) or "-"
+        rows.append((str(b.chain), str(b.position), b.guest, b.key, "%#010x" % b.dmas,
+                     str(b.num_dmas), str(b.free), str(b.used), str(b.next_dma),
+                     str(b.interrupt), used))
+    lines = columns(rows, right=(0, 1, 5, 6, 7, 8, 9)) if view.bindings else ["(no binding)"]
+    guests = [("guest", "id", "pid", "state", "irqs raised", "pending DMA")]
+    for g in view.guests:
+        pending = "dma %#x key %#x" % tuple(g.pending_dma) if g.pending_dma else "-"
+        guests.append((g.name, str(g.guest_id), str(g.pid), g.state + (
+            ": %s" % g.dead if g.dead else ""), ",".join(map(str, g.irq_flags)) or "-",
+            pending))
+    return "\n".join(lines + [""] + columns(guests, right=(1, 2)))
+
+
+def cmd_bindings(args) -> int:
+    import json
+    import time
+    from lgnet import inspector
+    from lgnet.lab import BROKER_SOCKET, description, find_lab
+    runtime = find_lab(args.lab)
+    nets = description(runtime).get("nets", {})
+    socket_path = os.path.join(runtime, BROKER_SOCKET)
+    try:
+        while True:
+            view = inspector.query(socket_path, nets).only(args.name)
+            if args.json:
+                text = json.dumps(view.as_dict(), indent=1)
+            else:
+                text = bindings_text(view)
+            if args.watch is not None:
+                print("\033[H\033[2J" + time.strftime("%H:%M:%S ") + runtime, flush=True)
+            print(text, flush=True)
+            if args.watch is None:
+                return 0
+            time.sleep(args.watch)
+    except BrokenPipeError:
+        return 0
 
 
 def cmd_bench(args) -> int:
@@ -310,6 +415,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--seed", type=int, default=None,
                     help="seed of every impairment decision (default: the scenario's seed:, "
                          "else a fresh one; printed either way)")
+    up.add_argument("--json", metavar="FILE", help="also write the results table (counters "
+                    "and each guest's ending) to FILE as JSON")
     up.set_defaults(func=cmd_up)
 
     impair = sub.add_parser("impair", help="change a running lab's impairments "
@@ -330,11 +437,20 @@ def parser() -> argparse.ArgumentParser:
     impair.add_argument("--broker", metavar="PATH", help="the broker's socket")
     impair.set_defaults(func=cmd_impair)
 
+    shell = sub.add_parser("shell", help="bring a scenario up and drive it from a prompt "
+                           "(nodes, pingall, console, dump, kill, restart, bindings, ...)")
+    shell.add_argument("scenario", help="a scenario YAML file (see scenarios/)")
+    shell.add_argument("--pcap", metavar="DIR", help="keep the capture in DIR (the shell "
+                       "always captures, for dump)")
+    shell.set_defaults(func=cmd_shell)
+
     test = sub.add_parser("test", help="run a scenario and check its expect: list "
                           "(exit 0 all held, 1 one failed, 2 the scenario is wrong)")
     test.add_argument("scenario", help="a scenario YAML file with an expect: list")
     test.add_argument("--pcap", metavar="DIR", help="keep the capture in DIR")
     test.add_argument("--trace", metavar="FILE", help=TRACE_HELP)
+    test.add_argument("--json", metavar="FILE", help="also write every verdict, the "
+                      "counters and each guest's ending to FILE as JSON")
     test.set_defaults(func=cmd_test)
 
     trace = sub.add_parser("trace", help="read a trace of --trace: its deliveries, or draw "
@@ -349,11 +465,15 @@ def parser() -> argparse.ArgumentParser:
 
     dump = sub.add_parser("dump", help="one decoded line per delivered frame of a capture")
     dump.add_argument("target", metavar="PCAP|NET",
-                      help="a capture file (pcapng or pcap), or a net name with --pcap DIR")
+                      help="a capture file (pcapng or pcap), a net name with --pcap DIR, or "
+                           "a running lab's net")
     dump.add_argument("filter", nargs="*", metavar="EXPRESSION",
                       help="only the frames this pcap-filter(7) expression keeps, as tcpdump "
                            "(e.g. 'udp port 7')")
     dump.add_argument("--pcap", metavar="DIR", help="where `lgnet up --pcap DIR` writes")
+    dump.add_argument("--lab", metavar="DIR|SCENARIO",
+                      help="NET is this running lab's (default: the only lab with that net); "
+                           "its capture is followed live")
     dump.add_argument("-f", "--follow", action="store_true",
                       help="keep printing new frames until the broker stops writing")
     dump.add_argument("-c", "--count", type=int, help="stop after this many frames")
@@ -362,9 +482,27 @@ def parser() -> argparse.ArgumentParser:
     slots = sub.add_parser("slots", help="the live slot table of a net file")
     slots.add_argument("net", metavar="NETFILE|NET",
                        help="a net file, or the name of a running lab's net (lan0)")
-    slots.add_argument("--lab", metavar="DIR",
-                       help="the lab's runtime directory (`lgnet up` prints it)")
+    slots.add_argument("--lab", metavar="DIR|SCENARIO",
+                       help="the lab: its runtime directory (`lgnet up` prints it) or its "
+                            "scenario")
     slots.set_defaults(func=cmd_slots)
+
+    status = sub.add_parser("status", help="this user's running labs: scenario, broker, "
+                            "guests with pid, slot, MAC, state and counters")
+    status.add_argument("--json", action="store_true", help="as JSON")
+    status.set_defaults(func=cmd_status)
+
+    bindings = sub.add_parser("bindings", help="a running lab's dma_hash, live: every "
+                              "binding, its receive buffers and each guest's state")
+    bindings.add_argument("name", nargs="?", metavar="GUEST|NET",
+                          help="only this guest's bindings, or those on this net")
+    bindings.add_argument("--lab", metavar="DIR|SCENARIO",
+                          help="the lab (its runtime directory or scenario; default: the "
+                               "only one running)")
+    bindings.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
+                          help="refresh every SECONDS (default 1) until Ctrl-C")
+    bindings.add_argument("--json", action="store_true", help="as JSON")
+    bindings.set_defaults(func=cmd_bindings)
 
     bench = sub.add_parser("bench", help="throughput, latency and scale, with anchors "
                            "measured in the same run")

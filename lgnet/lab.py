@@ -40,6 +40,7 @@ from typing import Callable, TextIO
 
 from lgnet import abi, netfile, process, timeline, wire
 from lgnet import uplink as uplinks
+from lgnet.controls import LabControls
 from lgnet.errors import LgnetError
 from lgnet.fabric import capture as pcapng
 from lgnet.guest import script
@@ -56,12 +57,15 @@ NET_READY_SECONDS = 20
 POLL_SECONDS = 0.02
 TEST_POLL_SECONDS = 0.2
 DEFAULT_TEST_SECONDS = 10            # `lgnet test` without duration or within
-QUERY_SECONDS = 2.0                  # a running lab's broker answers a query within this
 RUNTIME_PREFIX = "lgnet-"            # a lab's private directory: $TMPDIR/lgnet-XXXXXXXX
 BROKER_SOCKET = "broker.sock"
 NET_SUFFIX = ".net"
-RESTART_CLOSE_SECONDS = 5.0          # a restart waits this long for the old guest's close
 SEED_BITS = 32                       # a fresh seed: short enough to type back in
+# Every child in a process group of its own: a Ctrl-C at the terminal (or a SIGTERM to the
+# lab's group) reaches the lab alone, which collects the broker's counters and then stops its
+# children in order — not a broker that dies with the counters before anyone asked.
+OWN_GROUP = 0
+DESCRIPTION = "lab.json"             # what a lab says of itself, for `lgnet status`
 
 
 @dataclass
@@ -73,6 +77,7 @@ class GuestRun:
     stats: dict = field(default_factory=dict)
     reader: threading.Thread | None = None
     stopped: bool = False              # still running when the lab stopped it
+    lives: int = 1                     # 2 after one Lab.restart, ...
 
     @property
     def name(self) -> str:
@@ -89,6 +94,8 @@ class GuestRun:
             return "stopped by the lab"
         if self.process.returncode is None:
             return "running"
+        if self.process.returncode < 0:          # SIGKILL from Lab.kill, or anyone's signal
+            return "killed by %s" % signal.Signals(-self.process.returncode).name
         return "exited %d" % self.process.returncode
 
     @property
@@ -114,6 +121,18 @@ class GuestRun:
         """Everything the guest printed so far."""
         return "".join(line + "\n" for line in list(self.console))
 
+    def type(self, text: str | bytes) -> None:
+        """Send keystrokes to the guest's console (a lab started with console_input=True)."""
+        if self.process.stdin is None:
+            raise LgnetError("%s's console takes no input: start the lab with "
+                             "console_input=True (lgnet shell does)" % self.name)
+        data = text.encode() if isinstance(text, str) else bytes(text)
+        try:
+            self.process.stdin.write(data)
+            self.process.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            raise LgnetError("%s is not running (%s)" % (self.name, self.ending)) from None
+
     def kill(self) -> None:
         """SIGKILL the guest's launcher: a crash, as far as the net and the broker can tell."""
         if self.process.poll() is None:
@@ -127,15 +146,17 @@ class GuestRun:
             return None
 
 
-class Lab:
+class Lab(LabControls):
     """A running scenario. `capture=True` records every delivery in the lab's own directory;
     `pcap=DIR` records them into DIR (kept after the lab is down); `trace=FILE` writes the
     run's timeline to FILE once the lab is down (lgnet.timeline; it captures too: the
-    capture's send numbers join a frame's slices)."""
+    capture's send numbers join a frame's slices); `console_input=True` lets guests' consoles
+    be typed into (GuestRun.type). What can be done to it once it is up — nodes, links,
+    pingall, ping, kill, restart, dump, ... — is lgnet.controls'."""
 
     def __init__(self, scenario: Scenario | str, out: TextIO | None = None,
                  capture: bool = False, pcap: str | None = None, trace: str | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, console_input: bool = False):
         self.scenario = load_scenario(scenario) if isinstance(scenario, (str, os.PathLike)) \
             else scenario
         self.seed = seed if seed is not None else self.scenario.seed \
@@ -158,6 +179,8 @@ class Lab:
         self.uplinks: list[uplinks.Uplink] = []
         self.out_lock = threading.Lock()
         self.started_at: float | None = None       # wall clock, when the guests were started
+        self.console_input = console_input
+        self.ping_ports: dict = {}                 # net -> (pingall's port, its address)
         self._readers: dict[str, pcapng.Reader] = {}
         self._delivered: dict[str, list[pcapng.Delivery]] = {}
         self.started_mono: float | None = None
@@ -193,6 +216,7 @@ class Lab:
                 self.start_uplink(net, network.uplink)
         self.started_at = time.time()
         self.started_mono = time.monotonic()
+        self.describe()
         for spec in self.scenario.guests:
             self.start_guest(spec)
         if self.scenario.events:
@@ -222,7 +246,8 @@ class Lab:
                 "lgnet.fabric.broker", "--die-with-parent", "--owns-directory",
                 "--socket", self.socket_path, "--watch-fd", str(watch_r),
                 "--ready-fd", str(ready_w), *options),
-            pass_fds=(watch_r, ready_w), stdin=subprocess.DEVNULL)
+            pass_fds=(watch_r, ready_w), stdin=subprocess.DEVNULL,
+            process_group=OWN_GROUP)
         os.close(watch_r)
         os.close(ready_w)
         with os.fdopen(ready_r, "rb") as ready:
@@ -233,8 +258,24 @@ class Lab:
             if not ready.readline():
                 raise LgnetError("the broker did not start (exit status %s)" % self.broker.wait())
 
+    def describe(self) -> None:
+        """Leave lab.json in the runtime directory: which scenario this is, its nets and
+        guests, who runs it (`lgnet status` and `--lab DIR` read it)."""
+        description = {
+            "scenario": os.path.abspath(self.scenario.path),
+            "lab_pid": os.getpid(), "broker_pid": self.broker.pid,
+            "started": self.started_at,
+            "nets": {net: self.net_file(net) for net in self.scenario.networks},
+            "guests": [spec.name for spec in self.scenario.guests],
+            "captures": {net: self.capture_path(net) for net in self.scenario.networks}
+            if self.capture_dir is not None else {}}
+        path = os.path.join(self.runtime, DESCRIPTION)
+        with open(path + ".new", "w") as f:
+            json.dump(description, f, indent=1)
+        os.replace(path + ".new", path)            # readers never see half of it
+
     def launch_command(self, spec: GuestSpec) -> list[str]:
-        cmd = self.launcher_command(spec.name)
+        cmd = self.launcher_command(spec.name, console_input=self.console_input)
         for net in spec.nets:
             cmd += ["--sharenet", self.net_file(net)]
         if spec.block:
@@ -247,14 +288,16 @@ class Lab:
         ip = ["ip=" + ",".join(spec.ip)] if spec.ip else []
         return cmd + [str(spec.mem_mb), kernel] + list(spec.args) + ip + self.driver_args(spec)
 
-    def launcher_command(self, name: str, *options: str) -> list[str]:
+    def launcher_command(self, name: str, *options: str,
+                         console_input: bool = False) -> list[str]:
         """The launcher of guest `name`: the Launcher's own entry point, dying with the lab
-        (and writing its timeline events, with a trace)."""
+        (and writing its timeline events, with a trace); its console reads the pipe the lab
+        holds only with console_input."""
         if self.trace_dir is not None:
             options = ("--trace-stream", self.trace_stream(name)) + options
+        quiet = [] if console_input else ["--no-console-input"]
         return process.child_command("lgnet.guest.launcher", "--die-with-parent",
-                                     "--broker", self.socket_path, "--no-console-input",
-                                     *options)
+                                     "--broker", self.socket_path, *quiet, *options)
 
     def trace_stream(self, name: str) -> str:
         return os.path.join(self.trace_dir, name + timeline.STREAM_SUFFIX)
@@ -284,50 +327,8 @@ class Lab:
         return args + (["promisc"] if spec.promisc else [])
 
     def start_guest(self, spec: GuestSpec) -> GuestRun:
-        run = self._spawn(spec, self.launch_command(spec))
+        run = self._spawn(spec, self.launch_command(spec), console_input=self.console_input)
         self.guests.append(run)
-        return run
-
-    def kill(self, name: str) -> None:
-        """SIGKILL the guest's Launcher: its slot lock dies with it, the broker closes it
-        (lguest's close()); to its peers it is a dead peer."""
-        run = self._running(name)
-        run.kill()
-        run.process.wait()
-
-    def restart(self, name: str) -> GuestRun:
-        """Launch the guest again, with the same command line, into a free slot; its MAC
-        follows its guest id as in lguest (the lowest free one: the id it had, unless a
-        lower one was freed meanwhile). The new run replaces the old one in `guests`."""
-        old = self._run(name)
-        if old.process.poll() is None:
-            raise LgnetError("guest %r is still running: kill it first" % name)
-        # Once the broker has closed the old launcher (lguest's close()), its guest id is
-        # free again, and with it the MAC.
-        deadline = time.monotonic() + RESTART_CLOSE_SECONDS
-        while not self._closed(old) and time.monotonic() < deadline:
-            time.sleep(POLL_SECONDS)
-        new = self._spawn(old.spec, self.launch_command(old.spec))
-        new.console = old.console                # one console for the guest, both lives
-        self.guests[self.guests.index(old)] = new
-        return new
-
-    def _closed(self, run: GuestRun) -> bool:
-        """Has the broker closed this launcher's connection (its guest id is free)?"""
-        self.collect()
-        return bool(run.stats.get("ended"))
-
-    def _run(self, name: str) -> GuestRun:
-        for run in self.guests:
-            if run.name == name:
-                return run
-        raise LgnetError("no guest %r in %s (guests: %s)" % (
-            name, self.scenario.path, ", ".join(r.name for r in self.guests)))
-
-    def _running(self, name: str) -> GuestRun:
-        run = self._run(name)
-        if run.process.poll() is not None:
-            raise LgnetError("guest %r is not running (%s)" % (name, run.ending))
         return run
 
     # --- impairments --------------------------------------------------------------------
@@ -414,9 +415,12 @@ class Lab:
         elif event.kind == "heal":
             self.heal()
 
-    def _spawn(self, spec: GuestSpec, command: list[str], pass_fds=()) -> GuestRun:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, pass_fds=pass_fds)
+    def _spawn(self, spec: GuestSpec, command: list[str], pass_fds=(),
+               console_input: bool = False) -> GuestRun:
+        stdin = subprocess.PIPE if console_input else subprocess.DEVNULL
+        process = subprocess.Popen(command, stdin=stdin, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, pass_fds=pass_fds,
+                                   process_group=OWN_GROUP)
         run = GuestRun(spec, process)
         self.name_guest(process.pid, spec.name)
         run.reader = threading.Thread(target=self._read_console, args=(run,), daemon=True)
@@ -501,7 +505,9 @@ class Lab:
         deadline = time.monotonic() + timeout
         path = self.net_file(net)
         while True:
-            up = {pid for s in netfile.slot_table(path) if any(s.mac) for pid in s.pids}
+            # No file yet: no launcher has reached the net.
+            table = netfile.slot_table(path) if os.path.exists(path) else []
+            up = {pid for s in table if any(s.mac) for pid in s.pids}
             late = [run.name for run in self.guests if net in run.spec.nets
                     and run.process.poll() is None and run.process.pid not in up]
             if not late:
@@ -606,7 +612,7 @@ class Lab:
         except OSError:
             return
         try:
-            reply = channel.call(wire.OP_STATS)
+            reply = channel.query(wire.OP_STATS)
         except wire.BrokerGone:
             return
         finally:
@@ -615,11 +621,20 @@ class Lab:
         for run in self.guests + [p.run for p in self.ports + self.uplinks]:
             run.stats = by_pid.get(run.process.pid, run.stats)
 
+    def bindings(self, name: str | None = None):
+        """The broker's dma_hash right now (lgnet.inspector.BindingsView): every binding —
+        chain, guest, key as `lan0+0x4`, array, used_len of each buffer, next_dma,
+        interrupt — and each guest's state; only those of guest or net `name` if given."""
+        from lgnet import inspector
+        view = inspector.query(self.socket_path, {net: self.net_file(net)
+                                                  for net in self.scenario.networks})
+        return view.only(name)
+
     def broker_stats(self) -> dict:
         """The broker's own counters: where its time went, rings run, wake-ups held back."""
         channel = wire.Channel(self.socket_path)
         try:
-            return json.loads(channel.call(wire.OP_BROKER_STATS).tail or b"{}")
+            return json.loads(channel.query(wire.OP_BROKER_STATS).tail or b"{}")
         finally:
             channel.close()
 
@@ -645,8 +660,12 @@ class Lab:
         for run in runs:
             if run.reader is not None:
                 run.reader.join(timeout=TEARDOWN_GRACE_SECONDS)
-            if run.process.stdout:
-                run.process.stdout.close()
+            for pipe in (run.process.stdout, run.process.stdin):
+                if pipe:
+                    try:
+                        pipe.close()
+                    except BrokenPipeError:
+                        pass
         if self.broker is not None and self.broker.poll() is None:
             self.collect()
         if self.capture_dir is not None and self.capture_dir.startswith(self.runtime + os.sep):
@@ -763,20 +782,8 @@ def impair_request(socket_path: str, asked: dict) -> dict:
 
 def guest_names(socket_path: str) -> dict[int, str]:
     """Launcher pid -> guest name, as the lab told its broker; {} when no broker answers."""
-    try:
-        channel = wire.Channel(socket_path)
-    except OSError:
-        return {}
-    # A socket that accepts but never answers (a stopped broker, or something else that took
-    # the name) must not hang the command that asked.
-    channel.sock.settimeout(QUERY_SECONDS)
-    try:
-        rows = json.loads(channel.call(wire.OP_STATS).tail or b"[]")
-    except (wire.BrokerGone, TimeoutError):
-        return {}
-    finally:
-        channel.close()
-    return {row["pid"]: row["name"] for row in rows if row.get("name")}
+    return {row["pid"]: row["name"] for row in _broker_rows(socket_path) or []
+            if row.get("name")}
 
 
 def running_labs() -> list[str]:
@@ -795,15 +802,118 @@ def running_labs() -> list[str]:
     return found
 
 
+def description(runtime: str) -> dict:
+    """A running lab's lab.json (Lab.describe); {} for a lab that left none."""
+    try:
+        with open(os.path.join(runtime, DESCRIPTION)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def find_lab(lab: str | None = None) -> str:
+    """A running lab's runtime directory: `lab` itself when it is one, else the running lab
+    whose scenario is `lab` (its file, or that file's name without .yaml); without `lab`,
+    the only running lab."""
+    if lab is not None and os.path.isdir(lab):
+        return lab
+    labs = running_labs()
+    if lab is not None:
+        labs = [runtime for runtime in labs
+                if lab in _scenario_names(description(runtime).get("scenario"))]
+    if len(labs) == 1:
+        return labs[0]
+    if not labs:
+        raise LgnetError("no running lab%s (`lgnet status` lists them)"
+                         % (" is %r" % lab if lab is not None else ""))
+    raise LgnetError("%d labs are running%s: choose one with --lab DIR (%s)" % (
+        len(labs), " %s" % lab if lab is not None else "", ", ".join(labs)))
+
+
+def _scenario_names(path: str | None) -> set[str]:
+    if not path:
+        return set()
+    base = os.path.basename(path)
+    return {path, base, os.path.splitext(base)[0]}
+
+
+def lab_status(runtime: str) -> dict:
+    """What `lgnet status` says of one running lab: its scenario, broker, runtime directory,
+    and each guest (live and ended) with pid, slots (net, slot, MAC), state and counters."""
+    from lgnet import inspector
+    described = description(runtime)
+    socket_path = os.path.join(runtime, BROKER_SOCKET)
+    nets = described.get("nets") or {f[:-len(NET_SUFFIX)]: os.path.join(runtime, f)
+                                     for f in _listdir(runtime) if f.endswith(NET_SUFFIX)}
+    rows = _broker_rows(socket_path)
+    answering = rows is not None
+    try:
+        states = {g.pid: g for g in inspector.query(socket_path, nets).guests} \
+            if answering else None
+    except LgnetError:
+        states = None                 # an older broker: it knows no BINDINGS
+    slots: dict[int, list[dict]] = {}
+    for net, path in nets.items():
+        try:
+            table = netfile.slot_table(path)
+        except (OSError, LgnetError):
+            continue
+        for s in table:
+            for pid in s.pids:
+                slots.setdefault(pid, []).append({"net": net, "slot": s.slot,
+                                                  "mac": s.mac_text})
+    guests = []
+    for row in rows or []:
+        live = (states or {}).get(row["pid"])
+        if row.get("dead") == POWER_DOWN:
+            state = "powered down"
+        elif row.get("dead"):
+            state = "killed: %s" % row["dead"]
+        else:
+            state = "unknown" if states is None else live.state if live is not None \
+                else "ended"
+        guests.append({"name": row.get("name") or "guest%d" % row["guest"],
+                       "pid": row["pid"], "guest_id": row["guest"], "state": state,
+                       "slots": slots.get(row["pid"], []),
+                       "counters": {k: v for k, v in row.items() if k not in ROW_IDENTITY}})
+    return {"runtime": runtime, "scenario": described.get("scenario"),
+            "lab_pid": described.get("lab_pid"), "broker_pid": described.get("broker_pid"),
+            "started": described.get("started"), "answering": answering, "nets": nets,
+            "guests": guests}
+
+
+ROW_IDENTITY = ("guest", "pid", "dead", "name", "ended")   # the rest of a stats row: counters
+
+
+def status() -> list[dict]:
+    """Every running lab of this user (lab_status each), oldest runtime directory first."""
+    return [lab_status(runtime) for runtime in running_labs()]
+
+
+def _broker_rows(socket_path: str) -> list[dict] | None:
+    """The broker's per-guest counters (OP_STATS); None when no broker answers."""
+    try:
+        channel = wire.Channel(socket_path)
+    except OSError:
+        return None
+    try:
+        return json.loads(channel.query(wire.OP_STATS).tail or b"[]")
+    except wire.BrokerGone:
+        return None
+    finally:
+        channel.close()
+
+
 def find_net(name: str, lab: str | None = None) -> str:
     """The net file of the net `name` in a running lab: the lab whose runtime directory is
     `lab`, or the only running lab that has such a net."""
-    labs = [lab] if lab is not None else running_labs()
+    labs = [find_lab(lab)] if lab is not None else running_labs()
     having = [runtime for runtime in labs
               if os.path.isfile(os.path.join(runtime, name + NET_SUFFIX))]
     if len(having) == 1:
         return os.path.join(having[0], name + NET_SUFFIX)
     if lab is not None:
+        lab = labs[0]
         raise LgnetError("no net %r in the lab at %s (its nets: %s)" % (
             name, lab, ", ".join(sorted(f[:-len(NET_SUFFIX)] for f in _listdir(lab)
                                         if f.endswith(NET_SUFFIX))) or "none"))
@@ -825,6 +935,27 @@ def lab_socket(lab: str | None = None) -> str:
             "no lab is running" if not labs else "%d labs are running (%s)"
             % (len(labs), ", ".join(labs))))
     return os.path.join(labs[0], BROKER_SOCKET)
+
+
+def find_capture(net: str, lab: str | None = None) -> str:
+    """The capture file a running lab writes for its net `net` (`lgnet dump lan0`): the
+    lab `lab` (find_lab), or the only running lab that has such a net."""
+    labs = [find_lab(lab)] if lab is not None else [
+        runtime for runtime in running_labs() if net in description(runtime).get("nets", {})]
+    if len(labs) > 1:
+        raise LgnetError("%d running labs have a net %r: choose one with --lab DIR (%s)"
+                         % (len(labs), net, ", ".join(labs)))
+    if not labs:
+        raise LgnetError("no capture file %s, and no running lab has a net %r: give a .pcapng "
+                         "or .pcap file, or a net name with --pcap DIR" % (net, net))
+    described = description(labs[0])
+    if net not in described.get("nets", {}):
+        raise LgnetError("no net %r in the lab at %s (its nets: %s)" % (
+            net, labs[0], ", ".join(described.get("nets", {})) or "none"))
+    if net not in described.get("captures", {}):
+        raise LgnetError("the lab at %s does not capture: start it with --pcap DIR (or "
+                         "lgnet shell) to dump its nets" % labs[0])
+    return described["captures"][net]
 
 
 def _listdir(path: str) -> list[str]:
@@ -869,14 +1000,16 @@ kept_captures = KeptCaptures()
 
 def up(scenario: Scenario | str, out: TextIO | None = None, capture: bool = True,
        pcap: str | None = None, trace: str | None = None,
-       seed: int | None = None) -> Lab:
+       seed: int | None = None, console_input: bool = False) -> Lab:
     """`with lgnet.up("scenarios/three-guests.yaml") as lab:` — always torn down; captures
     every delivery unless capture=False (pcap=DIR keeps the files in DIR); trace=FILE writes
     the run's timeline there when the lab is down (open it in ui.perfetto.dev); `seed` for
-    every impairment decision (default: the scenario's, else a fresh one: `lab.seed`)."""
+    every impairment decision (default: the scenario's, else a fresh one: `lab.seed`);
+    console_input=True lets the guests' consoles be typed into (lab.ping, GuestRun.type)."""
     if pcap is None and capture:
         pcap = kept_captures.next()
-    return Lab(scenario, out, capture=capture, pcap=pcap, trace=trace, seed=seed)
+    return Lab(scenario, out, capture=capture, pcap=pcap, trace=trace, seed=seed,
+               console_input=console_input)
 
 
 # --- a whole run: what `lgnet up` and `lgnet test` do, printing nothing ----------------------
@@ -890,10 +1023,31 @@ class RunResult:
     interrupted: bool = False
     captures: list[str] = field(default_factory=list)
     seed: int | None = None
+    scenario: Scenario | None = None
+    verdicts: list | None = None                           # `lgnet test`'s, one per expect:
 
     @property
     def killed(self) -> bool:
         return any(g.killed for g in self.guests)
+
+    def as_dict(self, status: int) -> dict:
+        """The run as JSON-ready data (`--json FILE`): per guest and uplink the broker's
+        counters, how it ended and lguest's death reason; for `lgnet test` each expectation's
+        verdict; `status` is the command's exit status."""
+        record = {"scenario": os.path.abspath(self.scenario.path) if self.scenario else None,
+                  "status": status, "interrupted": self.interrupted,
+                  "guests": [dict({"name": g.name, "pid": g.process.pid},
+                                  **{k: v for k, v in g.stats.items() if k not in ROW_IDENTITY},
+                                  ended=g.ending, killed=g.killed, dead=g.stats.get("dead"))
+                             for g in self.guests + [u.run for u in self.uplinks]]}
+        if self.verdicts is not None:
+            record["expectations"] = [
+                {"where": e.where, "expectation": e.describe(), "held": v.held,
+                 "matched": len(v.matched), "considered": len(v.considered),
+                 "report": v.report}
+                for e, v in zip(self.scenario.expect, self.verdicts)]
+            record["held"] = sum(v.held for v in self.verdicts)
+        return record
 
 
 def run_up(path: str, duration: float | None = None, out: TextIO | None = None,
@@ -909,7 +1063,7 @@ def run_up(path: str, duration: float | None = None, out: TextIO | None = None,
     scenario = uplinks.with_uplinks(load_scenario(path), list(uplink))
     duration = duration if duration is not None else scenario.duration
     lab = Lab(scenario, out, pcap=pcap, trace=trace, seed=seed)
-    result = RunResult(lab.guests, lab.uplinks, seed=lab.seed)
+    result = RunResult(lab.guests, lab.uplinks, seed=lab.seed, scenario=scenario)
     try:
         lab.start()
         if on_up is not None:
@@ -934,9 +1088,9 @@ def run_seconds(scenario: Scenario) -> float:
 
 
 def run_test(path: str, out: TextIO | None = None, pcap: str | None = None,
-             trace: str | None = None) -> list:
-    """Run the scenario and check its `expect:` against the capture: the verdicts
-    (lgnet.packets.Verdict), one per expectation. A scenario error is an LgnetError.
+             trace: str | None = None) -> RunResult:
+    """Run the scenario and check its `expect:` against the capture: the run, with its
+    verdicts (lgnet.packets.Verdict, one per expectation). A scenario error is an LgnetError.
 
     The run ends when every guest has ended, when the time is up (run_seconds), or early when
     every expectation is an "at least" one and already holds."""
@@ -952,4 +1106,5 @@ def run_test(path: str, out: TextIO | None = None, pcap: str | None = None,
                 break
             if early and all(v.held for v in lab.check()):
                 break
-        return lab.check()
+        verdicts = lab.check()
+    return RunResult(lab.guests, lab.uplinks, scenario=scenario, verdicts=verdicts)

@@ -41,10 +41,11 @@ OP_NAME = 20                            # the lab names the guest of launcher pi
 OP_NOTIFY = 21                          # doorbell: run my async hypercall ring; no reply
 OP_BROKER_STATS = 22                    # the broker's own counters and times (JSON reply)
 OP_IMPAIR = 23                          # the lab changes impairments: JSON tail and reply
+OP_BINDINGS = 24                        # the dma_hash view, read-only (JSON reply)
 OP_NAMES = {OP_INITIALIZE: "INITIALIZE", OP_GETDMA: "GETDMA", OP_IRQ: "IRQ",
             OP_BREAK: "BREAK", OP_HCALL: "HCALL", OP_ATTACH: "ATTACH", OP_KILL: "KILL",
             OP_STATS: "STATS", OP_NAME: "NAME", OP_NOTIFY: "NOTIFY",
-            OP_BROKER_STATS: "BROKER_STATS", OP_IMPAIR: "IMPAIR"}
+            OP_BROKER_STATS: "BROKER_STATS", OP_IMPAIR: "IMPAIR", OP_BINDINGS: "BINDINGS"}
 
 # --- replies: result (negative errno on error) + flags + two u32 (+ tail) -----------------
 
@@ -163,6 +164,9 @@ def recv_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
     return data, list(fds)
 
 
+QUERY_SECONDS = 5.0                      # how long a query waits for a broker's answer
+
+
 class BrokerGone(Exception):
     """The broker closed the connection (it exited or was killed)."""
 
@@ -201,6 +205,27 @@ class Channel:
              tail: bytes = b"", fds: list[int] | None = None) -> Reply:
         self.send(op, a, b, c, d, tail, fds)
         return self.receive()
+
+    def query(self, op: int, timeout: float = QUERY_SECONDS) -> Reply:
+        """A request whose JSON reply may outgrow MAX_MESSAGE (STATS of a lab of hundreds
+        of guests, BINDINGS): the reply's real size is peeked first (MSG_TRUNC reports it),
+        so nothing is cut. A broker that does not answer within `timeout` (stopped, or busy
+        elsewhere) is BrokerGone: whoever asks — `lgnet status` over every lab — goes on.
+        Not for the hot path: it costs one more system call."""
+        self.send(op)
+        self.sock.settimeout(timeout)
+        try:
+            size = self.sock.recv_into(bytearray(1), 1, socket.MSG_PEEK | socket.MSG_TRUNC)
+            data = self.sock.recv(max(size, 1))
+        except ConnectionResetError:
+            data = b""
+        except TimeoutError:
+            raise BrokerGone("the broker did not answer within %gs" % timeout) from None
+        finally:
+            self.sock.settimeout(None)
+        if not data:
+            raise BrokerGone("the broker closed the connection")
+        return decode_reply(data)
 
     def close(self) -> None:
         self.sock.close()

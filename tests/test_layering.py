@@ -3,7 +3,7 @@
 Ground floor: abi.py (imports nothing of ours), then errors.py, wire.py, netfile.py, filekind.py
 (what a file is), process.py and timeline.py (--trace's events). The two wings, fabric/ and
 guest/, stand on it and never import each other or anything above them.
-Above them: lab.py and the rooms it uses; on top, the faces (cli.py, testing.py,
+Above them: lab.py and the rooms it uses; on top, the faces (cli.py, shell.py, testing.py,
 bench/report.py), which nothing of lgnet imports but another face (bench's run, its API, is no
 face)."""
 import ast
@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "lgnet"
 GROUND = {"lgnet.abi", "lgnet.errors", "lgnet.wire", "lgnet.netfile", "lgnet.filekind",
           "lgnet.process", "lgnet.timeline"}
-FACES = {"lgnet.cli", "lgnet.testing", "lgnet.__main__", "lgnet.bench.report"}
+FACES = {"lgnet.cli", "lgnet.shell", "lgnet.testing", "lgnet.__main__", "lgnet.bench.report"}
 
 
 def module_name(path: Path) -> str:

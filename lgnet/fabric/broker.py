@@ -60,6 +60,7 @@ import time
 
 from lgnet import abi, netfile, process, wire
 from lgnet.errors import LgnetError
+from lgnet.fabric import dmahash
 from lgnet.fabric.capture import Capture, net_source
 from lgnet.fabric.connection import Input, State, running, transition
 from lgnet.fabric.devlguest import LguestFile
@@ -131,7 +132,7 @@ REQUEST_INPUTS = {wire.OP_INITIALIZE: Input.INITIALIZE, wire.OP_HCALL: Input.HCA
                   wire.OP_IRQ: Input.IRQ, wire.OP_ATTACH: Input.ATTACH,
                   wire.OP_KILL: Input.KILL, wire.OP_STATS: Input.STATS,
                   wire.OP_BROKER_STATS: Input.BROKER_STATS, wire.OP_NAME: Input.NAME,
-                  wire.OP_IMPAIR: Input.IMPAIR}
+                  wire.OP_IMPAIR: Input.IMPAIR, wire.OP_BINDINGS: Input.BINDINGS}
 
 
 def request_input(request: Request) -> Input:
@@ -395,6 +396,9 @@ class Broker:
 
     def _stats(self, conn: Connection, _request: Request) -> None:
         conn.reply(0, tail=json.dumps(self.stats()).encode())
+
+    def _bindings(self, conn: Connection, _request: Request) -> None:
+        conn.reply(0, tail=json.dumps(self.bindings(), separators=(",", ":")).encode())
 
     def _broker_stats(self, conn: Connection, _request: Request) -> None:
         conn.reply(0, tail=json.dumps(self.broker_stats()).encode())
@@ -876,6 +880,23 @@ class Broker:
         row.update(pid=os.getpid(), user_s=usage.ru_utime, sys_s=usage.ru_stime,
                    voluntary_switches=usage.ru_nvcsw, involuntary_switches=usage.ru_nivcsw)
         return row
+
+    def bindings(self) -> dict:
+        """The dma_hash view (fabric/dmahash.py), taken under lguest_lock between two
+        operations; each guest with its name, what its connection waits for, and the
+        interrupt lines raised that its launcher has not yet taken."""
+        with self.lock:
+            view = dmahash.snapshot(self.engine)
+        for row in view["guests"]:
+            conn = self.owners.get(row["guest"])
+            row["name"] = self.names.get(row["pid"])
+            # What its connection waits for (fabric/connection.py's states), or why it has none
+            row["state"] = "dead" if row["dead"] is not None else \
+                "closing" if conn is None else conn.state.value
+            row["irq_flags"] = [] if conn is None or conn.control is None else [
+                line for line in range(abi.LGUEST_IRQS)
+                if conn.control[wire.CONTROL_IRQ_FLAGS + line]]
+        return view
 
     @staticmethod
     def guest_stats(guest: Guest) -> dict:

@@ -52,6 +52,7 @@ class Input(Enum):
     KILL = "KILL"
     STATS = "STATS"
     BROKER_STATS = "BROKER_STATS"
+    BINDINGS = "BINDINGS"              # the dma_hash view: read-only, any connection
     NAME = "NAME"
     IMPAIR = "IMPAIR"
     UNKNOWN = "unknown request"
@@ -68,7 +69,8 @@ class Input(Enum):
 
 REQUESTS = frozenset({Input.INITIALIZE, Input.HCALL, Input.NOTIFY, Input.GETDMA, Input.IRQ,
                       Input.BREAK_ON, Input.BREAK_OFF, Input.ATTACH, Input.KILL, Input.STATS,
-                      Input.BROKER_STATS, Input.NAME, Input.IMPAIR, Input.UNKNOWN,
+                      Input.BROKER_STATS, Input.BINDINGS, Input.NAME, Input.IMPAIR,
+                      Input.UNKNOWN,
                       Input.HANGUP})
 
 ANY = None
@@ -116,6 +118,7 @@ TABLE: dict[tuple[State | None, Input], tuple[str, State | None]] = {
     (ANY, I.BREAK_OFF): ("break_off", None),
     (ANY, I.STATS): ("stats", None),
     (ANY, I.BROKER_STATS): ("broker_stats", None),
+    (ANY, I.BINDINGS): ("bindings", None),
     (ANY, I.NAME): ("name", None),
     (ANY, I.IMPAIR): ("impair", None),                    # the lab's; our own uid only
     (ANY, I.UNKNOWN): ("refuse_unknown", None),

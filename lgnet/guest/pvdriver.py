@@ -9,6 +9,7 @@ like the bundled kernel), script.py (the `script=` steps of a scenario's Python 
 """
 from __future__ import annotations
 
+import ipaddress
 import struct
 from dataclasses import dataclass, field
 
@@ -76,9 +77,37 @@ def report(guest: PyGuest) -> None:
 
 def serve(guest: PyGuest) -> None:
     """With an address and no script: stay up answering until the Launcher is stopped, like
-    the bundled kernel without ping=."""
+    the bundled kernel without ping=; and take commands typed on the console (`command`)."""
+    guest.console.listen()
     while True:
         guest.machine.hcall(abi.LHCALL_HALT)
+        # Outside the interrupt handler: a ping needs the net's interrupts delivered.
+        while guest.console.lines:
+            command(guest, guest.console.lines.pop(0))
+
+
+CONSOLE_COMMANDS = "ping A.B.C.D [COUNT]"
+MAX_PING_COUNT = 100
+
+
+def command(guest: PyGuest, line: str) -> None:
+    """One console line: `ping A.B.C.D [COUNT]` (COUNT 1..100, default 1), as `NAME ping`
+    of lgnet's shell types it."""
+    words = line.split()
+    if not words:
+        return
+    try:
+        if words[0] != "ping" or len(words) not in (2, 3):
+            raise ValueError
+        ipaddress.IPv4Address(words[1])
+        count = int(words[2]) if len(words) == 3 else 1
+        if not 1 <= count <= MAX_PING_COUNT:
+            raise ValueError
+    except ValueError:
+        guest.console.write("lgnet pvdriver: %r: the console takes %s\n"
+                            % (line, CONSOLE_COMMANDS))
+        return
+    guest.stack.ping(guest.console, words[1], count)
 
 
 def main(machine: Machine) -> None:
