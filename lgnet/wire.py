@@ -60,6 +60,7 @@ FLAG_DEFERRED = 8        # with PENDING_DMA: the async ring stopped before this 
 LAYOUT_HEADER = struct.Struct("=IIQ")    # region count, control fd index, control offset
 REGION = struct.Struct("=QQQII")         # guest-physical base, length, file offset, fd, shared
 MAX_FDS = 64
+MAX_REGIONS = MAX_FDS                    # a layout names at most this many regions
 MAX_MESSAGE = 65536
 
 # --- the control page (lgnet's, not lguest's): the broker's doorbell to a running guest ----

@@ -12,6 +12,7 @@ lguest_data at LGUEST_DATA inside RAM.
 """
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import select
@@ -61,8 +62,9 @@ class KitLauncher:
         self.pid = pid
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.conn = kit.broker.adopt(theirs, pid)
-        self.fd = os.memfd_create("kit-guest-%d" % pid)
+        self.fd = os.memfd_create("kit-guest-%d" % pid, os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, RAM_SIZE + wire.CONTROL_PAGE_SIZE)
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
         self.ram = mmap.mmap(self.fd, RAM_SIZE + wire.CONTROL_PAGE_SIZE)
         self.control = memoryview(self.ram)[RAM_SIZE:]
         self.guest_id: int | None = None

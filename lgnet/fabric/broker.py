@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import heapq
 import json
 import mmap
@@ -53,6 +54,7 @@ import selectors
 import shutil
 import signal
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -63,6 +65,7 @@ from lgnet.errors import LgnetError
 from lgnet.fabric.capture import Capture, net_source
 from lgnet.fabric.connection import Input, State, running, transition
 from lgnet.fabric.devlguest import LguestFile
+from lgnet.fabric.handover import FdFacts, Refused, check_layout
 from lgnet.fabric.dma import Engine, Guest, Restock, has_free_buffer
 from lgnet.fabric.hypercalls import Outcome, drain_async, finish_restock, ring_empty
 from lgnet.fabric.impair import ImpairError, Impairments, check_params
@@ -107,13 +110,33 @@ class Connection:
             pass                      # the launcher is gone; its close comes from the loop
 
     def release(self) -> None:
+        """Views first, then the mappings they look into (closing a viewed mmap fails)."""
         if self.memory is not None:
             self.memory.release()
+            self.memory = None
         if self.control is not None:
             self.control.release()
+            self.control = None
         for m in self.mappings:
             m.close()
         self.mappings.clear()
+
+
+def log(text: str) -> None:
+    """The broker's own account of what it refused or gave up (the lab keeps its stderr)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def fd_facts(fd: int) -> FdFacts:
+    """What a handed-over descriptor is, for fabric/handover.py to judge."""
+    st = os.fstat(fd)
+    regular = stat.S_ISREG(st.st_mode)
+    read_write = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS) if regular else 0
+    except OSError:
+        seals = 0                 # a file that cannot be sealed (not a memfd)
+    return FdFacts(regular, st.st_size, read_write, bool(seals & fcntl.F_SEAL_SHRINK))
 
 
 class Request:
@@ -513,36 +536,32 @@ class Broker:
     # --- actions: becoming an owner or a sharer ---------------------------------------------
 
     def _initialize(self, conn: Connection, request: Request) -> State | None:
+        """INITIALIZE: lguest_user.c's gates first, then every part of the layout checked
+        against the descriptors that came with it (fabric/handover.py), and only then is
+        anything mapped. A refusal leaves the connection NEW, with nothing held."""
         pfn_limit, pgdir, start, page_offset = request.a, request.b, request.c, request.d
         fds = request.fds
 
-        def make_memory() -> GuestMemory:
+        def make_memory() -> GuestMemory | None:
             # Only reached once lguest_user.c's checks (EPERM, EBUSY, ...) have passed.
-            regions, control_fd, control_offset = wire.decode_layout(request.tail)
-            memory = GuestMemory(pfn_limit)
-            for region in regions:
-                fd = fds[region.fd_index]
-                m = mmap.mmap(fd, region.length, mmap.MAP_SHARED,
-                              mmap.PROT_READ | mmap.PROT_WRITE, offset=region.file_offset)
-                conn.mappings.append(m)
-                st = os.fstat(fd)
-                memory.add_region(region.base, m, (st.st_dev, st.st_ino) if region.shared
-                                  else None, "fd%d" % region.fd_index)
-                if region.shared:
-                    self._learn_net((st.st_dev, st.st_ino), fd)
-            control = mmap.mmap(fds[control_fd], wire.CONTROL_PAGE_SIZE, mmap.MAP_SHARED,
-                                mmap.PROT_READ | mmap.PROT_WRITE, offset=control_offset)
-            conn.mappings.append(control)
-            conn.control = memoryview(control)
-            conn.memory = memory
-            return memory
+            try:
+                regions, control_fd, control_offset = check_layout(
+                    request.tail, [fd_facts(fd) for fd in fds], pfn_limit)
+            except Refused as refused:
+                log("broker: launcher %d: INITIALIZE refused: %s" % (conn.pid, refused))
+                return None
+            try:
+                self._map_layout(conn, fds, regions, control_fd, control_offset)
+            except OSError as exc:
+                log("broker: launcher %d: INITIALIZE: cannot map: %s"
+                    % (conn.pid, exc.strerror or exc))
+                conn.release()
+                return None
+            return conn.memory
 
-        try:
-            result = conn.file.initialize(pfn_limit, pgdir, start, page_offset, make_memory)
-        except (ValueError, OSError, IndexError, struct.error):
-            conn.release()
-            result = -errno.EINVAL
+        result = conn.file.initialize(pfn_limit, pgdir, start, page_offset, make_memory)
         if result < 0:
+            conn.release()
             conn.reply(result)
             return None
         self.owners[conn.file.guest.id] = conn
@@ -561,6 +580,27 @@ class Broker:
         if self.nets.get(identity) != name:
             self.nets[identity] = name
             self.impair.changed()
+
+    def _map_layout(self, conn: Connection, fds: list[int], regions: list[wire.Region],
+                    control_fd: int, control_offset: int) -> None:
+        """Map a checked layout. Every mapping is made before any view of it, so a failed
+        mmap (no memory, too many maps) closes plain mappings: nothing holds them."""
+        def mapped(fd: int, length: int, offset: int) -> mmap.mmap:
+            m = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                          offset=offset)
+            conn.mappings.append(m)
+            return m
+
+        maps = [mapped(fds[r.fd_index], r.length, r.file_offset) for r in regions]
+        control = mapped(fds[control_fd], wire.CONTROL_PAGE_SIZE, control_offset)
+        memory = conn.memory = GuestMemory()
+        for region, m in zip(regions, maps):
+            st = os.fstat(fds[region.fd_index])
+            identity = (st.st_dev, st.st_ino) if region.shared else None
+            memory.add_region(region.base, m, identity, "fd%d" % region.fd_index)
+            if region.shared:
+                self._learn_net(identity, fds[region.fd_index])
+        conn.control = memoryview(control)
 
     def _attach(self, conn: Connection, request: Request) -> State | None:
         gid = request.a

@@ -5,9 +5,9 @@ only *ask* the Host. It follows the reference Launcher's order: devices from the
 (in order; the console last), guest RAM, the kernel, descriptors just above RAM, boot header,
 INITIALIZE, the Waker, then the run loop.
 
-lgnet's differences, and why: guest RAM is a POSIX shared-memory object the broker maps too
-(its name is unlinked as soon as it is mapped — the descriptor travels to the broker with
-INITIALIZE — so no exit path can leave it in /dev/shm); the Waker is a thread with its own
+lgnet's differences, and why: guest RAM is a memfd the broker maps too (it has no name, so no
+exit path can leave it in /dev/shm, and a full /dev/shm cannot touch it; it is sealed against
+shrinking, which the broker insists on, so it cannot vanish under the broker); the Waker is a thread with its own
 connection ATTACHed to the guest, as lguest's forked Waker shared the fd; and the guest's CPU
 runs here, so "read() returned" is a hypercall reply (see guest/host.py). With --gdb, a gdb
 server (guest/gdbstub.py) listens before the guest boots, and the Waker also watches its
@@ -20,15 +20,13 @@ A guest's bad pointer is the guest's death, reported to the Host, never the user
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import mmap
 import os
-import secrets
 import signal
 import sys
 from dataclasses import dataclass, field
-
-import posix_ipc
 
 from lgnet import abi, netfile, process, timeline, wire
 from lgnet.errors import USER_ERROR_EXIT, LgnetError
@@ -115,19 +113,21 @@ class Launcher:
         self.devices.add_console(self.out, cfg.console_input)
 
     def create_memory(self) -> tuple[mmap.mmap, int]:
-        """Guest RAM + descriptor page + private device pages + control page, one object."""
+        """Guest RAM + descriptor page + private device pages + control page, one memfd,
+        sealed so it can never shrink: the broker maps it too, and a mapping whose file
+        shrank under it would fault (SIGBUS) when the broker next copied a frame."""
         size = self.mem + abi.PAGE_SIZE * (2 + self.devices.private_pages())
-        name = "/lgnet-%d-%s" % (os.getpid(), secrets.token_hex(4))
-        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
-        try:
-            ram = mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            # The name has done its job: the broker gets the descriptor, not the name.
-            shm.unlink()
-        self.closers.append(ram.close)
-        fd = os.dup(shm.fd)
-        shm.close_fd()
+        fd = os.memfd_create("lgnet-guest-%d" % os.getpid(),
+                             os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         self.closers.append(lambda: os.close(fd))
+        try:
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            raise LgnetError("cannot create %d bytes of guest RAM: %s"
+                             % (size, exc.strerror)) from None
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        ram = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.closers.append(ram.close)
         return ram, fd
 
     def build(self) -> tuple[BrokerHost, object, int, int]:
