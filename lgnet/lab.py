@@ -27,7 +27,6 @@ import json
 import os
 import random
 import re
-import select
 import shutil
 import signal
 import socket
@@ -227,7 +226,7 @@ class Lab:
         os.close(ready_w)
         with os.fdopen(ready_r, "rb") as ready:
             # READY, EOF (it died) or nothing for BROKER_START_SECONDS (it hangs).
-            if not select.select([ready], [], [], BROKER_START_SECONDS)[0]:
+            if not process.readable([ready], BROKER_START_SECONDS):
                 terminate(self.broker)
                 raise LgnetError("the broker did not start within %gs" % BROKER_START_SECONDS)
             if not ready.readline():

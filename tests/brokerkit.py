@@ -15,11 +15,10 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import select
 import socket
 import threading
 
-from lgnet import abi, wire
+from lgnet import abi, process, wire
 from lgnet.fabric.broker import Broker
 
 RAM_SIZE = 16 * abi.PAGE_SIZE
@@ -76,7 +75,7 @@ class KitLauncher:
         wire.send_fds(self.sock, wire.encode_request(op, a, b, c, d, tail), list(fds))
 
     def answered(self) -> bool:
-        return bool(select.select([self.sock], [], [], 0)[0])
+        return bool(process.readable([self.sock], 0))
 
     def reply(self) -> wire.Reply:
         """Turn the broker's loop until this launcher has its reply."""

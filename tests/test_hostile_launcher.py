@@ -13,6 +13,7 @@ import pytest
 
 from brokerkit import NET_AT, PFN_LIMIT, RAM_SIZE, RX_BUF, BrokerKit
 from lgnet import abi, wire
+from lgnet.fabric.broker import MAX_QUEUED_REPLIES
 from lgnet.fabric.connection import State
 
 PAYLOAD = bytes(range(60))
@@ -183,3 +184,59 @@ def test_a_shared_region_past_the_end_of_its_net_file_is_refused(kit):
 def test_no_descriptor_at_all_is_refused(kit):
     fresh = kit.launcher()
     assert_refused_and_harmless(kit, fresh, initialize(fresh, [ram()], ()))
+
+
+# --- no blocking I/O: a launcher that never reads its replies -------------------------------
+
+def test_a_launcher_that_never_reads_its_replies_is_closed_and_no_one_else_waits(kit):
+    flooder = kit.launcher()
+    flooder.sock.setblocking(False)
+    request = wire.encode_request(wire.OP_IRQ, 1)      # NEW: each one is answered EINVAL
+    sent = 0
+    for _ in range(5000):
+        try:
+            flooder.sock.send(request)
+            sent += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            break                                      # the broker closed it
+        kit.broker.step(0)
+        if flooder.conn.state is State.CLOSED:
+            break
+    assert flooder.conn.state is State.CLOSED
+    assert sent > MAX_QUEUED_REPLIES
+    assert flooder.conn not in kit.broker.connections and not flooder.conn.outbox
+    a, b = kit.launcher().boot(), kit.launcher().boot()
+    b.bind_rx(slot=1)
+    a.put_tx(PAYLOAD)
+    a.send_dma(slot=1)
+    assert a.reply().result == 0 and b.get(RX_BUF, len(PAYLOAD)) == PAYLOAD
+
+
+def test_a_reply_the_socket_cannot_take_now_waits_and_is_sent_in_order(kit):
+    slow = kit.launcher()
+    slow.sock.setblocking(False)
+    count = 300                    # more than the socket holds, fewer than it and the outbox
+    for irq in range(count):
+        while True:
+            try:
+                slow.sock.send(wire.encode_request(wire.OP_IRQ, irq))
+                break
+            except BlockingIOError:
+                kit.broker.step(0)
+        kit.broker.step(0)
+    kit.settle(count)
+    assert slow.conn.outbox and slow.conn.state is State.NEW    # queued, not dropped
+    got = 0
+    for _ in range(1000):
+        try:
+            reply = wire.decode_reply(slow.sock.recv(wire.MAX_MESSAGE))
+        except BlockingIOError:
+            kit.broker.step(0.001)
+            continue
+        assert reply.result == -errno.EINVAL
+        got += 1
+        if got == count:
+            break
+    assert got == count and not slow.conn.outbox

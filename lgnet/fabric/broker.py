@@ -59,6 +59,7 @@ import struct
 import sys
 import threading
 import time
+from collections import deque
 
 from lgnet import abi, netfile, process, wire
 from lgnet.errors import LgnetError
@@ -79,6 +80,8 @@ RESTOCK_SECONDS = 0.0005             # how long "one chance to restock" waits fo
 LISTEN_BACKLOG = 256
 READY = b"ready\n"                  # written on --ready-fd once the socket listens
 RING_PASS_CALLS = 16                 # queued calls run per guest per pass between socket looks
+MAX_QUEUED_REPLIES = 64              # replies a launcher may leave unread before it is closed
+ACCEPT_BACKOFF_SECONDS = 0.1         # out of descriptors: how long accept() rests
 
 
 class BrokerStop(Exception):
@@ -90,9 +93,14 @@ def _stop(*_) -> None:
 
 
 class Connection:
-    """One launcher's open /dev/lguest, its state, and everything the broker mapped for it."""
+    """One launcher's open /dev/lguest, its state, and everything the broker mapped for it.
 
-    def __init__(self, sock: socket.socket, pid: int, engine: Engine):
+    Its socket never blocks the broker: a reply the socket will not take now waits in the
+    connection's outbox, sent when the socket is writable. The outbox is bounded: a launcher
+    that leaves MAX_QUEUED_REPLIES replies unread is `overflowed`, and the loop closes it."""
+
+    def __init__(self, sock: socket.socket, pid: int, engine: Engine, backlogged: set):
+        sock.setblocking(False)
         self.sock = sock
         self.pid = pid
         self.state = State.NEW
@@ -101,13 +109,40 @@ class Connection:
         self.memory: GuestMemory | None = None
         self.control: memoryview | None = None
         self.timer_seq = 0            # bumps to cancel a scheduled clock event
+        self.outbox: deque[bytes] = deque()
+        self.backlogged = backlogged  # the broker's: connections whose outbox changed
+        self.overflowed = False
+        self.parked = False           # its requests wait unread (one chance to restock)
+        self.events = 0               # what the selector watches for it now
 
     def reply(self, result: int, flags: int = 0, a: int = 0, b: int = 0,
               tail: bytes = b"") -> None:
-        try:
-            self.sock.send(wire.encode_reply(wire.Reply(result, flags, a, b, tail)))
-        except OSError:
-            pass                      # the launcher is gone; its close comes from the loop
+        message = wire.encode_reply(wire.Reply(result, flags, a, b, tail))
+        if not self.outbox:
+            try:
+                self.sock.send(message)
+                return
+            except BlockingIOError:
+                pass
+            except OSError:
+                return                # the launcher is gone; its close comes from the loop
+        if len(self.outbox) >= MAX_QUEUED_REPLIES:
+            self.overflowed = True
+        else:
+            self.outbox.append(message)
+        self.backlogged.add(self)
+
+    def flush(self) -> None:
+        """Send what waits in the outbox, as far as the socket takes it."""
+        while self.outbox:
+            try:
+                self.sock.send(self.outbox[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                self.outbox.clear()   # gone: its hangup comes from the loop
+                return
+            self.outbox.popleft()
 
     def release(self) -> None:
         """Views first, then the mappings they look into (closing a viewed mmap fails)."""
@@ -235,9 +270,12 @@ class Broker:
         self.running_for: Connection | None = None       # whose ring or hypercall runs now
         self.counters = BrokerCounters()
         self.running = True
+        self.backlogged: set[Connection] = set()         # outbox changed: watch for writable
+        self.accept_resumes: float | None = None         # accept() rests until then (EMFILE)
         self.listener = self._listen() if socket_path is not None else None
         if self.watch_fd is not None:
-            self.selector.register(self.watch_fd, selectors.EVENT_READ, self._watched)
+            self.selector.register(self.watch_fd, selectors.EVENT_READ,
+                                   lambda _mask: self._watched(self.watch_fd))
 
     # --- set-up and tear-down -----------------------------------------------------------
 
@@ -262,6 +300,20 @@ class Broker:
         listener.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ, self._accept)
         return listener
+
+    def _rest_accept(self) -> None:
+        """Out of descriptors (EMFILE/ENFILE): stop accepting for a moment, serve the rest.
+        The pending connections wait in the backlog; closes meanwhile free descriptors."""
+        if self.accept_resumes is None:
+            log("broker: out of file descriptors; not accepting for %.1f s"
+                % ACCEPT_BACKOFF_SECONDS)
+            self.selector.unregister(self.listener)
+        self.accept_resumes = time.monotonic() + ACCEPT_BACKOFF_SECONDS
+
+    def _resume_accept(self) -> None:
+        if self.accept_resumes is not None and time.monotonic() >= self.accept_resumes:
+            self.accept_resumes = None
+            self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
 
     def serve_forever(self) -> None:
         signal.signal(signal.SIGTERM, _stop)
@@ -290,20 +342,17 @@ class Broker:
         elif self.timers:
             due = max(0.0, self.timers[0][0] - time.monotonic())
             wait = due if wait is None else min(wait, due)
-        deadline = self.held.deadline()
-        if deadline is not None and not self.rings:
-            held = max(0.0, deadline - time.monotonic())
-            wait = held if wait is None else min(wait, held)
-        due = self.impair.next_due()
-        if due is not None:
-            late = max(0.0, due - time.monotonic())
-            wait = late if wait is None else min(wait, late)
+        for deadline in (None if self.rings else self.held.deadline(), self.impair.next_due(),
+                         self.accept_resumes):
+            if deadline is not None:
+                due = max(0.0, deadline - time.monotonic())
+                wait = due if wait is None else min(wait, due)
         started = clock()
         events = self.selector.select(wait)
         woke = clock()
         counters.idle_s += woke - started
-        for key, _ in events:
-            key.data(key.fileobj)
+        for key, mask in events:
+            key.data(mask)
         if self.rings:
             self._run_rings()
         if self.parked:
@@ -317,6 +366,10 @@ class Broker:
         if self.held:
             self._flush_wakes()
         self._fire_timers()
+        if self.backlogged:
+            self._watch_outboxes()
+        if self.accept_resumes is not None:
+            self._resume_accept()
         counters.busy_s += clock() - woke
 
     def shutdown(self) -> None:
@@ -342,13 +395,22 @@ class Broker:
 
     # --- connections: the state machine's inputs --------------------------------------------
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, _mask: int) -> None:
         try:
-            sock, _ = listener.accept()
-        except BlockingIOError:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, ConnectionAbortedError):
             return
-        pid, uid, _gid = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                      UCRED.size))
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._rest_accept()
+                return
+            raise
+        try:
+            pid, uid, _gid = UCRED.unpack(sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
+        except OSError:
+            sock.close()              # gone before we looked
+            return
         if uid != os.getuid():
             sock.close()          # only our own user's launchers may join
             return
@@ -356,18 +418,58 @@ class Broker:
 
     def adopt(self, sock: socket.socket, pid: int) -> Connection:
         """Serve a connected launcher socket whose task is `pid`."""
-        conn = Connection(sock, pid, self.engine)
+        conn = Connection(sock, pid, self.engine, self.backlogged)
         self.connections.add(conn)
         self._listen_to(conn)
         return conn
 
     def _listen_to(self, conn: Connection) -> None:
-        self.selector.register(conn.sock, selectors.EVENT_READ,
-                               lambda s, c=conn: self._readable(c))
+        conn.parked = False
+        self._watch(conn)
+
+    def _watch(self, conn: Connection) -> None:
+        """Tell the selector what this connection waits for now: its requests unless
+        it is parked, and a writable socket while replies wait in its outbox."""
+        events = (0 if conn.parked else selectors.EVENT_READ) | \
+            (selectors.EVENT_WRITE if conn.outbox else 0)
+        if events == conn.events or conn.state is State.CLOSED:
+            return
+        if not conn.events:
+            self.selector.register(conn.sock, events, lambda mask, c=conn: self._ready(c, mask))
+        elif not events:
+            self.selector.unregister(conn.sock)
+        else:
+            self.selector.modify(conn.sock, events, lambda mask, c=conn: self._ready(c, mask))
+        conn.events = events
+
+    def _watch_outboxes(self) -> None:
+        """After a pass: close the launchers that let their replies pile up, and watch the
+        sockets of the others whose outbox changed."""
+        backlogged = list(self.backlogged)
+        self.backlogged.clear()
+        for conn in backlogged:
+            if conn.overflowed and conn.state is not State.CLOSED:
+                log("broker: launcher %d left %d replies unread; closing it"
+                    % (conn.pid, MAX_QUEUED_REPLIES))
+                self._input(conn, Input.HANGUP)
+            elif conn.state is not State.CLOSED:
+                self._watch(conn)
+
+    def _ready(self, conn: Connection, mask: int) -> None:
+        if conn.state is State.CLOSED:
+            return                    # closed earlier in this pass
+        if mask & selectors.EVENT_WRITE:
+            conn.flush()
+            if not conn.outbox:
+                self._watch(conn)
+        if mask & selectors.EVENT_READ and not conn.parked:
+            self._readable(conn)
 
     def _readable(self, conn: Connection) -> None:
         try:
             data, fds = wire.recv_fds(conn.sock)
+        except BlockingIOError:
+            return
         except OSError:
             data, fds = b"", []
         if len(data) < wire.REQUEST.size:
@@ -510,11 +612,12 @@ class Broker:
 
     def _close(self, conn: Connection, _arg=None) -> State:
         """lguest's close(): bindings released, guest slot freed, mappings dropped."""
-        try:
+        if conn.events:
             self.selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
+            conn.events = 0
         conn.state = State.CLOSED
+        conn.outbox.clear()
+        self.backlogged.discard(conn)
         self.connections.discard(conn)
         self.rings.pop(conn, None)
         self.held.release(conn)
@@ -839,10 +942,8 @@ class Broker:
         its chance to run, and try again from the loop (`_retry_parked`)."""
         self.counters.restocks += 1
         self.rings.pop(conn, None)
-        try:
-            self.selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
+        conn.parked = True
+        self._watch(conn)
         self.parked.append(Parked(conn, restock, time.monotonic(), self.restock_seconds, then))
         receiver = self.owners.get(restock.receiver.id)
         # In lguest the receiver ran on a CPU of its own meanwhile; here it may be asleep

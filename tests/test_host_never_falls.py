@@ -1,0 +1,113 @@
+"""The Host never falls (issue 13): a real broker process, real launchers, real limits.
+
+Out of descriptors on accept, a stopped receiver, launchers told to stop: each of these once
+crashed or froze the broker (or a launcher) of commit 4ea4f11. Every test has a timeout."""
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ENV, Guests, stats
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def start_broker(path: str, nofile: int | None = None) -> subprocess.Popen:
+    def limit():
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    proc = subprocess.Popen([sys.executable, "-m", "lgnet", "broker", "--socket", path],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV,
+                            preexec_fn=limit)
+    assert b"listening on" in proc.stdout.readline()
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        proc.terminate()
+    out, _ = proc.communicate(timeout=10)
+    return out.decode()
+
+
+def connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(path)
+    return sock
+
+
+def test_out_of_descriptors_on_accept_the_broker_rests_and_carries_on(tmp_path):
+    path = str(tmp_path / "run" / "broker.sock")
+    broker = start_broker(path, nofile=64)
+    guests = Guests(path)
+    burst = []
+    try:
+        burst += [connect(path) for _ in range(150)]   # the backlog holds what it cannot take
+        time.sleep(0.5)
+        assert broker.poll() is None
+        for sock in burst:
+            sock.close()
+        chatter = guests.launch(tmp_path / "lan0.net", kernel="python:tests.guests.chatter",
+                                args=["seconds=1"])
+        out = guests.finish(chatter)
+        assert chatter.returncode == 0, out
+        assert broker.poll() is None
+    finally:
+        for sock in burst:
+            sock.close()
+        guests.close()
+        log = stop(broker)
+        print(log)
+    assert "out of file descriptors" in log
+
+
+def tx(path: str, pid: int) -> int:
+    return next(row["tx_packets"] for row in stats(path) if row["pid"] == pid
+                and row["dead"] is None)
+
+
+def rate(path: str, pids: list[int], seconds: float) -> list[float]:
+    before = [tx(path, pid) for pid in pids]
+    time.sleep(seconds)
+    return [(tx(path, pid) - b) / seconds for pid, b in zip(pids, before)]
+
+
+def test_a_stopped_receiver_delays_only_itself(guests, broker, tmp_path):
+    lan = tmp_path / "lan0.net"
+    others = [guests.launch(lan, kernel="python:tests.guests.chatter", args=["seconds=12"])
+              for _ in range(2)]
+    victim = guests.launch(lan, kernel="python:tests.guests.chatter", args=["seconds=12"])
+    time.sleep(2.5)
+    pids = [p.pid for p in others]
+    normal = rate(broker, pids, 2.0)
+    os.kill(victim.pid, signal.SIGSTOP)
+    try:
+        stopped = rate(broker, pids, 3.0)
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+    assert min(normal) > 0
+    for was, now in zip(normal, stopped):
+        assert now > was / 2, (normal, stopped)
+    for proc in others:
+        assert guests.finish(proc) and proc.returncode == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("kernel", ["python:", "bundled"])
+def test_every_launcher_ends_promptly_when_told_to(guests, tmp_path, sig, kernel):
+    launcher = guests.launch(tmp_path / "lan0.net",
+                             kernel="python:tests.guests.chatter" if kernel == "python:"
+                             else "bundled",
+                             args=["seconds=60"] if kernel == "python:" else [])
+    time.sleep(2.0)
+    assert launcher.poll() is None
+    os.kill(launcher.pid, sig)
+    started = time.monotonic()
+    guests.finish(launcher, timeout=10)
+    assert time.monotonic() - started < 5
+    assert launcher.returncode != 0
