@@ -27,7 +27,7 @@ def cmd_broker(args) -> int:
                   flush=True)
     run_broker(path, capture_dir=args.capture, net_names=nets, on_listening=say_listening,
                first_guest_id=check_first_guest_id(args.first_guest_id),
-               seed=args.seed)
+               seed=args.seed, capture_max=args.capture_max)
     return 0
 
 
@@ -99,9 +99,11 @@ def cmd_up(args) -> int:
         with lab.out_lock:
             print("".join("lgnet up: %s\n" % line for line in lab.whereabouts()), end="",
                   flush=True)
+    if args.pcap_max is not None and args.pcap is None:
+        raise LgnetError("--pcap-max caps the capture of --pcap DIR: give --pcap DIR too")
     result = run_up(args.scenario, duration=args.duration, out=sys.stdout, pcap=args.pcap,
                     uplink=args.uplink, trace=args.trace,
-                    on_up=whereabouts, seed=args.seed)
+                    on_up=whereabouts, seed=args.seed, pcap_max=args.pcap_max)
     print("\n" + results_table(result.guests + [u.run for u in result.uplinks]) + "\n"
           + TABLE_NOTE)
     for link in result.uplinks:
@@ -290,6 +292,7 @@ def positive(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from lgnet.fabric.capture import capture_size
     p = argparse.ArgumentParser(prog="lgnet", description="lguest's inter-guest networking "
                                 "(Linux 2.6.23), rebuilt as a multi-process simulator.")
     p.add_argument("--version", action="version", version="lgnet %s" % lgnet.__version__)
@@ -310,6 +313,9 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--seed", type=int, default=None,
                     help="seed of every impairment decision (default: the scenario's seed:, "
                          "else a fresh one; printed either way)")
+    up.add_argument("--pcap-max", type=capture_size, metavar="BYTES",
+                    help="stop each capture file before it grows past BYTES (suffix K, M or "
+                         "G); the lab goes on")
     up.set_defaults(func=cmd_up)
 
     impair = sub.add_parser("impair", help="change a running lab's impairments "

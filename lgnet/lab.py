@@ -128,13 +128,14 @@ class GuestRun:
 
 class Lab:
     """A running scenario. `capture=True` records every delivery in the lab's own directory;
-    `pcap=DIR` records them into DIR (kept after the lab is down); `trace=FILE` writes the
-    run's timeline to FILE once the lab is down (lgnet.timeline; it captures too: the
-    capture's send numbers join a frame's slices)."""
+    `pcap=DIR` records them into DIR (kept after the lab is down); `pcap_max` caps each
+    capture file at that many bytes (the capture stops there, the lab goes on); `trace=FILE`
+    writes the run's timeline to FILE once the lab is down (lgnet.timeline; it captures too:
+    the capture's send numbers join a frame's slices)."""
 
     def __init__(self, scenario: Scenario | str, out: TextIO | None = None,
                  capture: bool = False, pcap: str | None = None, trace: str | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, pcap_max: int | None = None):
         self.scenario = load_scenario(scenario) if isinstance(scenario, (str, os.PathLike)) \
             else scenario
         self.seed = seed if seed is not None else self.scenario.seed \
@@ -150,6 +151,7 @@ class Lab:
         # Not in the runtime directory: the broker takes that with it when it exits, and its
         # stream is complete only then. The lab removes it once merged.
         self.trace_dir = tempfile.mkdtemp(prefix="lgnet-trace-") if self.trace else None
+        self.pcap_max = pcap_max
         self.broker: subprocess.Popen | None = None
         self.watch_w: int | None = None
         self.guests: list[GuestRun] = []
@@ -204,6 +206,8 @@ class Lab:
         options = ["--seed", str(self.seed)]
         if self.capture_dir is not None:
             options += ["--capture", self.capture_dir]
+            if self.pcap_max is not None:
+                options += ["--capture-max", str(self.pcap_max)]
             for net in self.scenario.networks:
                 # One writer per file: refuse now, with the other lab's pid, rather than let
                 # the broker find out (it checks again, for two labs starting at once).
@@ -899,7 +903,7 @@ def run_up(path: str, duration: float | None = None, out: TextIO | None = None,
            pcap: str | None = None, uplink: list[str] = (),
            trace: str | None = None,
            on_up: Callable[[Lab], None] | None = None,
-           seed: int | None = None) -> RunResult:
+           seed: int | None = None, pcap_max: int | None = None) -> RunResult:
     """Bring the scenario up and wait for its end (every guest ended, `duration`, or a
     KeyboardInterrupt); always torn down. With pcap=DIR, DIR/<net>.pcapng records every
     delivery on each net; `uplink` holds `--uplink NET=...` options
@@ -907,7 +911,7 @@ def run_up(path: str, duration: float | None = None, out: TextIO | None = None,
     on_up(lab) runs once everything is started (`lgnet up` says where things are)."""
     scenario = uplinks.with_uplinks(load_scenario(path), list(uplink))
     duration = duration if duration is not None else scenario.duration
-    lab = Lab(scenario, out, pcap=pcap, trace=trace, seed=seed)
+    lab = Lab(scenario, out, pcap=pcap, trace=trace, seed=seed, pcap_max=pcap_max)
     result = RunResult(lab.guests, lab.uplinks, seed=lab.seed)
     try:
         lab.start()

@@ -63,7 +63,7 @@ from collections import deque
 
 from lgnet import abi, netfile, process, wire
 from lgnet.errors import LgnetError
-from lgnet.fabric.capture import Capture, net_source
+from lgnet.fabric.capture import Capture, capture_size, net_source
 from lgnet.fabric.connection import Input, State, running, transition
 from lgnet.fabric.devlguest import LguestFile
 from lgnet.fabric.handover import FdFacts, Refused, check_layout
@@ -1029,7 +1029,7 @@ def run_broker(socket_path: str, watch_fd: int | None = None, ready_fd: int | No
                capture_dir: str | None = None, net_names: dict[str, str] | None = None,
                owns_directory: bool = False, on_listening=None,
                first_guest_id: int = 0, trace_stream: str | None = None, seed: int = 0,
-               guest_names: tuple = ()) -> None:
+               guest_names: tuple = (), capture_max: int | None = None) -> None:
     """Serve until told to stop. With owns_directory (a lab's private runtime directory),
     the directory goes with the broker, so even a SIGKILLed lab leaves nothing behind.
     on_listening() runs once the socket is bound (so "listening" is never said in vain).
@@ -1041,7 +1041,7 @@ def run_broker(socket_path: str, watch_fd: int | None = None, ready_fd: int | No
                          "trace's flows)")
     try:
         try:
-            capture = Capture(capture_dir, net_names, seed=seed) \
+            capture = Capture(capture_dir, net_names, seed=seed, max_bytes=capture_max) \
                 if capture_dir is not None else None
             trace = BrokerTrace(trace_stream, capture) if trace_stream is not None else None
             broker = Broker(socket_path, watch_fd, capture, first_guest_id, trace=trace,
@@ -1089,6 +1089,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of every impairment decision (default 0)")
     parser.add_argument("--guest", action="append", default=[], metavar="NAME",
                         help="a guest name impairment rules may use before it runs")
+    parser.add_argument("--capture-max", type=capture_size, metavar="BYTES",
+                        help="stop each capture file before it grows past BYTES "
+                             "(suffix K, M or G); the lab goes on")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1110,7 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
             process.die_with_parent()
         run_broker(args.socket or wire.default_socket_path(), args.watch_fd, args.ready_fd,
                    args.capture, dict(parse_net_name(text) for text in args.net),
-                   args.owns_directory,
+                   args.owns_directory, capture_max=args.capture_max,
                    first_guest_id=check_first_guest_id(args.first_guest_id),
                    trace_stream=args.trace_stream, seed=args.seed,
                    guest_names=tuple(args.guest))
