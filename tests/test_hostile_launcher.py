@@ -13,7 +13,8 @@ import pytest
 
 from brokerkit import NET_AT, PFN_LIMIT, RAM_SIZE, RX_BUF, BrokerKit
 from lgnet import abi, wire
-from lgnet.fabric.broker import MAX_QUEUED_REPLIES
+from lgnet.fabric.broker import (MAX_ENDED_ROWS, MAX_NAMES, MAX_QUEUED_REPLIES,
+                                 TIMERS_PER_CONNECTION)
 from lgnet.fabric.connection import State
 
 PAYLOAD = bytes(range(60))
@@ -240,3 +241,47 @@ def test_a_reply_the_socket_cannot_take_now_waits_and_is_sent_in_order(kit):
         if got == count:
             break
     assert got == count and not slow.conn.outbox
+
+
+# --- bounded state: every per-connection resource is bounded and freed with it -------------
+
+def test_twenty_thousand_large_names_are_refused_and_hold_nothing(kit):
+    lab = kit.launcher()
+    big = b"n" * 60000
+    for pid in range(20000):
+        lab.send(wire.OP_NAME, pid, tail=big)
+        kit.broker.step(0)
+        assert wire.decode_reply(lab.sock.recv(wire.MAX_MESSAGE)).result == -errno.ENAMETOOLONG
+    assert kit.broker.names == {}
+
+
+def test_names_are_bounded_and_freed_with_their_guest(kit):
+    lab = kit.launcher()
+    for pid in range(MAX_NAMES):
+        assert lab.call(wire.OP_NAME, 100000 + pid, tail=b"guest%d" % pid).result == 0
+    assert lab.call(wire.OP_NAME, 1, tail=b"one-too-many").result == -errno.ENOSPC
+    assert lab.call(wire.OP_NAME, 100000, tail=b"renamed").result == 0   # a known pid
+    kit.broker.names.clear()
+    a = kit.launcher().boot()
+    assert lab.call(wire.OP_NAME, a.pid, tail=b"alpha").result == 0
+    assert kit.broker.names == {a.pid: "alpha"}
+    a.sock.close()
+    kit.settle()
+    assert kit.broker.names == {}
+
+
+def test_the_rows_of_ended_guests_are_bounded(kit):
+    for _ in range(MAX_ENDED_ROWS + 10):
+        guest = kit.launcher().boot()
+        guest.sock.close()
+        kit.settle(2)
+        kit.launchers.remove(guest)
+        guest.close()
+    assert len(kit.broker.ended) == MAX_ENDED_ROWS
+
+
+def test_a_guest_that_keeps_rearming_its_clock_does_not_grow_the_timer_heap(kit):
+    a = kit.launcher().boot()
+    for _ in range(2000):
+        assert a.hcall(abi.LHCALL_SET_CLOCKEVENT, abi.U32_MASK).result == 0   # ~4 s away
+    assert len(kit.broker.timers) <= TIMERS_PER_CONNECTION * (len(kit.broker.connections) + 1)

@@ -82,6 +82,10 @@ READY = b"ready\n"                  # written on --ready-fd once the socket list
 RING_PASS_CALLS = 16                 # queued calls run per guest per pass between socket looks
 MAX_QUEUED_REPLIES = 64              # replies a launcher may leave unread before it is closed
 ACCEPT_BACKOFF_SECONDS = 0.1         # out of descriptors: how long accept() rests
+MAX_NAME_BYTES = 255                 # a guest's name, as the lab sends it (NAME)
+MAX_NAMES = 2 * abi.MAX_GUESTS       # names held for guests running or about to connect
+MAX_ENDED_ROWS = 4 * abi.MAX_GUESTS  # counters of closed guests kept for STATS
+TIMERS_PER_CONNECTION = 4            # clock events kept, cancelled ones included
 
 
 class BrokerStop(Exception):
@@ -261,7 +265,7 @@ class Broker:
         self.connections: set[Connection] = set()
         self.owners: dict[int, Connection] = {}          # guest id -> owning connection
         self.breakers: dict[int, list[Connection]] = {}  # guest id -> its BREAKING sharers
-        self.ended: list[dict] = []                      # counters of guests already closed
+        self.ended: deque[dict] = deque(maxlen=MAX_ENDED_ROWS)  # counters of closed guests
         self.timers: list[tuple[float, int, int, Connection]] = []
         self.rings: dict[Connection, None] = {}          # rang the doorbell: rings to run
         self.held = HeldWakes()                          # wake-ups held back (coalescing)
@@ -525,6 +529,15 @@ class Broker:
         conn.reply(0, tail=json.dumps(self.broker_stats()).encode())
 
     def _name(self, conn: Connection, request: Request) -> None:
+        """The lab names the guest of launcher pid `a` (for the capture). Bounded: a name
+        is at most MAX_NAME_BYTES, there are at most MAX_NAMES, and a name goes when its
+        guest's connection closes."""
+        if len(request.tail) > MAX_NAME_BYTES:
+            conn.reply(-errno.ENAMETOOLONG)
+            return
+        if request.a not in self.names and len(self.names) >= MAX_NAMES:
+            conn.reply(-errno.ENOSPC)
+            return
         self.names[request.a] = request.tail.decode(errors="replace")
         if self.capture is not None:
             self.capture.named()
@@ -626,6 +639,7 @@ class Broker:
         if guest is not None and self.owners.get(guest.id) is conn:
             del self.owners[guest.id]
             self.ended.append(dict(self.guest_stats(guest), ended=True))
+            self.names.pop(conn.pid, None)
             self._release_breakers(guest)
         elif guest is not None and conn in self._breakers_of(guest):
             self._breakers_of(guest).remove(conn)
@@ -989,6 +1003,12 @@ class Broker:
         if delta_ns:
             deadline = time.monotonic() + delta_ns / abi.NSEC_PER_SEC
             heapq.heappush(self.timers, (deadline, id(conn), conn.timer_seq, conn))
+            if len(self.timers) > TIMERS_PER_CONNECTION * (len(self.connections) + 1):
+                # Cancelled events wait in the heap until they are due: a guest that keeps
+                # re-arming a long one would grow it without end. Keep the live ones only.
+                self.timers = [t for t in self.timers
+                               if t[2] == t[3].timer_seq and t[3].state is not State.CLOSED]
+                heapq.heapify(self.timers)
 
     def _fire_timers(self) -> None:
         now = time.monotonic()
@@ -1005,7 +1025,7 @@ class Broker:
     def stats(self) -> list[dict]:
         """Every guest this broker has served: the ended ones, then the live ones, each with
         the name the lab gave its launcher (None if it gave none)."""
-        rows = self.ended + [self.guest_stats(g) for g in self.engine.guests if g is not None]
+        rows = list(self.ended) + [self.guest_stats(g) for g in self.engine.guests if g is not None]
         for row in rows:
             row["name"] = self.names.get(row["pid"])
         return rows
