@@ -2,6 +2,7 @@
 
 Out of descriptors on accept, a stopped receiver, launchers told to stop: each of these once
 crashed or froze the broker (or a launcher) of commit 4ea4f11. Every test has a timeout."""
+import json
 import os
 import resource
 import signal
@@ -13,8 +14,10 @@ import time
 import pytest
 
 from conftest import ENV, Guests, stats
+from lgnet import netfile, wire
 
 pytestmark = pytest.mark.timeout(120)
+LAUNCH_BATCH = 8                     # launchers started at once in the 300-guest test
 
 
 def start_broker(path: str, nofile: int | None = None) -> subprocess.Popen:
@@ -113,3 +116,44 @@ def test_every_launcher_ends_promptly_when_told_to(guests, tmp_path, sig, kernel
     guests.finish(launcher, timeout=10)
     assert time.monotonic() - started < 5
     assert launcher.returncode != 0
+
+
+def bench_line(out: str) -> dict:
+    return json.loads(next(line for line in out.splitlines()
+                           if line.startswith("bench "))[len("bench "):])
+
+
+@pytest.mark.timeout(600)
+def test_300_guests_on_one_net_with_a_stream_running(guests, broker, tmp_path):
+    # The broker once used select() (fds < 1024 only) and ran out near 225 guests. Here
+    # 298 idle Python guests and a stream pair fill lan0; the pair streams on lan1.
+    lan0, lan1 = tmp_path / "lan0.net", tmp_path / "lan1.net"
+    idle = []
+    deadline = time.monotonic() + 400
+    while len(idle) < 298:
+        # A few at a time: 298 Python start-ups at once would starve everything else.
+        idle += [guests.launch(lan0, args=["script=wait:600"])
+                 for _ in range(min(LAUNCH_BATCH, 298 - len(idle)))]
+        while len(netfile.slot_table(lan0)) < len(idle) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(p.poll() is None for p in idle)
+    assert len(netfile.slot_table(lan0)) == len(idle)
+    receiver = guests.launch(lan1, lan0, kernel="python:lgnet.guest.benchguests",
+                             args=["role=recv"])
+    sender = guests.launch(lan1, lan0, kernel="python:lgnet.guest.benchguests",
+                           args=["role=send", "peers=1", "seconds=2"])
+    sent, got = bench_line(guests.finish(sender, 120)), bench_line(guests.finish(receiver, 120))
+    assert sender.returncode == 0 and receiver.returncode == 0
+    assert sent["ok"] > 100 and got["verified"] == sent["ok"] and got["corrupt"] == 0
+    broker_pid = broker_stats(broker)["pid"]
+    assert len(os.listdir("/proc/%d/fd" % broker_pid)) > 1024
+    assert all(p.poll() is None for p in idle)             # everybody still up
+    assert len(netfile.slot_table(lan0)) == len(idle)      # (the pair left lan0 again)
+
+
+def broker_stats(path: str) -> dict:
+    channel = wire.Channel(path)
+    try:
+        return json.loads(channel.call(wire.OP_BROKER_STATS).tail)
+    finally:
+        channel.close()

@@ -55,7 +55,6 @@ import shutil
 import signal
 import socket
 import stat
-import struct
 import sys
 import threading
 import time
@@ -75,7 +74,6 @@ from lgnet.fabric.tsc import host_tsc_khz
 from lgnet.fabric.trace import BrokerTrace
 from lgnet.fabric.wakeups import HeldWakes, flag_bits, wakes_halted
 
-UCRED = struct.Struct("3i")          # struct ucred: pid, uid, gid
 RESTOCK_SECONDS = 0.0005             # how long "one chance to restock" waits for a free buffer
 LISTEN_BACKLOG = 256
 READY = b"ready\n"                  # written on --ready-fd once the socket listens
@@ -285,8 +283,11 @@ class Broker:
 
     def _listen(self) -> socket.socket:
         directory = os.path.dirname(self.socket_path)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        os.chmod(directory, 0o700)
+        if not os.path.isdir(directory):
+            # Ours, so private (makedirs' mode is subject to the umask). A directory that
+            # was there already is the user's: its mode is none of our business (think /tmp).
+            os.makedirs(directory, mode=0o700)
+            os.chmod(directory, 0o700)
         if os.path.exists(self.socket_path):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
@@ -410,8 +411,7 @@ class Broker:
                 return
             raise
         try:
-            pid, uid, _gid = UCRED.unpack(sock.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
+            pid, uid = wire.peer_uid(sock)
         except OSError:
             sock.close()              # gone before we looked
             return
@@ -1045,6 +1045,14 @@ class Broker:
         return row
 
 
+def raise_fd_limit() -> None:
+    """Every guest costs the broker a socket and a descriptor per mapping (mmap keeps one):
+    a 1024 soft limit is about 200 guests. Take what the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run_broker(socket_path: str, watch_fd: int | None = None, ready_fd: int | None = None,
                capture_dir: str | None = None, net_names: dict[str, str] | None = None,
                owns_directory: bool = False, on_listening=None,
@@ -1059,6 +1067,7 @@ def run_broker(socket_path: str, watch_fd: int | None = None, ready_fd: int | No
     if trace_stream is not None and capture_dir is None:
         raise LgnetError("broker: --trace-stream needs --capture (its send numbers key the "
                          "trace's flows)")
+    raise_fd_limit()
     try:
         try:
             capture = Capture(capture_dir, net_names, seed=seed, max_bytes=capture_max) \

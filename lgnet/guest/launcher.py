@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 from lgnet import abi, netfile, process, timeline, wire
 from lgnet.errors import USER_ERROR_EXIT, LgnetError
 from lgnet.guest import devices as devs
-from lgnet.guest import loader
+from lgnet.guest import loader, script
 from lgnet.guest.devices.console import ConsoleAbort
 from lgnet.guest.images import resolve_kernel
 from lgnet.guest.host import BrokerHost, GuestStopped
 from lgnet.guest.physmem import InvalidAddress, PhysMap
 
 PYTHON_KERNEL = "python:"
+DEFAULT_PYTHON_KERNEL = "lgnet.guest.pvdriver"   # what a bare `python:` runs
 GDB_LISTENING = "lgnet: gdb server on %s:%d (in gdb: target remote :%d)"
 MAX_PORT = 65535                     # a TCP port; 0 asks for any free one
 EXIT_KILLED = 1
@@ -209,6 +210,8 @@ class Launcher:
         path = self.broker_path()
         try:
             return wire.Channel(path)
+        except wire.BrokerRefuses as refused:
+            raise LgnetError(refused.strerror) from None
         except OSError as exc:
             raise LgnetError("cannot reach the broker at %s (%s): start `lgnet broker` first"
                              % (path, exc.strerror)) from None
@@ -286,7 +289,7 @@ def run_guest(kernel: str, phys: PhysMap, mem: int, host: BrokerHost, boot,
     try:
         if kernel.startswith(PYTHON_KERNEL):
             from lgnet.guest.pvmachine import Machine
-            module = importlib.import_module(kernel[len(PYTHON_KERNEL):] or "lgnet.guest.pvdriver")
+            module = python_kernel(kernel)
             if tracer is not None:
                 host = tracer.traced_host(host)
             module.main(Machine(phys, mem, host))
@@ -387,6 +390,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the guest kernel's command line")
 
 
+def python_kernel(kernel: str):
+    """The module of `python:MODULE`, checked: it exists and has a main(machine)."""
+    name = kernel[len(PYTHON_KERNEL):] or DEFAULT_PYTHON_KERNEL
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as missing:
+        if missing.name is None or not (name == missing.name
+                                        or name.startswith(missing.name + ".")):
+            raise                     # the module is there; something it imports is not
+        raise LgnetError("%s: no module named %r (a Python kernel is python:MODULE, "
+                         "MODULE importable with a main(machine))" % (kernel, missing.name)) \
+            from None
+    if not callable(getattr(module, "main", None)):
+        raise LgnetError("%s: module %s has no main(machine)" % (kernel, name))
+    return module
+
+
+def check_script(config: LaunchConfig) -> None:
+    """A default Python guest's script= may only name the net devices it will have."""
+    if config.kernel not in (PYTHON_KERNEL, PYTHON_KERNEL + DEFAULT_PYTHON_KERNEL):
+        return
+    nets = len(config.sharenets) + (1 if config.tunnet else 0)
+    for arg in config.args:
+        if not arg.startswith(script.ARG):
+            continue
+        for step in script.parse(arg[len(script.ARG):]):
+            net = getattr(step, "net", None)
+            if net is not None and not 0 <= net < nets:
+                raise LgnetError("%s: step %r names net device eth%d, but this guest has "
+                                 "%d (one per --sharenet, then --tunnet)"
+                                 % (script.ARG.rstrip("="), script.encode_step(step), net,
+                                    nets))
+
+
 def config_from(args: argparse.Namespace) -> LaunchConfig:
     """What the options ask for, checked: a user's mistake is an LgnetError."""
     kernel = resolve_kernel(args.kernel)
@@ -400,6 +437,9 @@ def config_from(args: argparse.Namespace) -> LaunchConfig:
     if args.trace is not None:
         config.trace = args.trace
         config.trace_stream = trace_stream_beside(args.trace)
+    if kernel.startswith(PYTHON_KERNEL):
+        python_kernel(kernel)
+        check_script(config)
     return config
 
 
