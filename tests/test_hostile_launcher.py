@@ -285,3 +285,12 @@ def test_a_guest_that_keeps_rearming_its_clock_does_not_grow_the_timer_heap(kit)
     for _ in range(2000):
         assert a.hcall(abi.LHCALL_SET_CLOCKEVENT, abi.U32_MASK).result == 0   # ~4 s away
     assert len(kit.broker.timers) <= TIMERS_PER_CONNECTION * (len(kit.broker.connections) + 1)
+
+
+def test_a_second_initialize_is_ebusy_and_leaves_the_guest_its_memory(kit):
+    # Found by the fuzzer: the refusal released the running guest's mappings, and its next
+    # hypercall met a released memoryview (the broker died of a ValueError).
+    a = kit.launcher().boot()
+    assert a.initialize().result == -errno.EBUSY
+    assert a.hcall(abi.LHCALL_SET_CLOCKEVENT, 0).result == 0
+    assert a.conn.state is State.RUNNING and a.conn.mappings

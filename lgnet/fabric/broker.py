@@ -678,8 +678,9 @@ class Broker:
 
         result = conn.file.initialize(pfn_limit, pgdir, start, page_offset, make_memory)
         if result < 0:
-            conn.release()
-            conn.reply(result)
+            if conn.file.guest is None:
+                conn.release()        # what this attempt mapped (a guest table that was full)
+            conn.reply(result)        # (EBUSY: the guest it has keeps its memory)
             return None
         self.owners[conn.file.guest.id] = conn
         conn.reply(result, a=conn.file.guest.id)
