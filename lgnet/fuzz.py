@@ -38,6 +38,7 @@ from lgnet import abi, process, wire
 
 FREEZE_SECONDS = 2.0                 # a broker that takes longer to answer is frozen
 RAM_PAGES = 16                       # a hostile guest's RAM
+LGUEST_DATA = abi.PAGE_SIZE          # where a hostile guest's lguest_data sits
 EDGES = (0, 1, 2, 4, 0xFFF, abi.PAGE_SIZE, abi.PAGE_SIZE + 1, 0x7FFFFFFF, 0x80000000,
          abi.LGUEST_GUEST_TOP, abi.U32_MASK - abi.PAGE_SIZE + 1, abi.U32_MASK)
 EDGES_64 = EDGES + (1 << 32, 1 << 63, (1 << 64) - 1, (1 << 64) - abi.PAGE_SIZE)
@@ -144,11 +145,17 @@ class HostileLauncher:
         self.reads = rng.random() < 0.8          # some never read their replies
         self.ram_fd: int | None = None
 
-    def become_guest(self) -> None:
-        """A valid INITIALIZE: the connection runs a guest (RUNNING) from then on."""
+    def become_guest(self) -> int:
+        """A valid INITIALIZE and LGUEST_INIT: the connection runs a guest with an async
+        ring (RUNNING) from then on; the messages sent."""
         fd = _memfd((RAM_PAGES + 1) * abi.PAGE_SIZE)
         self.ram_fd = fd
-        self._send(wire.OP_INITIALIZE, abi.GUEST_PFN_LIMIT, 0, 0, 0, good_layout(), [fd])
+        # An empty ring, as a guest's boot leaves it: a guest that stays alive, for a while.
+        os.pwrite(fd, bytes([abi.HCALL_STATUS_EMPTY]) * abi.LHCALL_RING_SIZE,
+                  LGUEST_DATA + abi.LGUEST_DATA_HCALL_STATUS)
+        sent = self._send(wire.OP_INITIALIZE, abi.GUEST_PFN_LIMIT, 0, 0, 0, good_layout(), [fd])
+        return sent + self._send(wire.OP_HCALL, abi.LHCALL_LGUEST_INIT, LGUEST_DATA, 0, 0,
+                                 b"", [])
 
     def one(self) -> int:
         """Send one random message; how many were sent (0 if the socket would not take it)."""
@@ -316,8 +323,7 @@ def attack(lab: Lab, rng: random.Random, counts: Counts, messages: int,
             continue
         counts.connections += 1
         if rng.random() < 0.4:
-            h.become_guest()
-            counts.messages += 1
+            counts.messages += h.become_guest()
         hostile.append(h)
     for _ in range(messages):
         if not hostile:
