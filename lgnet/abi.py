@@ -291,6 +291,7 @@ BOOT_INITRD_START = 0x218
 BOOT_INITRD_SIZE = 0x21C
 BOOT_CMDLINE_PTR = 0x228
 BOOT_CMDLINE = 4096                          # the command line itself, after the header
+CMDLINE_MAX = PAGE_SIZE                      # lgnet's: its page, NUL included (what a guest reads)
 BOOT_PARAVIRT_TYPE = 0x23C
 PARAVIRT_LGUEST = 1
 BOOT_EFLAGS = 0x202

@@ -114,6 +114,12 @@ def cmd_up(args) -> int:
         print(TRACE_WRITTEN % args.trace)
     if result.interrupted:
         return EXIT_INTERRUPTED
+    if result.refused:
+        # The scenario read well but a file of it turned out bad at launch: still the
+        # user's mistake (exit 2), whose message the guest's lines above carry.
+        raise LgnetError("%s refused at launch (see %s lines above)" % (
+            ", ".join(g.name for g in result.refused),
+            "its" if len(result.refused) == 1 else "their"))
     return 1 if result.killed else 0
 
 

@@ -39,7 +39,7 @@ from typing import Callable, TextIO
 
 from lgnet import abi, netfile, process, timeline, wire
 from lgnet import uplink as uplinks
-from lgnet.errors import LgnetError
+from lgnet.errors import USER_ERROR_EXIT, LgnetError
 from lgnet.fabric import capture as pcapng
 from lgnet.guest import script
 from lgnet.scenario import NAME_PATTERN, Event, GuestSpec, Scenario, load_scenario
@@ -88,6 +88,8 @@ class GuestRun:
             return "stopped by the lab"
         if self.process.returncode is None:
             return "running"
+        if self.refused:
+            return "refused at launch (exit %d)" % USER_ERROR_EXIT
         return "exited %d" % self.process.returncode
 
     @property
@@ -95,6 +97,13 @@ class GuestRun:
         if self.stats.get("dead") not in (None, POWER_DOWN):
             return True
         return not self.stopped and self.process.returncode not in (0, None)
+
+    @property
+    def refused(self) -> bool:
+        """Its launcher found the user's mistake (a file of the scenario that turned out bad
+        at launch, say) and said so with exit status 2, before its guest ran."""
+        return (not self.stopped and self.process.returncode == USER_ERROR_EXIT
+                and self.stats.get("dead") is None)
 
     @property
     def gdb_port(self) -> int | None:
@@ -897,6 +906,11 @@ class RunResult:
     @property
     def killed(self) -> bool:
         return any(g.killed for g in self.guests)
+
+    @property
+    def refused(self) -> list[GuestRun]:
+        """The guests whose launcher refused the user's input (exit status 2)."""
+        return [g for g in self.guests if g.refused]
 
 
 def run_up(path: str, duration: float | None = None, out: TextIO | None = None,

@@ -148,10 +148,10 @@ BAD = {
         1, "guests: is required"),
     "guests empty": (
         "guests: []\n",
-        1, "guests: must be a list of 1 to 256 guests, got an empty list"),
+        1, "guests: must be a list of 1 to 682 guests, got an empty list"),
     "guests not a list": (
         "guests: alpha\n",
-        1, "guests: must be a list of 1 to 256 guests, got 'alpha'"),
+        1, "guests: must be a list of 1 to 682 guests, got 'alpha'"),
     "duplicate top-level key": (
         "guests:\n" + DRIVER + "guests:\n" + DRIVER,
         4, "guests: duplicate key 'guests' (first at line 1)"),

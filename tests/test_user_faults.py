@@ -91,3 +91,46 @@ def test_lgnet_broker_never_changes_the_mode_of_a_directory_it_did_not_create(tm
             proc.communicate(timeout=10)
     assert stat.S_IMODE(existing.stat().st_mode) == 0o755
     assert stat.S_IMODE(made.stat().st_mode) == 0o700        # its own: private
+
+
+def lgnet(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lgnet", *args], env=ENV, capture_output=True,
+                          text=True, timeout=60, cwd=cwd)
+
+
+@pytest.mark.parametrize("text", ["a: " + "[" * 5000 + "]" * 5000,
+                                  "a: " + "{b: " * 3000 + "1" + "}" * 3000],
+                         ids=["sequences", "mappings"])
+def test_deeply_nested_yaml_is_exit_2_not_a_recursion_error(tmp_path, text):
+    scenario = tmp_path / "deep.yaml"
+    scenario.write_text(text)
+    run = lgnet("up", str(scenario))
+    assert run.returncode == 2 and "RecursionError" not in run.stderr, run
+    assert "nests deeper than Python can follow" in run.stderr
+
+
+def test_a_nul_in_a_scenario_cmdline_is_exit_2(tmp_path):
+    scenario = tmp_path / "nul.yaml"
+    scenario.write_text('networks:\n  lan0: {}\nguests:\n'
+                        '  - {name: a, driver: python, nets: [lan0], cmdline: "x\\0y"}\n')
+    run = lgnet("up", str(scenario))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run
+    assert "nul.yaml:4: guests[0].cmdline: must not contain NUL" in run.stderr
+
+
+@pytest.mark.parametrize("kernel", ["python:", "bundled"])
+def test_a_command_line_longer_than_its_page_is_exit_2(broker, kernel):
+    run = launch(broker, "1", kernel, *["x" * 100000] * 3)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run
+    assert "the kernel command line is 300002 bytes; it has one page" in run.stderr
+
+
+def test_a_scenario_whose_file_turns_out_bad_at_launch_is_exit_2(tmp_path):
+    # It exists (the scenario reads well) but is no block device: only the launcher finds out.
+    scenario = tmp_path / "bad-block.yaml"
+    scenario.write_text("networks:\n  lan0: {}\nguests:\n"
+                        "  - {name: a, driver: python, nets: [lan0], block: /proc/version}\n")
+    run = lgnet("up", str(scenario), "--duration", "5")
+    assert run.returncode == 2 and "Traceback" not in run.stdout + run.stderr, run
+    assert "block file '/proc/version': cannot find its size" in run.stdout
+    assert "a refused at launch" in run.stderr
