@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from lgnet import abi, process, wire
 
 FREEZE_SECONDS = 2.0                 # a broker that takes longer to answer is frozen
+LEAK_SECONDS = 5.0                   # what the broker holds longer after a round is a leak
 RAM_PAGES = 16                       # a hostile guest's RAM
 LGUEST_DATA = abi.PAGE_SIZE          # where a hostile guest's lguest_data sits
 EDGES = (0, 1, 2, 4, 0xFFF, abi.PAGE_SIZE, abi.PAGE_SIZE + 1, 0x7FFFFFFF, 0x80000000,
@@ -241,7 +242,8 @@ class Lab:
         self.pair = [self._guest("role=recv", seconds),
                      self._guest("role=send", "peers=1", seconds)]
         self.pair_ids = self._wait_for_pair()
-        self.baseline_fds = self.broker_fds()
+        self.baseline = self.fd_table()
+        self.baseline_fds = len(self.baseline)
 
     def _guest(self, *args: str) -> subprocess.Popen:
         return subprocess.Popen(
@@ -281,6 +283,17 @@ class Lab:
         """The end of the broker's stderr: its traceback, if it died of one."""
         with open(self.log, "rb") as log:
             return log.read()[-3000:].decode(errors="replace")
+
+    def fd_table(self) -> set[str]:
+        """The broker's descriptors, each as "fd -> what it is"."""
+        fds = "/proc/%d/fd" % self.broker.pid
+        table = set()
+        for name in os.listdir(fds):
+            try:
+                table.add("%s -> %s" % (name, os.readlink(os.path.join(fds, name))))
+            except OSError:
+                pass
+        return table
 
     def broker_fds(self) -> int:
         return len(os.listdir("/proc/%d/fd" % self.broker.pid))
@@ -342,10 +355,14 @@ def check(lab: Lab, counts: Counts) -> None:
     if lab.call(wire.OP_BROKER_STATS) is None and lab.alive():
         counts.freezes += 1
     # The broker closes what it hears hung up on its next passes.
-    deadline = time.monotonic() + FREEZE_SECONDS
+    deadline = time.monotonic() + LEAK_SECONDS
     while lab.broker_fds() > lab.baseline_fds and time.monotonic() < deadline:
         time.sleep(0.02)
-    counts.fd_leak = max(counts.fd_leak, lab.broker_fds() - lab.baseline_fds)
+    extra = lab.broker_fds() - lab.baseline_fds
+    if extra > 0:
+        counts.notes.append("%d descriptors above the baseline after %d messages: %s"
+                            % (extra, counts.messages, sorted(lab.fd_table() - lab.baseline)))
+    counts.fd_leak = max(counts.fd_leak, extra)
 
 
 def run(minutes: float, seed: int | None = None, out=sys.stdout) -> Counts:
