@@ -411,7 +411,7 @@ def check_script(config: LaunchConfig) -> None:
     """A default Python guest's script= may only name the net devices it will have."""
     if config.kernel not in (PYTHON_KERNEL, PYTHON_KERNEL + DEFAULT_PYTHON_KERNEL):
         return
-    nets = len(config.sharenets) + (1 if config.tunnet else 0)
+    nets = sum(1 for option, _ in config.devices if option in ("sharenet", "tunnet"))
     for arg in config.args:
         if not arg.startswith(script.ARG):
             continue
@@ -419,7 +419,7 @@ def check_script(config: LaunchConfig) -> None:
             net = getattr(step, "net", None)
             if net is not None and not 0 <= net < nets:
                 raise LgnetError("%s: step %r names net device eth%d, but this guest has "
-                                 "%d (one per --sharenet, then --tunnet)"
+                                 "%d (one per --sharenet and --tunnet)"
                                  % (script.ARG.rstrip("="), script.encode_step(step), net,
                                     nets))
 
