@@ -215,9 +215,13 @@ class HostileLauncher:
             os.close(self.ram_fd)
 
 
-def bench_result(out: str) -> dict:
-    lines = [line for line in out.splitlines() if line.startswith("bench ")]
-    return json.loads(lines[-1][len("bench "):]) if lines else {}
+def bench_result(path: str) -> dict:
+    """A bench guest's report (its result= file), or {} if it wrote none."""
+    try:
+        with open(path) as report:
+            return json.load(report)
+    except (OSError, ValueError):
+        return {}
 
 
 class Lab:
@@ -239,8 +243,9 @@ class Lab:
             if not process.readable([ready], 30) or not ready.readline():
                 raise RuntimeError("the broker did not start")
         seconds = "seconds=%g" % stream_seconds
-        self.pair = [self._guest("role=recv", seconds),
-                     self._guest("role=send", "peers=1", seconds)]
+        self.results = [os.path.join(self.dir, role + ".json") for role in ("recv", "send")]
+        self.pair = [self._guest("role=recv", seconds, "result=" + self.results[0]),
+                     self._guest("role=send", "peers=1", seconds, "result=" + self.results[1])]
         self.pair_ids = self._wait_for_pair()
         self.baseline = self.fd_table()
         self.baseline_fds = len(self.baseline)
@@ -308,7 +313,7 @@ class Lab:
                 guest.kill()
                 outs.append(guest.communicate()[0].decode(errors="replace"))
                 counts.notes.append("a good guest did not end")
-        sent, got = bench_result(outs[0]), bench_result(outs[1])
+        got, sent = (bench_result(path) for path in self.results)
         counts.frames_sent += sent.get("ok", 0)
         counts.frames_verified += got.get("verified", 0)
         counts.corrupt += got.get("corrupt", 0)
