@@ -21,11 +21,10 @@ LGUEST_MAX_DMA_SECTIONS = 16   # addr/len pairs in one struct lguest_dma
 LGUEST_MAX_DMA = 32            # DMA arrays one guest may have bound at once
 LGUEST_IRQS = 32               # virtual interrupt lines; 0 is the timer
 DMA_HASH_BUCKETS = 61          # the Host's one global dma_hash
-# lguest's host table held 16 guests; lgnet raises it so one net can host the scale
-# benchmark's 128 guests plus ports. The guest id is still the index in this table (from a
-# base the Host may be given: GUEST_ID_LIMIT).
+# lguest's host table held 16 guests; lgnet raises it so one net can be full: as many
+# guests as a net page has slots (MAX_GUESTS, below NET_SLOTS). The guest id is still the
+# index in this table (from a base the Host may be given: GUEST_ID_LIMIT).
 LGUEST_MAX_GUESTS_2623 = 16
-MAX_GUESTS = 256
 # lguest_data.guestid is a u16, and lguest_net's MAC is 02:00:<guestid le16>:00:00: unique on
 # one Host. Labs whose nets an uplink joins number their guests from bases apart (lgnet's own).
 GUEST_ID_LIMIT = 1 << 16
@@ -231,6 +230,7 @@ GUEST_PFN_LIMIT = LGUEST_GUEST_TOP // PAGE_SIZE
 # bit) set means "promiscuous: send me everything".
 ETH_ALEN = 6
 NET_SLOTS = PAGE_SIZE // ETH_ALEN            # 682
+MAX_GUESTS = NET_SLOTS                       # the Host's guest table (lguest's held 16)
 NET_PROMISC_BIT = 0x01
 NET_PEER_KEY_STRIDE = 4                      # key of slot n = page address + 4 * n
 ETH_HLEN = 14
@@ -291,6 +291,7 @@ BOOT_INITRD_START = 0x218
 BOOT_INITRD_SIZE = 0x21C
 BOOT_CMDLINE_PTR = 0x228
 BOOT_CMDLINE = 4096                          # the command line itself, after the header
+CMDLINE_MAX = PAGE_SIZE                      # lgnet's: its page, NUL included (what a guest reads)
 BOOT_PARAVIRT_TYPE = 0x23C
 PARAVIRT_LGUEST = 1
 BOOT_EFLAGS = 0x202

@@ -27,7 +27,7 @@ def cmd_broker(args) -> int:
                   flush=True)
     run_broker(path, capture_dir=args.capture, net_names=nets, on_listening=say_listening,
                first_guest_id=check_first_guest_id(args.first_guest_id),
-               seed=args.seed)
+               seed=args.seed, capture_max=args.capture_max)
     return 0
 
 
@@ -99,9 +99,11 @@ def cmd_up(args) -> int:
         with lab.out_lock:
             print("".join("lgnet up: %s\n" % line for line in lab.whereabouts()), end="",
                   flush=True)
+    if args.pcap_max is not None and args.pcap is None:
+        raise LgnetError("--pcap-max caps the capture of --pcap DIR: give --pcap DIR too")
     result = run_up(args.scenario, duration=args.duration, out=sys.stdout, pcap=args.pcap,
                     uplink=args.uplink, trace=args.trace,
-                    on_up=whereabouts, seed=args.seed)
+                    on_up=whereabouts, seed=args.seed, pcap_max=args.pcap_max)
     print("\n" + results_table(result.guests + [u.run for u in result.uplinks]) + "\n"
           + TABLE_NOTE)
     for link in result.uplinks:
@@ -113,6 +115,12 @@ def cmd_up(args) -> int:
     status = EXIT_INTERRUPTED if result.interrupted else 1 if result.killed else 0
     if args.json:
         write_json(args.json, result.as_dict(status))
+    if result.refused and not result.interrupted:
+        # The scenario read well but a file of it turned out bad at launch: still the
+        # user's mistake (exit 2), whose message the guest's lines above carry.
+        raise LgnetError("%s refused at launch (see %s lines above)" % (
+            ", ".join(g.name for g in result.refused),
+            "its" if len(result.refused) == 1 else "their"))
     return status
 
 
@@ -395,6 +403,7 @@ def positive(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from lgnet.fabric.capture import capture_size
     p = argparse.ArgumentParser(prog="lgnet", description="lguest's inter-guest networking "
                                 "(Linux 2.6.23), rebuilt as a multi-process simulator.")
     p.add_argument("--version", action="version", version="lgnet %s" % lgnet.__version__)
@@ -417,6 +426,9 @@ def parser() -> argparse.ArgumentParser:
                          "else a fresh one; printed either way)")
     up.add_argument("--json", metavar="FILE", help="also write the results table (counters "
                     "and each guest's ending) to FILE as JSON")
+    up.add_argument("--pcap-max", type=capture_size, metavar="BYTES",
+                    help="stop each capture file before it grows past BYTES (suffix K, M or "
+                         "G); the lab goes on")
     up.set_defaults(func=cmd_up)
 
     impair = sub.add_parser("impair", help="change a running lab's impairments "

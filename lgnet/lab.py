@@ -27,7 +27,6 @@ import json
 import os
 import random
 import re
-import select
 import shutil
 import signal
 import socket
@@ -41,7 +40,7 @@ from typing import Callable, TextIO
 from lgnet import abi, netfile, process, timeline, wire
 from lgnet import uplink as uplinks
 from lgnet.controls import LabControls
-from lgnet.errors import LgnetError
+from lgnet.errors import USER_ERROR_EXIT, LgnetError
 from lgnet.fabric import capture as pcapng
 from lgnet.guest import script
 from lgnet.scenario import NAME_PATTERN, Event, GuestSpec, Scenario, load_scenario
@@ -94,6 +93,8 @@ class GuestRun:
             return "stopped by the lab"
         if self.process.returncode is None:
             return "running"
+        if self.refused:
+            return "refused at launch (exit %d)" % USER_ERROR_EXIT
         if self.process.returncode < 0:          # SIGKILL from Lab.kill, or anyone's signal
             return "killed by %s" % signal.Signals(-self.process.returncode).name
         return "exited %d" % self.process.returncode
@@ -103,6 +104,13 @@ class GuestRun:
         if self.stats.get("dead") not in (None, POWER_DOWN):
             return True
         return not self.stopped and self.process.returncode not in (0, None)
+
+    @property
+    def refused(self) -> bool:
+        """Its launcher found the user's mistake (a file of the scenario that turned out bad
+        at launch, say) and said so with exit status 2, before its guest ran."""
+        return (not self.stopped and self.process.returncode == USER_ERROR_EXIT
+                and self.stats.get("dead") is None)
 
     @property
     def gdb_port(self) -> int | None:
@@ -148,15 +156,17 @@ class GuestRun:
 
 class Lab(LabControls):
     """A running scenario. `capture=True` records every delivery in the lab's own directory;
-    `pcap=DIR` records them into DIR (kept after the lab is down); `trace=FILE` writes the
-    run's timeline to FILE once the lab is down (lgnet.timeline; it captures too: the
-    capture's send numbers join a frame's slices); `console_input=True` lets guests' consoles
-    be typed into (GuestRun.type). What can be done to it once it is up — nodes, links,
-    pingall, ping, kill, restart, dump, ... — is lgnet.controls'."""
+    `pcap=DIR` records them into DIR (kept after the lab is down); `pcap_max` caps each
+    capture file at that many bytes (the capture stops there, the lab goes on); `trace=FILE`
+    writes the run's timeline to FILE once the lab is down (lgnet.timeline; it captures too:
+    the capture's send numbers join a frame's slices); `console_input=True` lets guests'
+    consoles be typed into (GuestRun.type). What can be done to it once it is up — nodes,
+    links, pingall, ping, kill, restart, dump, ... — is lgnet.controls'."""
 
     def __init__(self, scenario: Scenario | str, out: TextIO | None = None,
                  capture: bool = False, pcap: str | None = None, trace: str | None = None,
-                 seed: int | None = None, console_input: bool = False):
+                 seed: int | None = None, console_input: bool = False,
+                 pcap_max: int | None = None):
         self.scenario = load_scenario(scenario) if isinstance(scenario, (str, os.PathLike)) \
             else scenario
         self.seed = seed if seed is not None else self.scenario.seed \
@@ -172,6 +182,7 @@ class Lab(LabControls):
         # Not in the runtime directory: the broker takes that with it when it exits, and its
         # stream is complete only then. The lab removes it once merged.
         self.trace_dir = tempfile.mkdtemp(prefix="lgnet-trace-") if self.trace else None
+        self.pcap_max = pcap_max
         self.broker: subprocess.Popen | None = None
         self.watch_w: int | None = None
         self.guests: list[GuestRun] = []
@@ -229,6 +240,8 @@ class Lab(LabControls):
         options = ["--seed", str(self.seed)]
         if self.capture_dir is not None:
             options += ["--capture", self.capture_dir]
+            if self.pcap_max is not None:
+                options += ["--capture-max", str(self.pcap_max)]
             for net in self.scenario.networks:
                 # One writer per file: refuse now, with the other lab's pid, rather than let
                 # the broker find out (it checks again, for two labs starting at once).
@@ -252,7 +265,7 @@ class Lab(LabControls):
         os.close(ready_w)
         with os.fdopen(ready_r, "rb") as ready:
             # READY, EOF (it died) or nothing for BROKER_START_SECONDS (it hangs).
-            if not select.select([ready], [], [], BROKER_START_SECONDS)[0]:
+            if not process.readable([ready], BROKER_START_SECONDS):
                 terminate(self.broker)
                 raise LgnetError("the broker did not start within %gs" % BROKER_START_SECONDS)
             if not ready.readline():
@@ -1030,6 +1043,11 @@ class RunResult:
     def killed(self) -> bool:
         return any(g.killed for g in self.guests)
 
+    @property
+    def refused(self) -> list[GuestRun]:
+        """The guests whose launcher refused the user's input (exit status 2)."""
+        return [g for g in self.guests if g.refused]
+
     def as_dict(self, status: int) -> dict:
         """The run as JSON-ready data (`--json FILE`): per guest and uplink the broker's
         counters, how it ended and lguest's death reason; for `lgnet test` each expectation's
@@ -1054,7 +1072,7 @@ def run_up(path: str, duration: float | None = None, out: TextIO | None = None,
            pcap: str | None = None, uplink: list[str] = (),
            trace: str | None = None,
            on_up: Callable[[Lab], None] | None = None,
-           seed: int | None = None) -> RunResult:
+           seed: int | None = None, pcap_max: int | None = None) -> RunResult:
     """Bring the scenario up and wait for its end (every guest ended, `duration`, or a
     KeyboardInterrupt); always torn down. With pcap=DIR, DIR/<net>.pcapng records every
     delivery on each net; `uplink` holds `--uplink NET=...` options
@@ -1062,7 +1080,7 @@ def run_up(path: str, duration: float | None = None, out: TextIO | None = None,
     on_up(lab) runs once everything is started (`lgnet up` says where things are)."""
     scenario = uplinks.with_uplinks(load_scenario(path), list(uplink))
     duration = duration if duration is not None else scenario.duration
-    lab = Lab(scenario, out, pcap=pcap, trace=trace, seed=seed)
+    lab = Lab(scenario, out, pcap=pcap, trace=trace, seed=seed, pcap_max=pcap_max)
     result = RunResult(lab.guests, lab.uplinks, seed=lab.seed, scenario=scenario)
     try:
         lab.start()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import sys
 from typing import Callable
@@ -21,6 +22,16 @@ from lgnet.errors import USER_ERROR_EXIT, LgnetError
 PR_SET_PDEATHSIG = 1
 EXIT_ORPHANED = 1                    # the parent was gone before we could ask to die with it
 EXIT_INTERRUPTED = 130               # Ctrl-C, as a shell reports it
+
+
+def readable(fds, timeout: float | None = None) -> list[int]:
+    """The descriptors of `fds` ready to read within `timeout` seconds (None: wait). poll,
+    not select: select cannot take a descriptor numbered 1024 or more, and a large lab
+    has those."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)]
 
 
 def child_command(module: str, *args: str) -> list[str]:

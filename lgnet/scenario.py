@@ -286,6 +286,14 @@ class _Node:
     def text(self) -> str:
         return self.scalar(_is_str, "a string")
 
+    def kernel_text(self) -> str:
+        """A piece of a kernel command line: a C string, so no NUL."""
+        value = self.text()
+        if "\0" in value:
+            self.fail("must not contain NUL (a kernel command line is a C string), got %r"
+                      % value)
+        return value
+
     def name(self) -> str:
         return self.scalar(lambda v: _is_str(v) and re.fullmatch(NAME_PATTERN, v),
                            "a name matching %s" % NAME_PATTERN)
@@ -440,6 +448,9 @@ def load_scenario(path) -> Scenario:
         raise LgnetError("%s: cannot read scenario: %s" % (file, e.strerror)) from None
     try:
         node = yaml.compose(raw, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise LgnetError("%s: not a scenario: its YAML nests deeper than Python can follow "
+                         "(a scenario is a few levels deep)" % file) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         raise LgnetError("%s:%d: not valid YAML: %s" % (file, mark.line + 1, e.problem)) from None
@@ -447,7 +458,11 @@ def load_scenario(path) -> Scenario:
         raise LgnetError("%s: not valid YAML: %s" % (file, e)) from None
     if node is None:
         raise LgnetError("%s:1: (top level): must be a mapping, got nothing" % file)
-    return _scenario(_Node(file, node, ""), Path(path))
+    try:
+        return _scenario(_Node(file, node, ""), Path(path))
+    except RecursionError:
+        raise LgnetError("%s: not a scenario: it nests deeper than Python can follow "
+                         "(a scenario is a few levels deep)" % file) from None
 
 
 def _scenario(root: _Node, path: Path) -> Scenario:
@@ -654,8 +669,9 @@ def _block(node: _Node, base: Path, nets: tuple[str, ...]) -> Path:
 
 def _args(fields: _Fields) -> tuple[str, ...]:
     if "cmdline" in fields:
-        return tuple(fields["cmdline"].text().split())
-    return tuple(item.text() for item in fields.get_or("args", lambda n: n.items("strings"), []))
+        return tuple(fields["cmdline"].kernel_text().split())
+    return tuple(item.kernel_text()
+                 for item in fields.get_or("args", lambda n: n.items("strings"), []))
 
 
 def _script(node: _Node, nets: tuple[str, ...], addressed: bool) -> tuple[Step, ...]:

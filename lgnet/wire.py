@@ -19,6 +19,7 @@ reply when something becomes pending. A reply may also carry "dead" (with lguest
 from __future__ import annotations
 
 import array
+import errno
 import os
 import socket
 import struct
@@ -61,6 +62,8 @@ FLAG_DEFERRED = 8        # with PENDING_DMA: the async ring stopped before this 
 LAYOUT_HEADER = struct.Struct("=IIQ")    # region count, control fd index, control offset
 REGION = struct.Struct("=QQQII")         # guest-physical base, length, file offset, fd, shared
 MAX_FDS = 64
+UCRED = struct.Struct("3i")              # struct ucred: pid, uid, gid (SO_PEERCRED)
+MAX_REGIONS = MAX_FDS                    # a layout names at most this many regions
 MAX_MESSAGE = 65536
 
 # --- the control page (lgnet's, not lguest's): the broker's doorbell to a running guest ----
@@ -171,6 +174,23 @@ class BrokerGone(Exception):
     """The broker closed the connection (it exited or was killed)."""
 
 
+class BrokerRefuses(PermissionError):
+    """The broker at this path runs as another user: it would close our connection."""
+
+    def __init__(self, path: str, uid: int):
+        super().__init__(errno.EACCES, "the broker at %s runs as uid %d and takes only its own "
+                         "user's launchers (this is uid %d): start a broker of your own, or "
+                         "point --broker elsewhere" % (path, uid, os.getuid()))
+        self.uid = uid
+
+
+def peer_uid(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a UNIX socket (SO_PEERCRED)."""
+    pid, uid, _gid = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  UCRED.size))
+    return pid, uid
+
+
 class Channel:
     """A launcher's line to the broker: one request, one reply, in order."""
 
@@ -178,9 +198,15 @@ class Channel:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.sock.connect(path)
+            # The broker serves its own user only (it checks our uid the same way): say so
+            # now, rather than "the broker went away" when it closes on us.
+            _pid, uid = peer_uid(self.sock)
         except OSError:
             self.sock.close()
             raise
+        if uid != os.getuid():
+            self.sock.close()
+            raise BrokerRefuses(path, uid)
 
     def fileno(self) -> int:
         return self.sock.fileno()

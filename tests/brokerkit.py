@@ -12,13 +12,13 @@ lguest_data at LGUEST_DATA inside RAM.
 """
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
-import select
 import socket
 import threading
 
-from lgnet import abi, wire
+from lgnet import abi, process, wire
 from lgnet.fabric.broker import Broker
 
 RAM_SIZE = 16 * abi.PAGE_SIZE
@@ -61,8 +61,9 @@ class KitLauncher:
         self.pid = pid
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.conn = kit.broker.adopt(theirs, pid)
-        self.fd = os.memfd_create("kit-guest-%d" % pid)
+        self.fd = os.memfd_create("kit-guest-%d" % pid, os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, RAM_SIZE + wire.CONTROL_PAGE_SIZE)
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
         self.ram = mmap.mmap(self.fd, RAM_SIZE + wire.CONTROL_PAGE_SIZE)
         self.control = memoryview(self.ram)[RAM_SIZE:]
         self.guest_id: int | None = None
@@ -74,7 +75,7 @@ class KitLauncher:
         wire.send_fds(self.sock, wire.encode_request(op, a, b, c, d, tail), list(fds))
 
     def answered(self) -> bool:
-        return bool(select.select([self.sock], [], [], 0)[0])
+        return bool(process.readable([self.sock], 0))
 
     def reply(self) -> wire.Reply:
         """Turn the broker's loop until this launcher has its reply."""

@@ -238,3 +238,12 @@ def test_a_bad_pointer_handed_to_the_launcher_kills_that_guest_and_the_host_hear
     assert [r["dead"] for r in stats(broker) if r["pid"] == hostile.pid] == [reason]
     guests.finish(peer)
     assert peer.returncode == 0
+
+
+def test_a_timer_that_fires_before_the_halt_does_not_leave_the_guest_asleep(guests, tmp_path):
+    # The stream sender that hung after its receiver's SIGKILL: a clock event that fired
+    # and was taken between SET_CLOCKEVENT and HALT left the HALT waiting for nothing.
+    napper = guests.launch(tmp_path / "lan0.net", kernel="python:tests.guests.napper",
+                           args=["naps=3000"])
+    out = guests.finish(napper)
+    assert napper.returncode == 0 and "naps 3000" in out, out

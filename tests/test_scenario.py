@@ -148,10 +148,10 @@ BAD = {
         1, "guests: is required"),
     "guests empty": (
         "guests: []\n",
-        1, "guests: must be a list of 1 to 256 guests, got an empty list"),
+        1, "guests: must be a list of 1 to 682 guests, got an empty list"),
     "guests not a list": (
         "guests: alpha\n",
-        1, "guests: must be a list of 1 to 256 guests, got 'alpha'"),
+        1, "guests: must be a list of 1 to 682 guests, got 'alpha'"),
     "duplicate top-level key": (
         "guests:\n" + DRIVER + "guests:\n" + DRIVER,
         4, "guests: duplicate key 'guests' (first at line 1)"),
@@ -203,8 +203,8 @@ BAD = {
         5, "networks.lan0.uplink.vxlan.dev: is required"),
     "first guest id too high": (
         "first_guest_id: 65281\nguests:\n" + DRIVER,
-        1, "first_guest_id: must be a guest id from 0 to 65280 (ids are 16 bits, a Host has "
-           "256), got 65281"),
+        1, "first_guest_id: must be a guest id from 0 to 64854 (ids are 16 bits, a Host has "
+           "682), got 65281"),
     "network file not a string": (
         "networks:\n  lan0: {file: [x]}\nguests:\n" + DRIVER,
         2, "networks.lan0.file: must be a string, got a list"),

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import heapq
 import json
 import mmap
@@ -53,17 +54,19 @@ import selectors
 import shutil
 import signal
 import socket
-import struct
+import stat
 import sys
 import threading
 import time
+from collections import deque
 
 from lgnet import abi, netfile, process, wire
 from lgnet.errors import LgnetError
 from lgnet.fabric import dmahash
-from lgnet.fabric.capture import Capture, net_source
+from lgnet.fabric.capture import Capture, capture_size, net_source
 from lgnet.fabric.connection import Input, State, running, transition
 from lgnet.fabric.devlguest import LguestFile
+from lgnet.fabric.handover import FdFacts, Refused, check_layout
 from lgnet.fabric.dma import Engine, Guest, Restock, has_free_buffer
 from lgnet.fabric.hypercalls import Outcome, drain_async, finish_restock, ring_empty
 from lgnet.fabric.impair import ImpairError, Impairments, check_params
@@ -72,11 +75,16 @@ from lgnet.fabric.tsc import host_tsc_khz
 from lgnet.fabric.trace import BrokerTrace
 from lgnet.fabric.wakeups import HeldWakes, flag_bits, wakes_halted
 
-UCRED = struct.Struct("3i")          # struct ucred: pid, uid, gid
 RESTOCK_SECONDS = 0.0005             # how long "one chance to restock" waits for a free buffer
 LISTEN_BACKLOG = 256
 READY = b"ready\n"                  # written on --ready-fd once the socket listens
 RING_PASS_CALLS = 16                 # queued calls run per guest per pass between socket looks
+MAX_QUEUED_REPLIES = 64              # replies a launcher may leave unread before it is closed
+ACCEPT_BACKOFF_SECONDS = 0.1         # out of descriptors: how long accept() rests
+MAX_NAME_BYTES = 255                 # a guest's name, as the lab sends it (NAME)
+MAX_NAMES = 2 * abi.MAX_GUESTS       # names held for guests running or about to connect
+MAX_ENDED_ROWS = 4 * abi.MAX_GUESTS  # counters of closed guests kept for STATS
+TIMERS_PER_CONNECTION = 4            # clock events kept, cancelled ones included
 
 
 class BrokerStop(Exception):
@@ -88,9 +96,14 @@ def _stop(*_) -> None:
 
 
 class Connection:
-    """One launcher's open /dev/lguest, its state, and everything the broker mapped for it."""
+    """One launcher's open /dev/lguest, its state, and everything the broker mapped for it.
 
-    def __init__(self, sock: socket.socket, pid: int, engine: Engine):
+    Its socket never blocks the broker: a reply the socket will not take now waits in the
+    connection's outbox, sent when the socket is writable. The outbox is bounded: a launcher
+    that leaves MAX_QUEUED_REPLIES replies unread is `overflowed`, and the loop closes it."""
+
+    def __init__(self, sock: socket.socket, pid: int, engine: Engine, backlogged: set):
+        sock.setblocking(False)
         self.sock = sock
         self.pid = pid
         self.state = State.NEW
@@ -99,22 +112,69 @@ class Connection:
         self.memory: GuestMemory | None = None
         self.control: memoryview | None = None
         self.timer_seq = 0            # bumps to cancel a scheduled clock event
+        self.outbox: deque[bytes] = deque()
+        self.backlogged = backlogged  # the broker's: connections whose outbox changed
+        self.overflowed = False
+        self.parked = False           # its requests wait unread (one chance to restock)
+        self.events = 0               # what the selector watches for it now
 
     def reply(self, result: int, flags: int = 0, a: int = 0, b: int = 0,
               tail: bytes = b"") -> None:
-        try:
-            self.sock.send(wire.encode_reply(wire.Reply(result, flags, a, b, tail)))
-        except OSError:
-            pass                      # the launcher is gone; its close comes from the loop
+        message = wire.encode_reply(wire.Reply(result, flags, a, b, tail))
+        if not self.outbox:
+            try:
+                self.sock.send(message)
+                return
+            except BlockingIOError:
+                pass
+            except OSError:
+                return                # the launcher is gone; its close comes from the loop
+        if len(self.outbox) >= MAX_QUEUED_REPLIES:
+            self.overflowed = True
+        else:
+            self.outbox.append(message)
+        self.backlogged.add(self)
+
+    def flush(self) -> None:
+        """Send what waits in the outbox, as far as the socket takes it."""
+        while self.outbox:
+            try:
+                self.sock.send(self.outbox[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                self.outbox.clear()   # gone: its hangup comes from the loop
+                return
+            self.outbox.popleft()
 
     def release(self) -> None:
+        """Views first, then the mappings they look into (closing a viewed mmap fails)."""
         if self.memory is not None:
             self.memory.release()
+            self.memory = None
         if self.control is not None:
             self.control.release()
+            self.control = None
         for m in self.mappings:
             m.close()
         self.mappings.clear()
+
+
+def log(text: str) -> None:
+    """The broker's own account of what it refused or gave up (the lab keeps its stderr)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def fd_facts(fd: int) -> FdFacts:
+    """What a handed-over descriptor is, for fabric/handover.py to judge."""
+    st = os.fstat(fd)
+    regular = stat.S_ISREG(st.st_mode)
+    read_write = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS) if regular else 0
+    except OSError:
+        seals = 0                 # a file that cannot be sealed (not a memfd)
+    return FdFacts(regular, st.st_size, read_write, bool(seals & fcntl.F_SEAL_SHRINK))
 
 
 class Request:
@@ -204,7 +264,7 @@ class Broker:
         self.connections: set[Connection] = set()
         self.owners: dict[int, Connection] = {}          # guest id -> owning connection
         self.breakers: dict[int, list[Connection]] = {}  # guest id -> its BREAKING sharers
-        self.ended: list[dict] = []                      # counters of guests already closed
+        self.ended: deque[dict] = deque(maxlen=MAX_ENDED_ROWS)  # counters of closed guests
         self.timers: list[tuple[float, int, int, Connection]] = []
         self.rings: dict[Connection, None] = {}          # rang the doorbell: rings to run
         self.held = HeldWakes()                          # wake-ups held back (coalescing)
@@ -213,16 +273,22 @@ class Broker:
         self.running_for: Connection | None = None       # whose ring or hypercall runs now
         self.counters = BrokerCounters()
         self.running = True
+        self.backlogged: set[Connection] = set()         # outbox changed: watch for writable
+        self.accept_resumes: float | None = None         # accept() rests until then (EMFILE)
         self.listener = self._listen() if socket_path is not None else None
         if self.watch_fd is not None:
-            self.selector.register(self.watch_fd, selectors.EVENT_READ, self._watched)
+            self.selector.register(self.watch_fd, selectors.EVENT_READ,
+                                   lambda _mask: self._watched(self.watch_fd))
 
     # --- set-up and tear-down -----------------------------------------------------------
 
     def _listen(self) -> socket.socket:
         directory = os.path.dirname(self.socket_path)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        os.chmod(directory, 0o700)
+        if not os.path.isdir(directory):
+            # Ours, so private (makedirs' mode is subject to the umask). A directory that
+            # was there already is the user's: its mode is none of our business (think /tmp).
+            os.makedirs(directory, mode=0o700)
+            os.chmod(directory, 0o700)
         if os.path.exists(self.socket_path):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
@@ -240,6 +306,20 @@ class Broker:
         listener.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ, self._accept)
         return listener
+
+    def _rest_accept(self) -> None:
+        """Out of descriptors (EMFILE/ENFILE): stop accepting for a moment, serve the rest.
+        The pending connections wait in the backlog; closes meanwhile free descriptors."""
+        if self.accept_resumes is None:
+            log("broker: out of file descriptors; not accepting for %.1f s"
+                % ACCEPT_BACKOFF_SECONDS)
+            self.selector.unregister(self.listener)
+        self.accept_resumes = time.monotonic() + ACCEPT_BACKOFF_SECONDS
+
+    def _resume_accept(self) -> None:
+        if self.accept_resumes is not None and time.monotonic() >= self.accept_resumes:
+            self.accept_resumes = None
+            self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
 
     def serve_forever(self) -> None:
         signal.signal(signal.SIGTERM, _stop)
@@ -268,20 +348,17 @@ class Broker:
         elif self.timers:
             due = max(0.0, self.timers[0][0] - time.monotonic())
             wait = due if wait is None else min(wait, due)
-        deadline = self.held.deadline()
-        if deadline is not None and not self.rings:
-            held = max(0.0, deadline - time.monotonic())
-            wait = held if wait is None else min(wait, held)
-        due = self.impair.next_due()
-        if due is not None:
-            late = max(0.0, due - time.monotonic())
-            wait = late if wait is None else min(wait, late)
+        for deadline in (None if self.rings else self.held.deadline(), self.impair.next_due(),
+                         self.accept_resumes):
+            if deadline is not None:
+                due = max(0.0, deadline - time.monotonic())
+                wait = due if wait is None else min(wait, due)
         started = clock()
         events = self.selector.select(wait)
         woke = clock()
         counters.idle_s += woke - started
-        for key, _ in events:
-            key.data(key.fileobj)
+        for key, mask in events:
+            key.data(mask)
         if self.rings:
             self._run_rings()
         if self.parked:
@@ -295,6 +372,10 @@ class Broker:
         if self.held:
             self._flush_wakes()
         self._fire_timers()
+        if self.backlogged:
+            self._watch_outboxes()
+        if self.accept_resumes is not None:
+            self._resume_accept()
         counters.busy_s += clock() - woke
 
     def shutdown(self) -> None:
@@ -320,13 +401,21 @@ class Broker:
 
     # --- connections: the state machine's inputs --------------------------------------------
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, _mask: int) -> None:
         try:
-            sock, _ = listener.accept()
-        except BlockingIOError:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, ConnectionAbortedError):
             return
-        pid, uid, _gid = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                      UCRED.size))
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._rest_accept()
+                return
+            raise
+        try:
+            pid, uid = wire.peer_uid(sock)
+        except OSError:
+            sock.close()              # gone before we looked
+            return
         if uid != os.getuid():
             sock.close()          # only our own user's launchers may join
             return
@@ -334,18 +423,58 @@ class Broker:
 
     def adopt(self, sock: socket.socket, pid: int) -> Connection:
         """Serve a connected launcher socket whose task is `pid`."""
-        conn = Connection(sock, pid, self.engine)
+        conn = Connection(sock, pid, self.engine, self.backlogged)
         self.connections.add(conn)
         self._listen_to(conn)
         return conn
 
     def _listen_to(self, conn: Connection) -> None:
-        self.selector.register(conn.sock, selectors.EVENT_READ,
-                               lambda s, c=conn: self._readable(c))
+        conn.parked = False
+        self._watch(conn)
+
+    def _watch(self, conn: Connection) -> None:
+        """Tell the selector what this connection waits for now: its requests unless
+        it is parked, and a writable socket while replies wait in its outbox."""
+        events = (0 if conn.parked else selectors.EVENT_READ) | \
+            (selectors.EVENT_WRITE if conn.outbox else 0)
+        if events == conn.events or conn.state is State.CLOSED:
+            return
+        if not conn.events:
+            self.selector.register(conn.sock, events, lambda mask, c=conn: self._ready(c, mask))
+        elif not events:
+            self.selector.unregister(conn.sock)
+        else:
+            self.selector.modify(conn.sock, events, lambda mask, c=conn: self._ready(c, mask))
+        conn.events = events
+
+    def _watch_outboxes(self) -> None:
+        """After a pass: close the launchers that let their replies pile up, and watch the
+        sockets of the others whose outbox changed."""
+        backlogged = list(self.backlogged)
+        self.backlogged.clear()
+        for conn in backlogged:
+            if conn.overflowed and conn.state is not State.CLOSED:
+                log("broker: launcher %d left %d replies unread; closing it"
+                    % (conn.pid, MAX_QUEUED_REPLIES))
+                self._input(conn, Input.HANGUP)
+            elif conn.state is not State.CLOSED:
+                self._watch(conn)
+
+    def _ready(self, conn: Connection, mask: int) -> None:
+        if conn.state is State.CLOSED:
+            return                    # closed earlier in this pass
+        if mask & selectors.EVENT_WRITE:
+            conn.flush()
+            if not conn.outbox:
+                self._watch(conn)
+        if mask & selectors.EVENT_READ and not conn.parked:
+            self._readable(conn)
 
     def _readable(self, conn: Connection) -> None:
         try:
             data, fds = wire.recv_fds(conn.sock)
+        except BlockingIOError:
+            return
         except OSError:
             data, fds = b"", []
         if len(data) < wire.REQUEST.size:
@@ -404,6 +533,15 @@ class Broker:
         conn.reply(0, tail=json.dumps(self.broker_stats()).encode())
 
     def _name(self, conn: Connection, request: Request) -> None:
+        """The lab names the guest of launcher pid `a` (for the capture). Bounded: a name
+        is at most MAX_NAME_BYTES, there are at most MAX_NAMES, and a name goes when its
+        guest's connection closes."""
+        if len(request.tail) > MAX_NAME_BYTES:
+            conn.reply(-errno.ENAMETOOLONG)
+            return
+        if request.a not in self.names and len(self.names) >= MAX_NAMES:
+            conn.reply(-errno.ENOSPC)
+            return
         self.names[request.a] = request.tail.decode(errors="replace")
         if self.capture is not None:
             self.capture.named()
@@ -491,11 +629,12 @@ class Broker:
 
     def _close(self, conn: Connection, _arg=None) -> State:
         """lguest's close(): bindings released, guest slot freed, mappings dropped."""
-        try:
+        if conn.events:
             self.selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
+            conn.events = 0
         conn.state = State.CLOSED
+        conn.outbox.clear()
+        self.backlogged.discard(conn)
         self.connections.discard(conn)
         self.rings.pop(conn, None)
         self.held.release(conn)
@@ -504,6 +643,7 @@ class Broker:
         if guest is not None and self.owners.get(guest.id) is conn:
             del self.owners[guest.id]
             self.ended.append(dict(self.guest_stats(guest), ended=True))
+            self.names.pop(conn.pid, None)
             self._release_breakers(guest)
         elif guest is not None and conn in self._breakers_of(guest):
             self._breakers_of(guest).remove(conn)
@@ -517,37 +657,34 @@ class Broker:
     # --- actions: becoming an owner or a sharer ---------------------------------------------
 
     def _initialize(self, conn: Connection, request: Request) -> State | None:
+        """INITIALIZE: lguest_user.c's gates first, then every part of the layout checked
+        against the descriptors that came with it (fabric/handover.py), and only then is
+        anything mapped. A refusal leaves the connection NEW, with nothing held."""
         pfn_limit, pgdir, start, page_offset = request.a, request.b, request.c, request.d
         fds = request.fds
 
-        def make_memory() -> GuestMemory:
+        def make_memory() -> GuestMemory | None:
             # Only reached once lguest_user.c's checks (EPERM, EBUSY, ...) have passed.
-            regions, control_fd, control_offset = wire.decode_layout(request.tail)
-            memory = GuestMemory(pfn_limit)
-            for region in regions:
-                fd = fds[region.fd_index]
-                m = mmap.mmap(fd, region.length, mmap.MAP_SHARED,
-                              mmap.PROT_READ | mmap.PROT_WRITE, offset=region.file_offset)
-                conn.mappings.append(m)
-                st = os.fstat(fd)
-                memory.add_region(region.base, m, (st.st_dev, st.st_ino) if region.shared
-                                  else None, "fd%d" % region.fd_index)
-                if region.shared:
-                    self._learn_net((st.st_dev, st.st_ino), fd)
-            control = mmap.mmap(fds[control_fd], wire.CONTROL_PAGE_SIZE, mmap.MAP_SHARED,
-                                mmap.PROT_READ | mmap.PROT_WRITE, offset=control_offset)
-            conn.mappings.append(control)
-            conn.control = memoryview(control)
-            conn.memory = memory
-            return memory
+            try:
+                regions, control_fd, control_offset = check_layout(
+                    request.tail, [fd_facts(fd) for fd in fds], pfn_limit)
+            except Refused as refused:
+                log("broker: launcher %d: INITIALIZE refused: %s" % (conn.pid, refused))
+                return None
+            try:
+                self._map_layout(conn, fds, regions, control_fd, control_offset)
+            except OSError as exc:
+                log("broker: launcher %d: INITIALIZE: cannot map: %s"
+                    % (conn.pid, exc.strerror or exc))
+                conn.release()
+                return None
+            return conn.memory
 
-        try:
-            result = conn.file.initialize(pfn_limit, pgdir, start, page_offset, make_memory)
-        except (ValueError, OSError, IndexError, struct.error):
-            conn.release()
-            result = -errno.EINVAL
+        result = conn.file.initialize(pfn_limit, pgdir, start, page_offset, make_memory)
         if result < 0:
-            conn.reply(result)
+            if conn.file.guest is None:
+                conn.release()        # what this attempt mapped (a guest table that was full)
+            conn.reply(result)        # (EBUSY: the guest it has keeps its memory)
             return None
         self.owners[conn.file.guest.id] = conn
         conn.reply(result, a=conn.file.guest.id)
@@ -565,6 +702,27 @@ class Broker:
         if self.nets.get(identity) != name:
             self.nets[identity] = name
             self.impair.changed()
+
+    def _map_layout(self, conn: Connection, fds: list[int], regions: list[wire.Region],
+                    control_fd: int, control_offset: int) -> None:
+        """Map a checked layout. Every mapping is made before any view of it, so a failed
+        mmap (no memory, too many maps) closes plain mappings: nothing holds them."""
+        def mapped(fd: int, length: int, offset: int) -> mmap.mmap:
+            m = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                          offset=offset)
+            conn.mappings.append(m)
+            return m
+
+        maps = [mapped(fds[r.fd_index], r.length, r.file_offset) for r in regions]
+        control = mapped(fds[control_fd], wire.CONTROL_PAGE_SIZE, control_offset)
+        memory = conn.memory = GuestMemory()
+        for region, m in zip(regions, maps):
+            st = os.fstat(fds[region.fd_index])
+            identity = (st.st_dev, st.st_ino) if region.shared else None
+            memory.add_region(region.base, m, identity, "fd%d" % region.fd_index)
+            if region.shared:
+                self._learn_net(identity, fds[region.fd_index])
+        conn.control = memoryview(control)
 
     def _attach(self, conn: Connection, request: Request) -> State | None:
         gid = request.a
@@ -803,10 +961,8 @@ class Broker:
         its chance to run, and try again from the loop (`_retry_parked`)."""
         self.counters.restocks += 1
         self.rings.pop(conn, None)
-        try:
-            self.selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
+        conn.parked = True
+        self._watch(conn)
         self.parked.append(Parked(conn, restock, time.monotonic(), self.restock_seconds, then))
         receiver = self.owners.get(restock.receiver.id)
         # In lguest the receiver ran on a CPU of its own meanwhile; here it may be asleep
@@ -852,6 +1008,12 @@ class Broker:
         if delta_ns:
             deadline = time.monotonic() + delta_ns / abi.NSEC_PER_SEC
             heapq.heappush(self.timers, (deadline, id(conn), conn.timer_seq, conn))
+            if len(self.timers) > TIMERS_PER_CONNECTION * (len(self.connections) + 1):
+                # Cancelled events wait in the heap until they are due: a guest that keeps
+                # re-arming a long one would grow it without end. Keep the live ones only.
+                self.timers = [t for t in self.timers
+                               if t[2] == t[3].timer_seq and t[3].state is not State.CLOSED]
+                heapq.heapify(self.timers)
 
     def _fire_timers(self) -> None:
         now = time.monotonic()
@@ -868,7 +1030,7 @@ class Broker:
     def stats(self) -> list[dict]:
         """Every guest this broker has served: the ended ones, then the live ones, each with
         the name the lab gave its launcher (None if it gave none)."""
-        rows = self.ended + [self.guest_stats(g) for g in self.engine.guests if g is not None]
+        rows = list(self.ended) + [self.guest_stats(g) for g in self.engine.guests if g is not None]
         for row in rows:
             row["name"] = self.names.get(row["pid"])
         return rows
@@ -905,11 +1067,19 @@ class Broker:
         return row
 
 
+def raise_fd_limit() -> None:
+    """Every guest costs the broker a socket and a descriptor per mapping (mmap keeps one):
+    a 1024 soft limit is about 200 guests. Take what the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run_broker(socket_path: str, watch_fd: int | None = None, ready_fd: int | None = None,
                capture_dir: str | None = None, net_names: dict[str, str] | None = None,
                owns_directory: bool = False, on_listening=None,
                first_guest_id: int = 0, trace_stream: str | None = None, seed: int = 0,
-               guest_names: tuple = ()) -> None:
+               guest_names: tuple = (), capture_max: int | None = None) -> None:
     """Serve until told to stop. With owns_directory (a lab's private runtime directory),
     the directory goes with the broker, so even a SIGKILLed lab leaves nothing behind.
     on_listening() runs once the socket is bound (so "listening" is never said in vain).
@@ -919,9 +1089,10 @@ def run_broker(socket_path: str, watch_fd: int | None = None, ready_fd: int | No
     if trace_stream is not None and capture_dir is None:
         raise LgnetError("broker: --trace-stream needs --capture (its send numbers key the "
                          "trace's flows)")
+    raise_fd_limit()
     try:
         try:
-            capture = Capture(capture_dir, net_names, seed=seed) \
+            capture = Capture(capture_dir, net_names, seed=seed, max_bytes=capture_max) \
                 if capture_dir is not None else None
             trace = BrokerTrace(trace_stream, capture) if trace_stream is not None else None
             broker = Broker(socket_path, watch_fd, capture, first_guest_id, trace=trace,
@@ -969,6 +1140,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of every impairment decision (default 0)")
     parser.add_argument("--guest", action="append", default=[], metavar="NAME",
                         help="a guest name impairment rules may use before it runs")
+    parser.add_argument("--capture-max", type=capture_size, metavar="BYTES",
+                        help="stop each capture file before it grows past BYTES "
+                             "(suffix K, M or G); the lab goes on")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -990,7 +1164,7 @@ def main(argv: list[str] | None = None) -> int:
             process.die_with_parent()
         run_broker(args.socket or wire.default_socket_path(), args.watch_fd, args.ready_fd,
                    args.capture, dict(parse_net_name(text) for text in args.net),
-                   args.owns_directory,
+                   args.owns_directory, capture_max=args.capture_max,
                    first_guest_id=check_first_guest_id(args.first_guest_id),
                    trace_stream=args.trace_stream, seed=args.seed,
                    guest_names=tuple(args.guest))

@@ -40,11 +40,13 @@ The lab's impairment seed is a comment of the Section Header ("lgnet seed N").
 """
 from __future__ import annotations
 
+import argparse
 import fcntl
 import logging
 import os
 import re
 import struct
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -475,6 +477,24 @@ def check_free(path) -> None:
         raise CaptureBusy(str(path), writer_pid(path))
 
 
+MIN_CAPTURE_BYTES = 4096               # the smallest size cap: room for the header blocks
+SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def capture_size(text: str) -> int:
+    """--pcap-max's BYTES[K|M|G] -> bytes, as an argparse type."""
+    number, suffix = text[:-1], text[-1:].upper()
+    if suffix not in SIZE_SUFFIXES:
+        number, suffix = text, ""
+    try:
+        size = int(number) * SIZE_SUFFIXES[suffix]
+    except ValueError:
+        raise argparse.ArgumentTypeError("a size in bytes (suffix K, M or G), got %r" % text) from None
+    if size < MIN_CAPTURE_BYTES:
+        raise argparse.ArgumentTypeError("at least %d bytes, got %r" % (MIN_CAPTURE_BYTES, text))
+    return size
+
+
 class NetCapture:
     """The open capture file of one net; blocks wait in `pending` until flush().
 
@@ -483,11 +503,13 @@ class NetCapture:
     writers appending to one file is what tshark calls "damaged or corrupt".)"""
 
     def __init__(self, name: str, path: str, source: str, application: str,
-                 comments: tuple[str, ...] = ()):
+                 comments: tuple[str, ...] = (), max_bytes: int | None = None):
         self.name = name
         self.path = path
         self.pending: list[bytes] = []     # the pieces of whole blocks
         self.blocks = 0                    # how many blocks they make
+        self.max_bytes = max_bytes         # the size cap (--pcap-max), or None
+        self.stopped: str | None = None    # why this capture ended early
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, CAPTURE_FILE_MODE)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -496,16 +518,44 @@ class NetCapture:
             self.fd = -1
             raise CaptureBusy(path, writer_pid(path)) from None
         os.ftruncate(self.fd, 0)
-        os.write(self.fd, section_header(application, comments)
-                 + interface_description(name, "lgnet net %s (%s)" % (name, source)))
+        self.size = 0                      # bytes of whole blocks in the file
+        self.pending.append(section_header(application, comments)
+                            + interface_description(name, "lgnet net %s (%s)" % (name, source)))
+        self.flush()
 
     def flush(self) -> None:
-        if self.pending and self.fd >= 0:
-            data = b"".join(self.pending)
+        """Append the pending blocks. A capture can never take the lab down: a write error
+        (a full disk, EIO) or the size cap stops this capture, loudly, and nothing else."""
+        if not self.pending or self.fd < 0:
             self.pending.clear()
-            self.blocks = 0
+            return
+        data = b"".join(self.pending)
+        self.pending.clear()
+        self.blocks = 0
+        if self.max_bytes is not None and self.size + len(data) > self.max_bytes:
+            self.stop("it reached its size cap of %d bytes (--pcap-max)" % self.max_bytes)
+            return
+        try:
             while data:                   # a regular file takes it all; be sure anyway
                 data = data[os.write(self.fd, data):]
+        except OSError as exc:
+            self.stop(exc.strerror or str(exc))
+            return
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+
+    def stop(self, reason: str) -> None:
+        """End this capture early: cut a block the failed write left half-written (so the
+        file stays readable), keep the rest, and say so."""
+        self.stopped = reason
+        try:
+            os.ftruncate(self.fd, self.size)
+        except OSError:
+            pass
+        os.close(self.fd)                 # drops the flock: `dump --follow` ends
+        self.fd = -1
+        print("lgnet broker: capture of %s stopped: %s; %s keeps the %d bytes written so "
+              "far, the lab goes on" % (self.name, reason, self.path, self.size),
+              file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -547,8 +597,9 @@ class Capture:
 
     def __init__(self, directory: str, net_names: dict[str, str] | None = None,
                  names: dict[int, str] | None = None, application: str = "lgnet",
-                 seed: int | None = None):
+                 seed: int | None = None, max_bytes: int | None = None):
         self.directory = directory
+        self.max_bytes = max_bytes                      # each file's size cap, or None
         os.makedirs(directory, exist_ok=True)
         self.net_names = {os.path.realpath(p): n for p, n in (net_names or {}).items()}
         self.names = names if names is not None else {}
@@ -567,7 +618,8 @@ class Capture:
             for source, name in self.net_names.items():
                 name = _one_word(name)
                 path = os.path.join(directory, name + CAPTURE_SUFFIX)
-                self.claimed[source] = NetCapture(name, path, source, application, self.comments)
+                self.claimed[source] = NetCapture(name, path, source, application,
+                                                  self.comments, max_bytes)
         except BaseException:
             self.close()
             raise
@@ -594,7 +646,7 @@ class Capture:
             try:
                 self.nets[identity] = NetCapture(unique, os.path.join(
                     self.directory, unique + CAPTURE_SUFFIX), source, self.application,
-                    self.comments)
+                    self.comments, self.max_bytes)
                 return unique
             except CaptureBusy:
                 continue
@@ -623,8 +675,8 @@ class Capture:
         number (None: not on a net we were told about)."""
         key = dst.key
         net = self.nets.get(key.space)
-        if net is None:
-            return None
+        if net is None or net.stopped is not None:
+            return None                       # not a net we record (or no longer)
         data = self._delivered(dst.guest.memory, entry, copied)
         lens = src_dma.len
         offered = lens[0] if not lens[1] else src_dma.total

@@ -47,13 +47,18 @@ class LguestFile:
         return 0
 
     def initialize(self, pfn_limit: int, pgdir: int, start: int, page_offset: int,
-                   make_memory: Callable[[], GuestMemory]) -> int:
+                   make_memory: Callable[[], GuestMemory | None]) -> int:
+        """make_memory maps what the launcher handed over, or returns None: it would not
+        do (EINVAL, as lguest's initialize() refused a bad argument)."""
         error = self.gate(abi.LHREQ_INITIALIZE)
         if error:
             return error
         if self.guest is not None:
             return -errno.EBUSY
-        result = self.engine.initialize(self.task, make_memory(), pfn_limit, pgdir, start,
+        memory = make_memory()
+        if memory is None:
+            return -errno.EINVAL
+        result = self.engine.initialize(self.task, memory, pfn_limit, pgdir, start,
                                         page_offset)
         if isinstance(result, int):
             return result

@@ -5,9 +5,9 @@ only *ask* the Host. It follows the reference Launcher's order: devices from the
 (in order; the console last), guest RAM, the kernel, descriptors just above RAM, boot header,
 INITIALIZE, the Waker, then the run loop.
 
-lgnet's differences, and why: guest RAM is a POSIX shared-memory object the broker maps too
-(its name is unlinked as soon as it is mapped — the descriptor travels to the broker with
-INITIALIZE — so no exit path can leave it in /dev/shm); the Waker is a thread with its own
+lgnet's differences, and why: guest RAM is a memfd the broker maps too (it has no name, so no
+exit path can leave it in /dev/shm, and a full /dev/shm cannot touch it; it is sealed against
+shrinking, which the broker insists on, so it cannot vanish under the broker); the Waker is a thread with its own
 connection ATTACHed to the guest, as lguest's forked Waker shared the fd; and the guest's CPU
 runs here, so "read() returned" is a hypercall reply (see guest/host.py). With --gdb, a gdb
 server (guest/gdbstub.py) listens before the guest boots, and the Waker also watches its
@@ -20,26 +20,25 @@ A guest's bad pointer is the guest's death, reported to the Host, never the user
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import mmap
 import os
-import secrets
 import signal
 import sys
 from dataclasses import dataclass, field
 
-import posix_ipc
-
 from lgnet import abi, netfile, process, timeline, wire
 from lgnet.errors import USER_ERROR_EXIT, LgnetError
 from lgnet.guest import devices as devs
-from lgnet.guest import loader
+from lgnet.guest import loader, script
 from lgnet.guest.devices.console import ConsoleAbort
 from lgnet.guest.images import resolve_kernel
 from lgnet.guest.host import BrokerHost, GuestStopped
 from lgnet.guest.physmem import InvalidAddress, PhysMap
 
 PYTHON_KERNEL = "python:"
+DEFAULT_PYTHON_KERNEL = "lgnet.guest.pvdriver"   # what a bare `python:` runs
 GDB_LISTENING = "lgnet: gdb server on %s:%d (in gdb: target remote :%d)"
 MAX_PORT = 65535                     # a TCP port; 0 asks for any free one
 EXIT_KILLED = 1
@@ -115,19 +114,21 @@ class Launcher:
         self.devices.add_console(self.out, cfg.console_input)
 
     def create_memory(self) -> tuple[mmap.mmap, int]:
-        """Guest RAM + descriptor page + private device pages + control page, one object."""
+        """Guest RAM + descriptor page + private device pages + control page, one memfd,
+        sealed so it can never shrink: the broker maps it too, and a mapping whose file
+        shrank under it would fault (SIGBUS) when the broker next copied a frame."""
         size = self.mem + abi.PAGE_SIZE * (2 + self.devices.private_pages())
-        name = "/lgnet-%d-%s" % (os.getpid(), secrets.token_hex(4))
-        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
-        try:
-            ram = mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            # The name has done its job: the broker gets the descriptor, not the name.
-            shm.unlink()
-        self.closers.append(ram.close)
-        fd = os.dup(shm.fd)
-        shm.close_fd()
+        fd = os.memfd_create("lgnet-guest-%d" % os.getpid(),
+                             os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         self.closers.append(lambda: os.close(fd))
+        try:
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            raise LgnetError("cannot create %d bytes of guest RAM: %s"
+                             % (size, exc.strerror)) from None
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        ram = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.closers.append(ram.close)
         return ram, fd
 
     def build(self) -> tuple[BrokerHost, object, int, int]:
@@ -209,6 +210,8 @@ class Launcher:
         path = self.broker_path()
         try:
             return wire.Channel(path)
+        except wire.BrokerRefuses as refused:
+            raise LgnetError(refused.strerror) from None
         except OSError as exc:
             raise LgnetError("cannot reach the broker at %s (%s): start `lgnet broker` first"
                              % (path, exc.strerror)) from None
@@ -286,7 +289,7 @@ def run_guest(kernel: str, phys: PhysMap, mem: int, host: BrokerHost, boot,
     try:
         if kernel.startswith(PYTHON_KERNEL):
             from lgnet.guest.pvmachine import Machine
-            module = importlib.import_module(kernel[len(PYTHON_KERNEL):] or "lgnet.guest.pvdriver")
+            module = python_kernel(kernel)
             if tracer is not None:
                 host = tracer.traced_host(host)
             module.main(Machine(phys, mem, host))
@@ -387,6 +390,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the guest kernel's command line")
 
 
+def python_kernel(kernel: str):
+    """The module of `python:MODULE`, checked: it exists and has a main(machine)."""
+    name = kernel[len(PYTHON_KERNEL):] or DEFAULT_PYTHON_KERNEL
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as missing:
+        if missing.name is None or not (name == missing.name
+                                        or name.startswith(missing.name + ".")):
+            raise                     # the module is there; something it imports is not
+        raise LgnetError("%s: no module named %r (a Python kernel is python:MODULE, "
+                         "MODULE importable with a main(machine))" % (kernel, missing.name)) \
+            from None
+    if not callable(getattr(module, "main", None)):
+        raise LgnetError("%s: module %s has no main(machine)" % (kernel, name))
+    return module
+
+
+def check_script(config: LaunchConfig) -> None:
+    """A default Python guest's script= may only name the net devices it will have."""
+    if config.kernel not in (PYTHON_KERNEL, PYTHON_KERNEL + DEFAULT_PYTHON_KERNEL):
+        return
+    nets = sum(1 for option, _ in config.devices if option in ("sharenet", "tunnet"))
+    for arg in config.args:
+        if not arg.startswith(script.ARG):
+            continue
+        for step in script.parse(arg[len(script.ARG):]):
+            net = getattr(step, "net", None)
+            if net is not None and not 0 <= net < nets:
+                raise LgnetError("%s: step %r names net device eth%d, but this guest has "
+                                 "%d (one per --sharenet and --tunnet)"
+                                 % (script.ARG.rstrip("="), script.encode_step(step), net,
+                                    nets))
+
+
 def config_from(args: argparse.Namespace) -> LaunchConfig:
     """What the options ask for, checked: a user's mistake is an LgnetError."""
     kernel = resolve_kernel(args.kernel)
@@ -400,6 +437,9 @@ def config_from(args: argparse.Namespace) -> LaunchConfig:
     if args.trace is not None:
         config.trace = args.trace
         config.trace_stream = trace_stream_beside(args.trace)
+    if kernel.startswith(PYTHON_KERNEL):
+        python_kernel(kernel)
+        check_script(config)
     return config
 
 

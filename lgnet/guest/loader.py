@@ -252,6 +252,9 @@ def _command_line(args: list[str]) -> bytes:
     line = " ".join(args).encode("utf-8", "surrogateescape")
     if b"\0" in line:
         raise LgnetError("the kernel command line cannot contain a NUL character")
+    if len(line) + 1 > abi.CMDLINE_MAX:
+        raise LgnetError("the kernel command line is %d bytes; it has one page, %d bytes "
+                         "with its NUL" % (len(line), abi.CMDLINE_MAX))
     return line + b"\0"
 
 

@@ -52,7 +52,7 @@ class Machine:
 
     def cmdline(self) -> str:
         ptr = self.phys.read_u32(abi.BOOT_CMDLINE_PTR)
-        raw = self.phys.read(ptr, abi.PAGE_SIZE)
+        raw = self.phys.read(ptr, abi.CMDLINE_MAX)
         return raw.split(b"\0", 1)[0].decode(errors="replace")
 
     def devices(self) -> list[tuple[int, int, int, int, int, int]]:

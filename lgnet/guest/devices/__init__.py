@@ -15,11 +15,10 @@ output for a DMA to its key, input when its descriptor is readable, close.
 from __future__ import annotations
 
 import os
-import select
 import threading
 from typing import Callable
 
-from lgnet import abi, netfile, wire
+from lgnet import abi, netfile, process, wire
 from lgnet.errors import LgnetError
 from lgnet.guest.loader import write_device_descriptors
 from lgnet.guest.physmem import PhysMap
@@ -157,7 +156,7 @@ class DeviceList:
         return [d.input_fd for d in self.list if d.input_fd is not None]
 
     def input(self, phys: PhysMap, channel) -> None:
-        ready = select.select(self.input_fds(), [], [], 0)[0]
+        ready = process.readable(self.input_fds(), 0)
         for device in self.list:
             if device.input_fd is not None and device.input_fd in ready:
                 if not device.input(phys, channel):
@@ -199,7 +198,7 @@ class Waker(threading.Thread):
     def run(self) -> None:
         try:
             while True:
-                ready = select.select(self.fds() + [self.stop_r], [], [])[0]
+                ready = process.readable(self.fds() + [self.stop_r])
                 if self.stop_r in ready:
                     return
                 # Blocks until the Launcher has serviced the input and written BREAK 0.

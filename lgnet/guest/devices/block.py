@@ -10,6 +10,7 @@ then the reply buffer's used_len and the interrupt.
 from __future__ import annotations
 
 import os
+import stat
 
 from lgnet import abi
 from lgnet.errors import LgnetError
@@ -31,7 +32,20 @@ class Block(Device):
             fd = os.open(path, os.O_RDWR)
         except OSError as exc:
             raise LgnetError("cannot open block file '%s': %s" % (path, exc.strerror)) from None
-        return cls(fd, os.lseek(fd, 0, os.SEEK_END))
+        try:
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise LgnetError("block file '%s' is not a regular file or a block device"
+                                 % path)
+            length = os.lseek(fd, 0, os.SEEK_END)
+        except OSError as exc:
+            os.close(fd)
+            raise LgnetError("block file '%s': cannot find its size: %s"
+                             % (path, exc.strerror)) from None
+        except LgnetError:
+            os.close(fd)
+            raise
+        return cls(fd, length)
 
     def init(self, phys) -> None:
         """The page tells the guest the device's size, in sectors."""
