@@ -642,8 +642,9 @@ class Broker:
         guest = conn.file.guest
         if guest is not None and self.owners.get(guest.id) is conn:
             del self.owners[guest.id]
-            self.ended.append(dict(self.guest_stats(guest), ended=True))
-            self.names.pop(conn.pid, None)
+            # Its name goes with its row: the names table itself is freed with the connection.
+            self.ended.append(dict(self.guest_stats(guest), ended=True,
+                                   name=self.names.pop(conn.pid, None)))
             self._release_breakers(guest)
         elif guest is not None and conn in self._breakers_of(guest):
             self._breakers_of(guest).remove(conn)
@@ -1030,10 +1031,10 @@ class Broker:
     def stats(self) -> list[dict]:
         """Every guest this broker has served: the ended ones, then the live ones, each with
         the name the lab gave its launcher (None if it gave none)."""
-        rows = list(self.ended) + [self.guest_stats(g) for g in self.engine.guests if g is not None]
-        for row in rows:
+        live = [self.guest_stats(g) for g in self.engine.guests if g is not None]
+        for row in live:
             row["name"] = self.names.get(row["pid"])
-        return rows
+        return list(self.ended) + live
 
     def broker_stats(self) -> dict:
         """The broker's own counters, with its CPU time and context switches so far."""
