@@ -18,7 +18,7 @@ from lgnet import abi, netfile
 from lgnet.fabric import keys
 from lgnet.scenario import load_scenario
 
-from conftest import ENV, lgnet_shm
+from conftest import ENV, REPO, lgnet_shm
 
 pytestmark = pytest.mark.timeout(90)
 SCENARIO = """\
@@ -31,7 +31,9 @@ guests:
 
 
 @pytest.fixture
-def held_lab(tmp_path):
+def held_lab(tmp_path, monkeypatch):
+    # The holder's kernel is a module of the tests: its launcher must find it on its path.
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
     path = tmp_path / "three.yaml"
     path.write_text(SCENARIO)
     scenario = load_scenario(str(path))

@@ -630,7 +630,10 @@ class Broker:
     def _close(self, conn: Connection, _arg=None) -> State:
         """lguest's close(): bindings released, guest slot freed, mappings dropped."""
         if conn.events:
-            self.selector.unregister(conn.sock)
+            try:
+                self.selector.unregister(conn.sock)
+            except KeyError:          # already left the selector: closing must still finish
+                pass
             conn.events = 0
         conn.state = State.CLOSED
         conn.outbox.clear()
