@@ -446,15 +446,11 @@ class Engine:
         sender was killed for a piece nothing backs."""
         out = []
         for view, at, length in runs:
-            if view is None:
-                for off in range(0, length, _PAGE):
-                    found = src.memory.locate(at + off, min(_PAGE, length - off))
-                    if found is None:
-                        self.kill_guest(src, abi.MSG_BAD_SEND_ADDRESS)
-                        return None
-                    out.append(found[0].view[found[1]:found[1] + min(_PAGE, length - off)])
-            else:
-                out.append(view[at:at + length])
+            piece = view[at:at + length] if view is not None else src.memory.gather(at, length)
+            if piece is None:
+                self.kill_guest(src, abi.MSG_BAD_SEND_ADDRESS)
+                return None
+            out.append(piece)
         return b"".join(out)
 
     def _fault(self, src: Guest, receiver: Guest | None, key: Key, data: bytes,
@@ -488,19 +484,10 @@ class Engine:
             return
         index, dst_dma = found
         entry = binding.dmas + index * _SIZE
-        targets = self.map_dma_list(dstg, dst_dma)
+        targets = self._mapped_targets(dstg, dst_dma)
         if targets is None:
             return
-        if any(view is None for view, _at, _length in targets[0]):
-            self.kill_guest(dstg, abi.MSG_BAD_DMA_PAGES)
-            return
-        data, copied = late.data, 0
-        for view, at, length in targets[0]:
-            n = min(length, len(data) - copied)
-            if n <= 0:
-                break
-            view[at:at + n] = data[copied:copied + n]
-            copied += n
+        copied = self._copy_data(late.src, [(late.data, 0, len(late.data))], targets)
         if not dstg.memory.write_u32(entry + _USED, copied):
             return
         binding.next_dma = (binding.next_dma + 1) & abi.BIND_NUM_MASK
@@ -555,13 +542,25 @@ class Engine:
         sources = self.map_dma_list(src, src_dma)
         if sources is None:
             return 0, _offered(src_dma)
-        # Every receiving piece must be backed before anything is copied (io.c mapped them
-        # all with get_user_pages first).
-        for view, _at, _length in targets[0]:
+        if not self._all_backed(dst, targets[0]):
+            return 0, sources[1]
+        return self._copy_data(src, sources[0], targets[0]), sources[1]
+
+    def _mapped_targets(self, dst: Guest, dst_dma: bytes) -> list | None:
+        """The receiver's checked, fully backed runs, or None once it was killed."""
+        targets = self.map_dma_list(dst, dst_dma)
+        if targets is None or not self._all_backed(dst, targets[0]):
+            return None
+        return targets[0]
+
+    def _all_backed(self, dst: Guest, runs: list) -> bool:
+        """Every receiving piece must be backed before anything is copied (io.c mapped them
+        all with get_user_pages first); else the receiver dies."""
+        for view, _at, _length in runs:
             if view is None:
                 self.kill_guest(dst, abi.MSG_BAD_DMA_PAGES)
-                return 0, sources[1]
-        return self._copy_data(src, sources[0], targets[0]), sources[1]
+                return False
+        return True
 
     def _copy_data(self, src: Guest, sources: list, targets: list) -> int:
         """Copy min(rest of source run, rest of destination run) at a time until either list
