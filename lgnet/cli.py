@@ -444,8 +444,9 @@ def parser() -> argparse.ArgumentParser:
     impair.add_argument("--partition", nargs="+", metavar="G,G",
                         help="split the guests into groups: --partition alpha beta,gamma")
     impair.add_argument("--heal", action="store_true", help="end the partition")
-    impair.add_argument("--lab", metavar="DIR", help="the lab's runtime directory "
-                        "(what `lgnet up` prints; default: the only running lab)")
+    impair.add_argument("--lab", metavar="DIR|SCENARIO", help="the lab's runtime directory "
+                        "(what `lgnet up` prints) or its scenario's name; default: the only "
+                        "running lab")
     impair.add_argument("--broker", metavar="PATH", help="the broker's socket")
     impair.set_defaults(func=cmd_impair)
 

@@ -938,16 +938,9 @@ def find_net(name: str, lab: str | None = None) -> str:
 
 
 def lab_socket(lab: str | None = None) -> str:
-    """The broker socket of the lab whose runtime directory is `lab`, or of the only lab
-    running (what `lgnet impair` talks to)."""
-    if lab is not None:
-        return os.path.join(lab, BROKER_SOCKET)
-    labs = running_labs()
-    if len(labs) != 1:
-        raise LgnetError("%s: choose one with --lab DIR" % (
-            "no lab is running" if not labs else "%d labs are running (%s)"
-            % (len(labs), ", ".join(labs))))
-    return os.path.join(labs[0], BROKER_SOCKET)
+    """The broker socket of a running lab (find_lab: a runtime directory, a scenario's
+    name, or the only lab running): what `lgnet impair` talks to."""
+    return os.path.join(find_lab(lab), BROKER_SOCKET)
 
 
 def find_capture(net: str, lab: str | None = None) -> str:
