@@ -620,17 +620,10 @@ class Lab(LabControls):
 
     def collect(self) -> None:
         """Fetch the broker's per-guest counters (live and ended guests alike)."""
-        try:
-            channel = wire.Channel(self.socket_path)
-        except OSError:
+        rows = _broker_rows(self.socket_path)
+        if rows is None:
             return
-        try:
-            reply = channel.query(wire.OP_STATS)
-        except wire.BrokerGone:
-            return
-        finally:
-            channel.close()
-        by_pid = {row["pid"]: row for row in json.loads(reply.tail or b"[]")}
+        by_pid = {row["pid"]: row for row in rows}
         for run in self.guests + [p.run for p in self.ports + self.uplinks]:
             run.stats = by_pid.get(run.process.pid, run.stats)
 
