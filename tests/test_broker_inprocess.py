@@ -131,6 +131,28 @@ def test_the_rings_send_after_a_restock_frees_its_ring_entry(kit):
     assert b.u32(entry) == len(PAYLOAD)
 
 
+def test_a_guest_may_ring_again_after_a_synchronous_call_parked_on_a_restock(kit):
+    """The doorbell: CONTROL_KICK stays 1 only while the guest's ring is on the run list. A
+    ring taken off it by a synchronous call that parked on a restock must let its guest ring
+    again, or every later queued call waits for the guest's next synchronous one."""
+    kit.broker.restock_seconds = 60
+    a, b = pair(kit)
+    entries = b.bind_rx(1, count=16)
+    a.put_tx(PAYLOAD)
+    send = (abi.LHCALL_SEND_DMA, a.key(1), TX, 0)
+    a.queue(*[send] * 17)                          # one more than a pass, and than b's buffers
+    a.control[wire.CONTROL_KICK] = 1               # as the launcher rings: "the broker is on it"
+    a.send(wire.OP_NOTIFY)
+    kit.broker.step(0)                             # a pass of 16: b is full, the 17th waits
+    a.send(wire.OP_HCALL, abi.LHCALL_FLUSH_ASYNC)  # the synchronous call drains the rest...
+    kit.settle()
+    assert not a.answered() and kit.broker.counters.restocks == 1   # ... and parks on it
+    b.put_u32(entries[0], 0)                       # b re-arms one buffer
+    a.reply()                                      # the final try ran: the call returns
+    assert b.u32(entries[0]) == len(PAYLOAD)
+    assert a.control[wire.CONTROL_KICK] == 0       # a rings again for its next queued call
+
+
 def test_no_socket_is_touched_while_lguest_lock_is_held(kit, monkeypatch):
     seen = {"calls": 0}
 

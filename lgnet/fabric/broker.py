@@ -780,7 +780,6 @@ class Broker:
         """A doorbell's run of the ring stopped at a DMA for the Launcher: it is served
         first, then the guest makes this call again (FLAG_DEFERRED), and that call runs the
         rest of the ring."""
-        conn.control[wire.CONTROL_KICK] = 0
         dma, key = conn.file.guest.pending_dma
         conn.reply(0, wire.FLAG_PENDING_DMA | wire.FLAG_DEFERRED, dma, key)
 
@@ -884,10 +883,24 @@ class Broker:
             for conn in list(self.rings):
                 self._input(conn, Input.RING)
                 if conn.state is not State.RUNNING:
-                    self.rings.pop(conn, None)
+                    self._leave_run_list(conn)
         finally:
             self.running_for = running_for
         self.counters.engine_s += time.perf_counter() - started
+
+    def _leave_run_list(self, conn: Connection) -> None:
+        """The doorbell's rule: CONTROL_KICK is 1 only while the guest's ring is on the run
+        list, so a ring taken off it (its guest parked, pending a DMA, halted or dead) lets
+        the guest ring again; else its next queued calls would wait for a synchronous one."""
+        self.rings.pop(conn, None)
+        if conn.control is not None:
+            conn.control[wire.CONTROL_KICK] = 0
+
+    def _decline_ring(self, conn: Connection, _request: Request) -> None:
+        """NOTIFY while the connection cannot run its ring now (pending a DMA, restocking):
+        nothing runs, and the kick the guest set is taken back, so it rings again later."""
+        if conn.control is not None:
+            conn.control[wire.CONTROL_KICK] = 0
 
     def _run_ring(self, conn: Connection, _arg) -> State | None:
         guest = conn.file.guest
@@ -964,7 +977,7 @@ class Broker:
         """A send of conn's found no free buffer: hold conn's requests, give the receiver
         its chance to run, and try again from the loop (`_retry_parked`)."""
         self.counters.restocks += 1
-        self.rings.pop(conn, None)
+        self._leave_run_list(conn)
         conn.parked = True
         self._watch(conn)
         self.parked.append(Parked(conn, restock, time.monotonic(), self.restock_seconds, then))

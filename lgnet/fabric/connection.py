@@ -111,7 +111,7 @@ TABLE: dict[tuple[State | None, Input], tuple[str, State | None]] = {
     (ANY, I.ATTACH): ("refuse_busy", None),               # it already has a guest
     (ANY, I.HCALL): ("refuse_run", None),                 # NEW: EINVAL; a sharer: EPERM
     (ANY, I.KILL): ("refuse_run", None),
-    (ANY, I.NOTIFY): ("nothing", None),                   # no reply, nothing to run
+    (ANY, I.NOTIFY): ("decline_ring", None),              # no reply; it may ring again
     (ANY, I.GETDMA): ("getdma", None),                    # the gate decides who may
     (ANY, I.IRQ): ("irq", None),
     (ANY, I.BREAK_ON): ("break_on", None),                # BREAKING; or the gate's errno
