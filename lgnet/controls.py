@@ -111,7 +111,7 @@ class LabControls:
 
     def slots(self, net: str) -> list:
         """The live slot table of `net` (lgnet.netfile.SlotInfo each), as `lgnet slots`."""
-        self._net(net)
+        self._check_names(net, [])
         return netfile.slot_table(self.net_file(net))
 
     def stats(self) -> dict:
@@ -296,11 +296,6 @@ class LabControls:
             self.collect()
             raise LgnetError("%s is not running (%s)" % (name, run.ending))
         return run
-
-    def _net(self, net: str) -> None:
-        if net not in self.scenario.networks:
-            raise LgnetError("no network %r in %s (networks: %s)" % (
-                net, self.scenario.path, ", ".join(self.scenario.networks)))
 
     def _live_pids(self) -> set[int]:
         """The launchers whose guest the Host still holds."""
