@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from lgnet import wire
+from lgnet import netfile, wire
 from lgnet.errors import LgnetError
 
 
@@ -109,7 +109,8 @@ def query(socket_path: str, nets: dict[str, str]) -> BindingsView:
         key = row["key"]
         net = files.get(tuple(key["space"])) if key["shared"] else None
         if key["shared"]:
-            text = "%s+%#x" % (net or "file %d:%d" % tuple(key["space"][:2]), key["offset"])
+            text = netfile.key_text(net or "file %d:%d" % tuple(key["space"][:2]),
+                                    key["offset"])
         else:
             text = "private@%#x" % key["offset"]
         view.bindings.append(BindingRow(

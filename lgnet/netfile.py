@@ -48,6 +48,12 @@ _FLOCK = struct.Struct("@hhlli0l")
 _BUSY = (errno.EAGAIN, errno.EACCES)      # what F_OFD_SETLK says when someone holds the byte
 
 
+def key_text(net: str, offset: int) -> str:
+    """A shared DMA key as lgnet shows it everywhere (capture, trace, bindings): the net's
+    name and the key's offset in its page, e.g. lan0+0x4 for slot 1's."""
+    return "%s+%#x" % (net, offset)
+
+
 def net_name(path) -> str:
     """A net's name where nobody gave one: its file's name without the extension, one word."""
     return re.sub(r"\s+", "_", os.path.splitext(os.path.basename(path))[0]) or "net"

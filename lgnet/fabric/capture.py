@@ -207,9 +207,9 @@ def facts_parts(sender: str, sender_slot: int | None, receiver: str, receiver_sl
                 pids: tuple[int, int]) -> tuple[str, str]:
     """What stays the same for every frame between two slots: the text before the buffer
     number and the text after the lengths."""
-    head = "%s slot %s -> %s slot %d key %s+%#x buffer " % (
+    head = "%s slot %s -> %s slot %d key %s buffer " % (
         sender, UNKNOWN_SLOT if sender_slot is None else sender_slot, receiver, receiver_slot,
-        net, key_offset)
+        netfile.key_text(net, key_offset))
     return head, " (guest %d pid %d -> guest %d pid %d)" % (guests[0], pids[0], guests[1],
                                                             pids[1])
 

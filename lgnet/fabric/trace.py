@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 
-from lgnet import abi, timeline
+from lgnet import abi, netfile, timeline
 from lgnet.fabric.capture import Capture
 
 LOCK_TRACK = 1
@@ -69,8 +69,8 @@ class BrokerTrace:
                                  "send": send, "sender": sender_name,
                                  "receiver": receiver_name, "sender_pid": src.owner,
                                  "receiver_pid": receiver.owner, "receiver_guest": receiver.id,
-                                 "key": "%s+%#x" % (net.name if net else "shared",
-                                                    dst.key.offset),
+                                 "key": netfile.key_text(net.name if net else "shared",
+                                                         dst.key.offset),
                                  "buffer": index, "used_len": copied,
                                  "offered": src_dma.total, "irq": dst.interrupt})
 

@@ -23,7 +23,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
 
-from lgnet import abi, timeline
+from lgnet import abi, netfile, timeline
 from lgnet.guest.host import GuestStopped
 from lgnet.guest.physmem import InvalidAddress, PhysMap
 
@@ -96,7 +96,7 @@ class GuestTrace:
             return CONSOLE_NAME
         for first, end, name in self.key_spaces:
             if first <= addr < end:
-                return "%s+%#x" % (name, addr - first)
+                return netfile.key_text(name, addr - first)
         return "%#x" % addr
 
     def pieces(self, udma: int) -> str:
