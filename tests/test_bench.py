@@ -201,3 +201,28 @@ def tagged_processes(tag: str) -> list[int]:
         except OSError:
             pass
     return found
+
+
+@pytest.mark.timeout(10)
+def test_the_targets_are_judged_from_the_rows_of_the_same_run():
+    """Issue 15's table: ratios of one run, each against the anchor the target names."""
+    from lgnet.bench.run import targets
+
+    def row(workload, ratios, **lgnet):
+        return {"workload": workload, "ratios": ratios, "lgnet": lgnet}
+
+    rows = [row("stream-deep-1514", {"socketpair": 1.2, "netns": 0.9}, frames_s=100.0),
+            row("stream-deep-1514-capture", {}, frames_s=79.0),
+            row("latency-60", {"socketpair": 1.5}),
+            row("fanout-2", {}, deliveries_s=10.0), row("fanout-32", {}, deliveries_s=9.0),
+            row("unicorn-icmp", {"socketpair": 0.51})]
+    judged = {t["target"]: t for t in targets(rows)}
+    assert judged["stream 1514 B frames/s >= 1.0x socketpair (deep rx)"]["met"] is True
+    assert judged["stream 1514 B frames/s >= 1.0x netns (deep rx)"]["met"] is False
+    capture = judged["capture on >= 0.8x capture off (1514 B deep rx)"]
+    assert capture["measured"] == pytest.approx(0.79) and capture["met"] is False
+    assert judged["latency p50 <= 1.5x socketpair"]["met"] is True
+    assert judged["fan-out deliveries/s at 32 >= 0.9x at 2"]["met"] is True
+    assert judged["unicorn ICMP round trips >= 0.5x socketpair ping-pong"]["met"] is True
+    assert judged["128 guests up < 5 s"]["met"] is None           # no scale run: not run
+    assert judged["stream 65,536 B MB/s >= 1.5x socketpair"]["measured"] is None

@@ -38,8 +38,9 @@ from typing import Callable
 
 from lgnet import abi, anchors
 from lgnet.bench.plan import (DEEP_RX, LATENCY_SIZE, MAX_SIZE, TARGET_BRINGUP_S, TARGET_FANOUT,
-                              TARGET_LATENCY, TARGET_RSS_MB, TARGET_SCALE_GUESTS,
-                              TARGET_STREAM_1514, TARGET_STREAM_64K, UNICORN_MEM_MB, Plan,
+                              TARGET_CAPTURE, TARGET_LATENCY, TARGET_RSS_MB, TARGET_SCALE_GUESTS,
+                              TARGET_STREAM_1514, TARGET_STREAM_64K, TARGET_STREAM_LGUEST_NET,
+                              TARGET_UNICORN, UNICORN_MEM_MB, Plan,
                               Workload, mem_mb)
 from lgnet.lab import Lab
 from lgnet.scenario import GuestSpec, Network, Scenario
@@ -532,30 +533,42 @@ def row_of(rows: list[dict], workload: str) -> dict | None:
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """Issue 7's targets beside what this run measured (None: the run had no such row)."""
+    """Issue 15's targets beside what this run measured (None: the run had no such row)."""
     out = []
 
     def add(name, measured, goal, met, note=""):
         out.append({"target": name, "measured": measured, "goal": goal,
                     "met": None if measured is None else met, "note": note})
 
-    big = row_of(rows, "stream-deep-%d" % MAX_SIZE)
-    r = big["ratios"].get("socketpair") if big else None
-    add("stream 65,536 B MB/s >= %.1fx socketpair" % TARGET_STREAM_64K, r, TARGET_STREAM_64K,
-        r is not None and r >= TARGET_STREAM_64K, "deep rx (64 entries)")
-    for mode in ("deep", "lguest_net"):
-        row = row_of(rows, "stream-%s-%d" % (mode, abi.ETH_FRAME_LEN))
-        r = row["ratios"].get("socketpair") if row else None
-        add("stream 1514 B frames/s >= %.1fx socketpair (%s rx)" % (TARGET_STREAM_1514, mode),
-            r, TARGET_STREAM_1514, r is not None and r >= TARGET_STREAM_1514)
-    lat = row_of(rows, "latency-%d" % LATENCY_SIZE)
-    r = lat["ratios"].get("socketpair") if lat else None
-    add("latency p50 <= %.0fx socketpair" % TARGET_LATENCY, r, TARGET_LATENCY,
+    def at_least(name, measured, goal, note=""):
+        add(name, measured, goal, measured is not None and measured >= goal, note)
+
+    def vs(workload, anchor):
+        row = row_of(rows, workload)
+        return row["ratios"].get(anchor) if row else None
+
+    at_least("stream 65,536 B MB/s >= %.1fx socketpair" % TARGET_STREAM_64K,
+             vs("stream-deep-%d" % MAX_SIZE, "socketpair"), TARGET_STREAM_64K, "deep rx")
+    for anchor in ("socketpair", "netns"):
+        at_least("stream 1514 B frames/s >= %.1fx %s (deep rx)" % (TARGET_STREAM_1514, anchor),
+                 vs("stream-deep-%d" % abi.ETH_FRAME_LEN, anchor), TARGET_STREAM_1514)
+    at_least("stream 1514 B frames/s >= %.1fx socketpair (lguest_net rx)"
+             % TARGET_STREAM_LGUEST_NET, vs("stream-lguest_net-%d" % abi.ETH_FRAME_LEN,
+                                           "socketpair"), TARGET_STREAM_LGUEST_NET)
+    r = vs("latency-%d" % LATENCY_SIZE, "socketpair")
+    add("latency p50 <= %.1fx socketpair" % TARGET_LATENCY, r, TARGET_LATENCY,
         r is not None and r <= TARGET_LATENCY)
     two, many = row_of(rows, "fanout-2"), row_of(rows, "fanout-32")
-    r = ratio(many["lgnet"]["deliveries_s"], two["lgnet"]["deliveries_s"]) if two and many else None
-    add("fan-out deliveries/s at 32 >= %.1fx at 2" % TARGET_FANOUT, r, TARGET_FANOUT,
-        r is not None and r >= TARGET_FANOUT)
+    at_least("fan-out deliveries/s at 32 >= %.1fx at 2" % TARGET_FANOUT,
+             ratio(many["lgnet"]["deliveries_s"], two["lgnet"]["deliveries_s"])
+             if two and many else None, TARGET_FANOUT)
+    off = row_of(rows, "stream-deep-%d" % abi.ETH_FRAME_LEN)
+    on = row_of(rows, "stream-deep-%d-capture" % abi.ETH_FRAME_LEN)
+    at_least("capture on >= %.1fx capture off (1514 B deep rx)" % TARGET_CAPTURE,
+             ratio(on["lgnet"]["frames_s"], off["lgnet"]["frames_s"]) if on and off else None,
+             TARGET_CAPTURE)
+    at_least("unicorn ICMP round trips >= %.1fx socketpair ping-pong" % TARGET_UNICORN,
+             vs("unicorn-icmp", "socketpair"), TARGET_UNICORN)
     scale = row_of(rows, "fanout-%d" % TARGET_SCALE_GUESTS)
     up = scale["lgnet"]["bringup_s"] if scale else None
     add("%d guests up < %.0f s" % (TARGET_SCALE_GUESTS, TARGET_BRINGUP_S), up, TARGET_BRINGUP_S,
