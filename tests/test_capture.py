@@ -49,6 +49,20 @@ def test_blocks_round_trip_and_a_half_written_block_waits_for_its_end(tmp_path):
     assert list(reader.records()) == []
 
 
+def test_the_per_frame_block_is_the_generic_block_for_every_padding():
+    # The capture's five-piece Enhanced Packet Block must be what the generic block and
+    # options builders make, whatever the data's and the comment's lengths modulo 4.
+    for data_len in range(9):
+        for comment_len in range(9):
+            data, comment = bytes(range(data_len)), "c" * comment_len
+            ts = 1_700_000_000_123_456_789 + data_len
+            generic = pcap._block(pcap.EPB_TYPE, pcap._EPB_BODY.pack(
+                0, ts >> 32, ts & abi.U32_MASK, data_len, data_len + 3)
+                + pcap._pad(data) + pcap._options([(pcap.OPT_COMMENT, comment.encode())]))
+            assert pcap.enhanced_packet(ts, data, data_len + 3, comment) == generic
+            assert pcap.enhanced_packet(ts, data, data_len + 3, comment.encode()) == generic
+
+
 def test_facts_round_trip_through_the_comment():
     text = pcap.format_facts("alpha", None, "beta", 3, "lan0", 12, 5, 60, 17, 100, (0, 1),
                              (4242, 4243))
@@ -128,6 +142,28 @@ def test_the_hook_records_deliveries_with_slots_keys_buffers_and_sends(tmp_path)
     assert [d.data for d in got] == [frame, frame[:40], frame, frame[:50]]
     assert got[1].truncated and "truncated from 60" in got[1].comment
     assert all(g.dead is None for g in (a, b, c, loner))
+
+
+def test_a_receive_entry_across_two_regions_is_recorded_whole(tmp_path):
+    # lguest let a receive array run from the end of RAM into the next page (here the net
+    # page): the capture reads such an entry across both and records the frame it got.
+    net = Net(tmp_path / "lan0.net")
+    cap = pcap.Capture(str(tmp_path / "cap"), {str(tmp_path / "lan0.net"): "lan0"})
+    engine = Engine()
+    engine.on_transfer = cap.on_transfer
+    a = kit_guest(engine, net, 100)
+    b = kit_guest(engine, net, 101)
+    straddling = NET_AT - abi.LGUEST_DMA_SIZE // 2
+    assert b.memory.view(straddling, abi.LGUEST_DMA_SIZE) is None     # no one window
+    assert b.memory.scatter(straddling, abi.pack_dma([(BUF, 1514)]))
+    cap.learn_net(net.identity, net.fd)
+    bind_slot(engine, a, 0, 1)
+    assert engine.bind_dma(b, abi.peer_key(NET_AT, 1), straddling, 1, 1) == 1
+    frame = bytes(range(100))
+    send(engine, a, 1, frame)
+    cap.close()
+    got = pcap.read_deliveries(tmp_path / "cap" / "lan0.pcapng")
+    assert [(d.data, d.used_len, d.receiver_slot) for d in got] == [(frame, 100, 1)]
 
 
 def test_impaired_frames_are_recorded_with_what_happened_and_the_seed(tmp_path):

@@ -83,7 +83,10 @@ _OPT = struct.Struct("<HH")
 # end-of-options + the trailing length (the capture's per-frame path).
 _EPB_HEAD = struct.Struct("<II" + "IIIII")
 _EPB_END = struct.Struct("<HHI")
-_PADS = tuple(bytes(n) for n in range(BLOCK_ALIGN))
+# ... each also packed with the zeros that pad what comes before it (0 to 3 bytes), so a
+# block is five pieces: head, data, padding + option header, comment, padding + end.
+_PADDED_OPT = tuple(struct.Struct("<%dx" % n + _OPT.format[1:]) for n in range(BLOCK_ALIGN))
+_PADDED_END = tuple(struct.Struct("<%dx" % n + _EPB_END.format[1:]) for n in range(BLOCK_ALIGN))
 _EPB_FIXED = _EPB_HEAD.size + _OPT.size + _EPB_END.size
 
 CAPTURE_SUFFIX = ".pcapng"
@@ -140,17 +143,19 @@ def enhanced_packet(ts_ns: int, data: bytes, orig_len: int, comment: str,
     return b"".join(enhanced_packet_parts(ts_ns, data, orig_len, comment, interface))
 
 
-def enhanced_packet_parts(ts_ns: int, data: bytes, orig_len: int, comment: str,
+def enhanced_packet_parts(ts_ns: int, data: bytes, orig_len: int, comment: str | bytes,
                           interface: int = 0) -> tuple[bytes, ...]:
-    """The pieces of that block, in order (the capture joins many blocks' pieces at once)."""
-    text = comment.encode()
-    data_pad = _PADS[-len(data) % BLOCK_ALIGN]
-    text_pad = _PADS[-len(text) % BLOCK_ALIGN]
-    length = _EPB_FIXED + len(data) + len(data_pad) + len(text) + len(text_pad)
+    """The pieces of that block, in order (the capture joins many blocks' pieces at once):
+    the fixed head, the data, the data's padding and the comment's option header in one
+    pack, the comment, and its padding with the end of options and the trailing length."""
+    text = comment.encode() if isinstance(comment, str) else comment
+    data_pad = -len(data) % BLOCK_ALIGN
+    text_pad = -len(text) % BLOCK_ALIGN
+    length = _EPB_FIXED + len(data) + data_pad + len(text) + text_pad
     return (_EPB_HEAD.pack(EPB_TYPE, length, interface, ts_ns >> 32, ts_ns & abi.U32_MASK,
                            len(data), orig_len),
-            data, data_pad, _OPT.pack(OPT_COMMENT, len(text)), text, text_pad,
-            _EPB_END.pack(OPT_ENDOFOPT, 0, length))
+            data, _PADDED_OPT[data_pad].pack(OPT_COMMENT, len(text)), text,
+            _PADDED_END[text_pad].pack(OPT_ENDOFOPT, 0, length))
 
 
 # --- the lguest facts of one delivery ---------------------------------------------------
@@ -199,34 +204,36 @@ def format_facts(sender: str, sender_slot: int | None, receiver: str, receiver_s
                  offered: int, guests: tuple[int, int], pids: tuple[int, int]) -> str:
     head, tail = facts_parts(sender, sender_slot, receiver, receiver_slot, net, key_offset,
                              guests, pids)
-    return facts_text(head, buffer, used_len, send, offered, tail)
+    return facts_text(head, buffer, used_len, send, offered, tail).decode()
 
 
 def facts_parts(sender: str, sender_slot: int | None, receiver: str, receiver_slot: int,
                 net: str, key_offset: int, guests: tuple[int, int],
-                pids: tuple[int, int]) -> tuple[str, str]:
+                pids: tuple[int, int]) -> tuple[bytes, bytes]:
     """What stays the same for every frame between two slots: the text before the buffer
-    number and the text after the lengths."""
+    number and the text after the lengths (encoded once: the comment goes out as bytes)."""
     head = "%s slot %s -> %s slot %d key %s buffer " % (
         sender, UNKNOWN_SLOT if sender_slot is None else sender_slot, receiver, receiver_slot,
         netfile.key_text(net, key_offset))
-    return head, " (guest %d pid %d -> guest %d pid %d)" % (guests[0], pids[0], guests[1],
-                                                            pids[1])
+    tail = " (guest %d pid %d -> guest %d pid %d)" % (guests[0], pids[0], guests[1], pids[1])
+    return head.encode(), tail.encode()
 
 
 NOT_DELIVERED = "-"
+_FACTS_TEXT = b"%b%d used_len %d send %d%b%b"
+_TRUNCATED = b" truncated from %d"
 
 
-def facts_text(head: str, buffer: int, used_len: int, send: int, offered: int,
-               tail: str) -> str:
-    return "%s%d used_len %d send %d%s%s" % (
-        head, buffer, used_len, send,
-        " truncated from %d" % offered if offered > used_len else "", tail)
+def facts_text(head: bytes, buffer: int, used_len: int, send: int, offered: int,
+               tail: bytes) -> bytes:
+    return _FACTS_TEXT % (head, buffer, used_len, send,
+                          _TRUNCATED % offered if offered > used_len else b"", tail)
 
 
-def fault_text(head: str, send: int, tail: str, fault: str) -> str:
+def fault_text(head: bytes, send: int, tail: bytes, fault: str) -> bytes:
     """The facts of a frame an impairment kept from its receiver."""
-    return "%s%s used_len 0 send %d%s %s" % (head, NOT_DELIVERED, send, tail, fault)
+    return b"%b%b used_len 0 send %d%b %b" % (head, NOT_DELIVERED.encode(), send, tail,
+                                              fault.encode())
 
 
 _FACTS = re.compile(
@@ -584,8 +591,9 @@ class _LastSend:
         self.send, self.slot, self.pieces, self.data = send, slot, pieces, data
 
 
-_U32 = struct.Struct("<I")
-_U16 = struct.Struct("<H")
+# A struct lguest_dma's first piece: addr[0] and len[0], in one unpack.
+_FIRST_PIECE = struct.Struct("<%dxI%dxH" % (abi.DMA_ADDR_OFFSET, abi.DMA_LEN_OFFSET
+                                             - abi.DMA_ADDR_OFFSET - 4))
 FACTS_CACHE_LIMIT = 1 << 14          # (sender, receiver) pairs whose comment text is kept
 
 
@@ -688,7 +696,7 @@ class Capture:
         send = self._send_number(src.id, fixed[4], (src_dma.addr, lens), data)
         comment = facts_text(fixed[0], index, copied, send, offered, fixed[1])
         if fault:
-            comment += " " + fault
+            comment += b" " + fault.encode()
         net.pending += enhanced_packet_parts(time.time_ns(), data, max(offered, copied),
                                              comment)
         net.blocks += 1
@@ -745,13 +753,15 @@ class Capture:
     def _delivered(memory, entry: int, copied: int) -> bytes:
         """The first `copied` bytes of the receive buffer, through non-faulting views (the
         entry itself may run from the end of RAM into the next page, as lguest allowed)."""
-        desc = memory.gather(entry, abi.LGUEST_DMA_SIZE)
+        desc = memory.view(entry, abi.LGUEST_DMA_SIZE)
         if desc is None:
-            return b""
-        first = _U16.unpack_from(desc, abi.DMA_LEN_OFFSET)[0]
+            desc = memory.gather(entry, abi.LGUEST_DMA_SIZE)
+            if desc is None:
+                return b""
+        addr, first = _FIRST_PIECE.unpack_from(desc)
         if first >= copied:
             # The usual receive buffer: one piece holds the whole frame.
-            window = memory.view(_U32.unpack_from(desc, abi.DMA_ADDR_OFFSET)[0], copied)
+            window = memory.view(addr, copied)
             return bytes(window) if window is not None else b""
         out, left = [], copied
         for addr, length in abi.unpack_dma(desc).pieces():
@@ -775,14 +785,18 @@ class Capture:
 
     def _send_number(self, sender: int, slot: int, pieces: tuple, data: bytes) -> int:
         last = self.last.get(sender)
-        if (last is not None and slot > last.slot and pieces == last.pieces
+        if last is None:
+            last = self.last[sender] = _LastSend(0, slot, pieces, data)
+        elif (slot > last.slot and pieces == last.pieces
                 and (data == last.data if len(data) == len(last.data)
                      else data[:len(last.data)] == last.data[:len(data)])):
             last.slot = slot
             return last.send
+        else:                              # a new send: the sender's record, updated in place
+            last.slot, last.pieces, last.data = slot, pieces, data
         self.sends += 1
-        self.last[sender] = _LastSend(self.sends, slot, pieces, data)
-        return self.sends
+        last.send = self.sends
+        return last.send
 
 
 FOLLOW_POLL_SECONDS = 0.1
