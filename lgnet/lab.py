@@ -43,6 +43,7 @@ from lgnet.controls import LabControls
 from lgnet.errors import USER_ERROR_EXIT, LgnetError
 from lgnet.fabric import capture as pcapng
 from lgnet.guest import script
+from lgnet.guest.spawner import Spawned, Spawner
 from lgnet.scenario import NAME_PATTERN, Event, GuestSpec, Scenario, load_scenario
 
 BROKER_START_SECONDS = 10
@@ -71,7 +72,7 @@ DESCRIPTION = "lab.json"             # what a lab says of itself, for `lgnet sta
 class GuestRun:
     """One guest of a running lab: its process, console and (at the end) its counters."""
     spec: GuestSpec
-    process: subprocess.Popen
+    process: subprocess.Popen | Spawned
     console: list[str] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     reader: threading.Thread | None = None
@@ -184,6 +185,7 @@ class Lab(LabControls):
         self.trace_dir = tempfile.mkdtemp(prefix="lgnet-trace-") if self.trace else None
         self.pcap_max = pcap_max
         self.broker: subprocess.Popen | None = None
+        self.spawner: Spawner | None = None        # forks launchers (lgnet.guest.spawner)
         self.watch_w: int | None = None
         self.guests: list[GuestRun] = []
         self.ports: list = []                      # lgnet.hostport.Port
@@ -430,15 +432,30 @@ class Lab(LabControls):
 
     def _spawn(self, spec: GuestSpec, command: list[str], pass_fds=(),
                console_input: bool = False) -> GuestRun:
-        stdin = subprocess.PIPE if console_input else subprocess.DEVNULL
-        process = subprocess.Popen(command, stdin=stdin, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, pass_fds=pass_fds,
-                                   process_group=OWN_GROUP)
+        process = self._fork_launcher(spec, command, pass_fds, console_input)
+        if process is None:
+            stdin = subprocess.PIPE if console_input else subprocess.DEVNULL
+            process = subprocess.Popen(command, stdin=stdin, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, pass_fds=pass_fds,
+                                       process_group=OWN_GROUP)
         run = GuestRun(spec, process)
         self.name_guest(process.pid, spec.name)
         run.reader = threading.Thread(target=self._read_console, args=(run,), daemon=True)
         run.reader.start()
         return run
+
+    def _fork_launcher(self, spec: GuestSpec, command: list[str], pass_fds,
+                       console_input: bool) -> Spawned | None:
+        """The launcher as a fork of the lab's spawner (started with the first one), which
+        imported the Launcher once for all; None where it cannot serve this command line
+        (lgnet.guest.spawner says when)."""
+        if self.spawner is None:
+            self.spawner = Spawner(OWN_GROUP)
+        if not self.spawner.serves(command):
+            return None
+        from lgnet.guest.launcher import PYTHON_KERNEL
+        real_cpu = bool(spec.kernel) and not str(spec.kernel).startswith(PYTHON_KERNEL)
+        return self.spawner.spawn(command, console_input, pass_fds, real_cpu)
 
     def name_guest(self, pid: int, name: str) -> None:
         """Tell the broker which guest a launcher runs, for the capture's annotations."""
@@ -672,6 +689,9 @@ class Lab(LabControls):
                         pipe.close()
                     except BrokenPipeError:
                         pass
+        if self.spawner is not None:
+            self.spawner.close()           # its launchers have ended: it leaves now
+            self.spawner = None
         if self.broker is not None and self.broker.poll() is None:
             self.collect()
         if self.capture_dir is not None and self.capture_dir.startswith(self.runtime + os.sep):
