@@ -675,7 +675,7 @@ class Lab(LabControls):
             link.count()                   # the TAP goes with its Launcher
         for run in runs:
             run.stopped = run.process.poll() is None
-            terminate(run.process)
+        terminate_all([run.process for run in runs])
         for link in self.uplinks:
             link.leftovers()
         for port in self.ports:
@@ -985,13 +985,23 @@ def _listdir(path: str) -> list[str]:
 
 
 def terminate(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+    terminate_all([process])
+
+
+def terminate_all(processes: list) -> None:
+    """SIGTERM to every one still running, then TEARDOWN_GRACE_SECONDS for all of them
+    together (a large lab's launchers end side by side, not one after another); SIGKILL
+    for any still there."""
+    running = [p for p in processes if p.poll() is None]
+    for p in running:
+        p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + TEARDOWN_GRACE_SECONDS
+    for p in running:
         try:
-            process.wait(TEARDOWN_GRACE_SECONDS)
+            p.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            p.kill()
+            p.wait()
 
 
 class KeptCaptures:

@@ -259,11 +259,11 @@ def serve(control: socket.socket) -> list[str] | None:
                 importlib.import_module(REAL_CPU)      # once: every later fork has it
             pid = fork_launcher(control, fds)
             if pid == 0:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 for fd in (wake_r, wake_w):
                     os.close(fd)
                 control.close()
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 place_fds(fds, request["fds"])
                 return request["argv"]
 
