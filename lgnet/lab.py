@@ -5,7 +5,9 @@ Rules of this file: the lab owns every resource of a run — its private runtime
 launcher processes — and releases all of them on every exit path. Children are told to die
 with the lab (PR_SET_PDEATHSIG) and the broker also watches a pipe whose other end only the
 lab holds, so even a SIGKILLed lab leaves nothing running; guest RAM never outlives its
-launcher (its shared-memory name is unlinked at creation).
+launcher (its shared-memory name is unlinked at creation). Launchers are forks of the lab's
+spawner (lgnet.guest.spawner: one interpreter start and one set of imports for all of them),
+which dies with the lab as they die with it.
 
 With capture on, the broker writes one pcapng per net (lgnet.fabric.capture) into the lab's
 capture directory; the lab tells the broker each net's name and each launcher's guest name, so
