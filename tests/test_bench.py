@@ -19,6 +19,7 @@ from lgnet.guest.benchguests import (END_SEQ, MIN_FRAME, NOT_VERIFIED, frame_tem
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
+BALLAST_MB = 400                     # a bench script grown big before it starts a guest
 
 
 def lgnet_leftovers() -> list[str]:
@@ -78,6 +79,19 @@ def test_a_fanout_reaches_every_receiver_intact():
     fig = run_fanout(w, 0.3)
     assert fig["verified"] == fig["delivered"] > 0 and fig["corrupt"] == 0
     assert fig["bringup_s"] > 0 and fig["rss_mb_max"] > 0
+
+
+@pytest.mark.timeout(60)
+def test_a_guests_peak_rss_is_its_own_not_that_of_the_process_that_started_it():
+    # Linux carries ru_maxrss over exec: a launcher Popen'd by a big bench script reported
+    # the script's peak as its own. Make this process big, then start one and ask it.
+    ballast = bytearray(BALLAST_MB * abi.MiB)
+    ballast[::abi.PAGE_SIZE] = b"\1" * len(ballast[::abi.PAGE_SIZE])
+    child = subprocess.run([sys.executable, "-c", "from lgnet.guest.benchguests import "
+                            "peak_rss_kb; print(peak_rss_kb())"], env=ENV, check=True,
+                           capture_output=True, text=True, timeout=30)
+    del ballast
+    assert 0 < int(child.stdout) < BALLAST_MB * 1024 / 2
 
 
 @pytest.mark.timeout(60)

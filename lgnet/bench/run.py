@@ -155,7 +155,7 @@ def run_fanout(w: Workload, seconds: float) -> dict:
     total = sum(r["verified"] for r in rxs)
     window = max(r["t_last"] for r in rxs) - tx["t_start"]
     rate = total / window if total and window > 0 else 0.0
-    rss = [r["maxrss_kb"] / 1024 for r in rxs + [tx]]
+    rss = [r["peak_rss_kb"] / 1024 for r in rxs + [tx]]
     return {"deliveries_s": rate, "mb_s": rate * w.size / MB, "frames": tx["frames"],
             "delivered": tx["ok"], "lost": tx["lost"], "verified": total,
             "corrupt": sum(r["corrupt"] for r in rxs),
@@ -483,7 +483,8 @@ METHOD = {
     "fanout": "one guest sends each frame to every other guest (N-1 SEND_DMAs, lguest_net "
               "receivers of 8 x 1514 B); deliveries/s = verified frames at all receivers / "
               "window; bring-up = first launcher started -> sender sees all N-1 peers; RSS = "
-              "each guest's peak resident set (ru_maxrss)",
+              "each guest's peak resident set (VmHWM; ru_maxrss would carry its starter's "
+              "over fork and exec)",
     "unicorn": "two guests running lgnet's bundled i386 kernel under Unicorn, each its own "
                "launcher process, through the real broker: one answers (ip= only), the other "
                "floods it (ping= flood=SECONDS, whole seconds >= the run's): the next ICMP "

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import struct
 import time
 import zlib
@@ -255,6 +254,14 @@ class RxCheck:
                 "t_first": self.t_first, "t_last": self.t_last}
 
 
+def peak_rss_kb() -> int:
+    """This process's peak resident set (VmHWM), in KiB. Not ru_maxrss: Linux carries that
+    over fork and exec, so a launcher started from a large process (a bench script, or its
+    spawner) would report the starter's peak as its own."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
 # --- the kernel -----------------------------------------------------------------------------
 
 class Bench:
@@ -305,7 +312,7 @@ class Bench:
     def finish(self, result: dict) -> None:
         result.update(role=self.options.get("role"), guest=self.machine.guest_id,
                       cpu=time.process_time() - self.cpu0,
-                      maxrss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+                      peak_rss_kb=peak_rss_kb())
         self.write_result(result)
         if self.net is not None:
             self.net.close()
