@@ -542,13 +542,14 @@ class NetCapture:
         if self.max_bytes is not None and self.size + len(data) > self.max_bytes:
             self.stop("it reached its size cap of %d bytes (--pcap-max)" % self.max_bytes)
             return
+        size = len(data)
         try:
             while data:                   # a regular file takes it all; be sure anyway
                 data = data[os.write(self.fd, data):]
         except OSError as exc:
             self.stop(exc.strerror or str(exc))
             return
-        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        self.size += size                 # all of it: the file is ours alone (flock)
 
     def stop(self, reason: str) -> None:
         """End this capture early: cut a block the failed write left half-written (so the
