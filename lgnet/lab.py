@@ -224,6 +224,9 @@ class Lab(LabControls):
     def start(self) -> None:
         uplinks.check_privilege(self.scenario)
         self.start_broker()
+        # Beside the broker, from the same thread: both die with the thread that started
+        # them (PR_SET_PDEATHSIG), so neither may hang on whichever thread first starts a guest.
+        self.spawner = Spawner(OWN_GROUP)
         for rule in self.scenario.impair:
             self.impair(rule.net, rule.src, rule.dst, **rule.params)
         for net, network in self.scenario.networks.items():
@@ -448,12 +451,9 @@ class Lab(LabControls):
 
     def _fork_launcher(self, spec: GuestSpec, command: list[str], pass_fds,
                        console_input: bool) -> Spawned | None:
-        """The launcher as a fork of the lab's spawner (started with the first one), which
-        imported the Launcher once for all; None where it cannot serve this command line
-        (lgnet.guest.spawner says when)."""
-        if self.spawner is None:
-            self.spawner = Spawner(OWN_GROUP)
-        if not self.spawner.serves(command):
+        """The launcher as a fork of the lab's spawner, which imported the Launcher once for
+        all; None where it cannot serve this command line (lgnet.guest.spawner says when)."""
+        if self.spawner is None or not self.spawner.serves(command):
             return None
         from lgnet.guest.launcher import PYTHON_KERNEL
         real_cpu = bool(spec.kernel) and not str(spec.kernel).startswith(PYTHON_KERNEL)
