@@ -86,7 +86,7 @@ def test_a_halt_with_an_unblocked_interrupt_flagged_returns_with_no_message(kit)
     _sender, receiver = flagged_receiver(kit)
     before = receiver.messages()
     assert receiver.host.hypercall(abi.LHCALL_HALT) == 0
-    assert receiver.messages() == before and receiver.host.halts_answered == 1
+    assert receiver.messages() == before
     kit.settle()
     assert receiver.state is State.RUNNING            # the broker's view: it never halted
 

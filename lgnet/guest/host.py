@@ -54,11 +54,9 @@ class BrokerHost:
         self.handle_input = handle_input        # the Waker kicked us: service input
         self.phys = phys                        # the guest's RAM, for its lguest_data
         self.lguest_data: int | None = None     # where LGUEST_INIT put it, once accepted
-        self.halts_answered = 0                 # HALTs that returned here, without a message
 
     def hypercall(self, call: int, arg1: int = 0, arg2: int = 0, arg3: int = 0) -> int:
         if call == abi.LHCALL_HALT and self.halt_returns_at_once():
-            self.halts_answered += 1
             return 0
         while True:
             reply = self.channel.call(wire.OP_HCALL, call, arg1, arg2, arg3)
