@@ -78,6 +78,10 @@ CONTROL_KICK = CONTROL_DEAD + 1
 # 1 = a BREAK waits for this guest (lguest's break_out): a guest that runs without hypercalls
 # makes one at its next exit, whose reply carries FLAG_AGAIN.
 CONTROL_BREAK = CONTROL_KICK + 1
+# 1 = a doorbell's run of the ring stopped at a DMA for the Launcher: the next call hears of it
+# first. Set before CONTROL_KICK is cleared; with it set, a HALT is never answered in the
+# launcher (guest/host.py), as lguest returned a pending DMA before the guest ran again.
+CONTROL_PENDING_DMA = CONTROL_BREAK + 1
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,12 @@ Where the speed comes from (lgnet's, not lguest's: lguest had a CPU per guest to
   receiver about to be denied a buffer is woken at once (the one chance to restock). The
   interrupt flags themselves are set at once: a guest that is running sees them. The policy
   is fabric/wakeups.py's; this file only keeps the clock and sends the replies.
+- HALTs that never come here. A guest that HALTs with an interrupt it may take already
+  flagged, nothing in its async ring, no kick outstanding and no DMA for its Launcher pending
+  is answered in its launcher (guest/host.py), as lguest's run_guest found such an interrupt
+  at once: no message, no wake-up, and its connection rightly stays RUNNING. For the
+  launcher's look to be right, a ring's run ends in this order: its entries marked empty,
+  CONTROL_PENDING_DMA set if it stopped at a DMA for the Launcher, then CONTROL_KICK cleared.
 
 Impairments (fabric/impair.py) are the lab's to set, live, with an IMPAIR request (JSON in,
 JSON out; only our own user may connect at all). The engine applies them under lguest_lock
@@ -781,6 +787,7 @@ class Broker:
         first, then the guest makes this call again (FLAG_DEFERRED), and that call runs the
         rest of the ring."""
         dma, key = conn.file.guest.pending_dma
+        conn.control[wire.CONTROL_PENDING_DMA] = 0
         conn.reply(0, wire.FLAG_PENDING_DMA | wire.FLAG_DEFERRED, dma, key)
 
     def _kill(self, conn: Connection, request: Request) -> None:
@@ -915,7 +922,10 @@ class Broker:
         if guest.dead is not None:
             return State.DEAD
         if guest.pending_dma is not None:
-            return State.PENDING_DMA          # its next call hears of it first
+            # Its next call hears of it first; flagged before the kick is cleared, so a
+            # launcher that sees no kick sees this too (it then sends its HALT).
+            conn.control[wire.CONTROL_PENDING_DMA] = 1
+            return State.PENDING_DMA
         if ring_empty(guest):
             # Dry: the guest may ring again. Look once more after saying so, for a call it
             # queued while the flag still told it we were on it.

@@ -155,7 +155,8 @@ class Launcher:
         control = memoryview(ram)[self.devices.control_offset:
                                   self.devices.control_offset + wire.CONTROL_PAGE_SIZE]
         self.closers.insert(0, control.release)
-        host = BrokerHost(self.channel, control, self.handle_output, self.handle_input)
+        host = BrokerHost(self.channel, control, self.handle_output, self.handle_input,
+                          self.phys)
         if self.devices.input_fds() or self.debugger is not None:
             self.waker = devs.Waker(self.broker_path(), reply.arg0, self.waker_fds)
             self.closers.insert(0, self.waker.stop)
