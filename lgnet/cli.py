@@ -406,7 +406,9 @@ def parser() -> argparse.ArgumentParser:
     from lgnet.fabric.capture import capture_size
     p = argparse.ArgumentParser(prog="lgnet", description="lguest's inter-guest networking "
                                 "(Linux 2.6.23), rebuilt as a multi-process simulator.")
-    p.add_argument("--version", action="version", version="lgnet %s" % lgnet.__version__)
+    from lgnet.fabric import fastpath
+    p.add_argument("--version", action="version", version="lgnet %s (per-frame path: %s)"
+                   % (lgnet.__version__, fastpath.label()))
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="bring a scenario up: broker + one launcher per guest")

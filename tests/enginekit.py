@@ -61,10 +61,11 @@ class Kit:
     """An Engine plus the buffers behind each guest's memory."""
 
     def __init__(self, max_guests: int = 8, restock=None, lock=None,
-                 memory_class=GuestMemory):
+                 memory_class=GuestMemory, compiled: bool | None = None):
         """`restock(receiver)` is what the caller does in a send's Restock step (by default
-        nothing: the receiver did not restock)."""
-        self.engine = Engine(lock=lock, max_guests=max_guests)
+        nothing: the receiver did not restock); `compiled` picks the per-frame path (by
+        default the process's, see the both_paths fixture)."""
+        self.engine = Engine(lock=lock, max_guests=max_guests, compiled=compiled)
         self.wakes = Recorder(self.engine)
         self.restock = restock or (lambda receiver: None)
         self.memory_class = memory_class

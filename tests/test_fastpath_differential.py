@@ -45,9 +45,7 @@ class World:
     """Three guests: A and B share one net page; C maps it too, or a file of its own."""
 
     def __init__(self, compiled: bool, c_shares: bool):
-        self.kit = Kit(restock=self.restock)
-        self.kit.engine = type(self.kit.engine)(max_guests=8, compiled=compiled)
-        self.kit.wakes.engine = self.kit.engine
+        self.kit = Kit(restock=self.restock, compiled=compiled)
         self.engine = self.kit.engine
         net, other = NetFile(), NetFile(ino=43)
         self.nets = [net, other]

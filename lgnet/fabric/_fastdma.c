@@ -28,11 +28,12 @@
 
 /* --- what configure() was told (lgnet/abi.py, fabric/dma.py) -------------------------- */
 
-static struct {
+typedef struct {
     int ready;
     uint64_t dma_size, used_off, addr_off, len_off, sections, page, num_mask;
     uint64_t status_empty, send_dma, ring_size, call_size, irqs, u32_mask;
-} abi;
+} Numbers;
+static Numbers abi;
 static PyObject *DELIVERED;           /* dma.Send.DELIVERED */
 static PyObject *GUEST_MEMORY;        /* fabric.memory.GuestMemory: its rules are the ones we know */
 static PyObject *LGUEST_DMA;          /* abi.LguestDma, for the capture's hook */
@@ -804,34 +805,48 @@ static PyObject *configure(PyObject *module, PyObject *table)
         PyErr_SetString(PyExc_TypeError, "configure(dict)");
         return NULL;
     }
-    abi.ready = 0;
-    if (take(table, "LGUEST_DMA_SIZE", &abi.dma_size) || take(table, "DMA_USED_LEN_OFFSET", &abi.used_off) ||
-        take(table, "DMA_ADDR_OFFSET", &abi.addr_off) || take(table, "DMA_LEN_OFFSET", &abi.len_off) ||
-        take(table, "LGUEST_MAX_DMA_SECTIONS", &abi.sections) || take(table, "PAGE_SIZE", &abi.page) ||
-        take(table, "BIND_NUM_MASK", &abi.num_mask) || take(table, "HCALL_STATUS_EMPTY", &abi.status_empty) ||
-        take(table, "LHCALL_SEND_DMA", &abi.send_dma) || take(table, "LHCALL_RING_SIZE", &abi.ring_size) ||
-        take(table, "ASYNC_HCALL_SIZE", &abi.call_size) || take(table, "LGUEST_IRQS", &abi.irqs) ||
-        take(table, "U32_MASK", &abi.u32_mask) ||
-        take_object(table, "DELIVERED", &DELIVERED) || take_object(table, "GuestMemory", &GUEST_MEMORY) ||
-        take_object(table, "LguestDma", &LGUEST_DMA))
-        return NULL;
+    Numbers n = {0};
+    PyObject *delivered = NULL, *guest_memory = NULL, *lguest_dma = NULL;
+    if (take(table, "LGUEST_DMA_SIZE", &n.dma_size) || take(table, "DMA_USED_LEN_OFFSET", &n.used_off) ||
+        take(table, "DMA_ADDR_OFFSET", &n.addr_off) || take(table, "DMA_LEN_OFFSET", &n.len_off) ||
+        take(table, "LGUEST_MAX_DMA_SECTIONS", &n.sections) || take(table, "PAGE_SIZE", &n.page) ||
+        take(table, "BIND_NUM_MASK", &n.num_mask) || take(table, "HCALL_STATUS_EMPTY", &n.status_empty) ||
+        take(table, "LHCALL_SEND_DMA", &n.send_dma) || take(table, "LHCALL_RING_SIZE", &n.ring_size) ||
+        take(table, "ASYNC_HCALL_SIZE", &n.call_size) || take(table, "LGUEST_IRQS", &n.irqs) ||
+        take(table, "U32_MASK", &n.u32_mask) ||
+        take_object(table, "DELIVERED", &delivered) || take_object(table, "GuestMemory", &guest_memory) ||
+        take_object(table, "LguestDma", &lguest_dma))
+        goto fail;
     /* The layout this file reads: used_len, addr[] and len[] inside one descriptor, an
      * interrupt bit that fits a word, four u32 per ring entry (eax, edx, ebx). */
-    if (abi.used_off + 4 > abi.dma_size || abi.addr_off + 4 * abi.sections > abi.dma_size ||
-        abi.len_off + 2 * abi.sections > abi.dma_size || abi.irqs > 64 || abi.call_size < 12 ||
-        abi.page == 0 || abi.sections == 0 || abi.status_empty > 0xFF ||
-        abi.dma_size % 4 || abi.used_off % 4 || abi.ring_size == 0) {
+    if (n.used_off + 4 > n.dma_size || n.addr_off + 4 * n.sections > n.dma_size ||
+        n.len_off + 2 * n.sections > n.dma_size || n.irqs > 64 || n.call_size < 12 ||
+        n.page == 0 || n.sections == 0 || n.status_empty > 0xFF ||
+        n.dma_size % 4 || n.used_off % 4 || n.ring_size == 0) {
         PyErr_SetString(PyExc_ValueError, "configure(): a layout _fastdma cannot read");
-        return NULL;
+        goto fail;
     }
+    /* Only a complete, readable table replaces what we were told before. */
+    abi.ready = 0;
     PyMem_Free(scratch_raw);
     PyMem_Free(scratch_pieces);
-    scratch_raw = PyMem_Malloc(2 * abi.dma_size);
-    scratch_pieces = PyMem_Malloc(2 * abi.sections * sizeof(Piece));
-    if (scratch_raw == NULL || scratch_pieces == NULL)
-        return PyErr_NoMemory();
+    scratch_raw = PyMem_Malloc(2 * n.dma_size);
+    scratch_pieces = PyMem_Malloc(2 * n.sections * sizeof(Piece));
+    if (scratch_raw == NULL || scratch_pieces == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    abi = n;
+    Py_XSETREF(DELIVERED, delivered);
+    Py_XSETREF(GUEST_MEMORY, guest_memory);
+    Py_XSETREF(LGUEST_DMA, lguest_dma);
     abi.ready = 1;
     Py_RETURN_NONE;
+fail:
+    Py_XDECREF(delivered);
+    Py_XDECREF(guest_memory);
+    Py_XDECREF(lguest_dma);
+    return NULL;
 }
 
 static PyMethodDef methods[] = {
