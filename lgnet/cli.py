@@ -17,14 +17,15 @@ from lgnet.process import EXIT_INTERRUPTED, entry_main
 
 
 def cmd_broker(args) -> int:
+    from lgnet.fabric import fastpath
     from lgnet.fabric.broker import check_first_guest_id, parse_net_name, run_broker
     path = args.socket or wire.default_socket_path()
     nets = dict(parse_net_name(text) for text in args.net)
 
     def say_listening() -> None:
         if not args.quiet:
-            print("lgnet broker listening on %s (export LGNET_BROKER=%s)" % (path, path),
-                  flush=True)
+            print("lgnet broker listening on %s (export LGNET_BROKER=%s; per-frame path: %s)"
+                  % (path, path, fastpath.label()), flush=True)
     run_broker(path, capture_dir=args.capture, net_names=nets, on_listening=say_listening,
                first_guest_id=check_first_guest_id(args.first_guest_id),
                seed=args.seed, capture_max=args.capture_max)

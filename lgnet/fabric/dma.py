@@ -14,6 +14,9 @@ Rules of this file:
   lguest_user.c returned are returned here as negative errno values.
 - This file does not know whether a guest is a Unicorn CPU or a Python driver, nor how the
   Launcher reaches the Host.
+- It is the reference. The compiled per-frame path (fabric/_fastdma.c, chosen by
+  fabric/fastpath.py) only accelerates its plain SEND_DMA: send_dma and drain_sends offer it
+  each frame first, and whatever it declines, untouched, is done here from scratch.
 
 Theory of operation. A guest *binds* an array of `struct lguest_dma` receive buffers to a key;
 the binding goes at the head of one of 61 hash chains. A peer *sends* one `struct lguest_dma`
