@@ -302,3 +302,25 @@ def test_a_ring_of_plain_sends_runs_compiled_after_its_first():
     assert compiled.engine.fast_frames == frames - 1 and python.engine.fast_frames == 0
     assert compiled.guests[1].counters.rx_packets == frames
     assert compiled.state() == python.state()
+
+
+def test_a_capture_hook_that_raises_leaves_what_the_python_path_leaves():
+    """An exception out of the hook (an lgnet bug: a traceback) stops both paths at the same
+    point: that frame copied and counted, its ring entry not yet freed, no interrupt."""
+    states = []
+    for compiled in (False, True):
+        w = ring_of_sends(compiled, 4)
+        calls = []
+
+        def hook(*args):
+            calls.append(args)
+            if len(calls) == 3:
+                raise RuntimeError("capture bug")
+
+        w.engine.on_transfer = hook
+        w.do(("rearm", 1))
+        w.do(("queue", 0, [(abi.LHCALL_SEND_DMA, ("net", 0), ("abs", TX), 0)] * 4))
+        with pytest.raises(RuntimeError, match="capture bug"):
+            w.do(("drain", 0, abi.LHCALL_RING_SIZE, None))
+        states.append(w.state())
+    assert states[0] == states[1]

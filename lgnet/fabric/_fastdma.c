@@ -298,12 +298,16 @@ static int lists_alias(const Plan *p)
     return 0;
 }
 
-/* The receiver's next free entry: next_free_buffer's in-place case (binding.where is
- * current: the whole array in one region with aligned words), scanning from next_dma with
- * wrap for used_len == 0. 1 found, 0 not ours (stale where, nothing free), -1 error. */
-static int free_entry(Space *d, PyObject *binding, Plan *p, uint8_t **entry_at)
+/* Where a bound array lies: next_free_buffer's in-place case, binding.where current (the
+ * whole array in one region, with aligned words). */
+typedef struct {
+    Region *region;                   /* in the receiver's space */
+    uint64_t base, num, dmas, next_dma;
+} Array;
+
+/* 1 found, 0 not ours (where stale or not in place: dma.py fills it in), -1 error. */
+static int array_of(Space *d, PyObject *binding, Array *a)
 {
-    uint64_t num, dmas;
     PyObject *where = PyObject_GetAttr(binding, s_where);
     if (where == NULL)
         return -1;
@@ -314,13 +318,12 @@ static int free_entry(Space *d, PyObject *binding, Plan *p, uint8_t **entry_at)
     }
     int current = PyTuple_CheckExact(where) && PyTuple_GET_SIZE(where) == 3 &&
                   PyTuple_GET_ITEM(where, 1) != Py_None;
-    if (current) {
+    if (current)
         current = PyObject_RichCompareBool(PyTuple_GET_ITEM(where, 0), layout, Py_EQ);
-    }
     Py_DECREF(layout);
     if (current <= 0) {
         Py_DECREF(where);
-        return current;               /* -1 with an exception, or 0: dma.py fills it in */
+        return current;
     }
     PyObject *region = PyTuple_GET_ITEM(where, 1);
     unsigned long long base = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(where, 2));
@@ -339,27 +342,54 @@ static int free_entry(Space *d, PyObject *binding, Plan *p, uint8_t **entry_at)
         return 0;
     if (region_hold(r) < 0)
         return -1;
-    if ((ok = get_plain(binding, s_num_dmas, &num)) <= 0 ||
-        (ok = get_plain(binding, s_dmas, &dmas)) <= 0 ||
-        (ok = get_plain(binding, s_next_dma, &p->next_dma)) <= 0)
+    if ((ok = get_plain(binding, s_num_dmas, &a->num)) <= 0 ||
+        (ok = get_plain(binding, s_dmas, &a->dmas)) <= 0 ||
+        (ok = get_plain(binding, s_next_dma, &a->next_dma)) <= 0)
         return ok;
     /* where's region holds the whole array, aligned: anything else is dma.py's to judge. */
-    if (num == 0 || p->next_dma > abi.num_mask || (base & 3) || r->buf.len % 4 ||
-        base > (uint64_t)r->buf.len || num > ((uint64_t)r->buf.len - base) / abi.dma_size)
+    if (a->num == 0 || a->next_dma > abi.num_mask || (base & 3) || r->buf.len % 4 ||
+        base > (uint64_t)r->buf.len || a->num > ((uint64_t)r->buf.len - base) / abi.dma_size)
         return 0;
-    for (uint64_t i = 0; i < num; i++) {
-        uint64_t index = (p->next_dma + i) % num;
-        uint8_t *at = (uint8_t *)r->buf.buf + base + index * abi.dma_size;
+    a->region = r;
+    a->base = base;
+    return 1;
+}
+
+/* The receiver's next free entry: scan from next_dma, with wrap, for used_len == 0.
+ * 1 found, 0 none free (dma.py's NO_BUFFER and its one chance to restock). */
+static int free_entry(Space *d, const Array *a, Plan *p, uint8_t **entry_at)
+{
+    for (uint64_t i = 0; i < a->num; i++) {
+        uint64_t index = (a->next_dma + i) % a->num;
+        uint8_t *at = (uint8_t *)a->region->buf.buf + a->base + index * abi.dma_size;
         if (native32(at + abi.used_off) == 0) {
             p->index = index;
-            p->entry = dmas + index * abi.dma_size;
-            p->dst_region = r;
+            p->entry = a->dmas + index * abi.dma_size;
+            p->next_dma = a->next_dma;
+            p->dst_region = a->region;
             *entry_at = at;
             /* write_u32 of the entry's used_len checks the address like any access. */
             return address_ok(d, p->entry + abi.used_off, 4);
         }
     }
-    return 0;                         /* none free: dma.py's NO_BUFFER and its restock */
+    return 0;
+}
+
+/* What a drain worked out about the receiver of the last frame's key, for the next frames:
+ * no Python code runs between two frames of a drain without a capture hook, so the same
+ * guest.sends entry still means the same binding, interrupt and array, and next_dma is the
+ * one we wrote. Owned references; cleared whenever the receiver's space is. */
+typedef struct {
+    PyObject *found, *binding, *dst_guest;
+    uint64_t interrupt;
+    Array array;
+} Route;
+
+static void route_clear(Route *r)
+{
+    Py_CLEAR(r->found);
+    Py_CLEAR(r->binding);
+    Py_CLEAR(r->dst_guest);
 }
 
 /* Neither a DMA pending for the Launcher nor dead: 1, else 0; -1 error. */
@@ -386,10 +416,43 @@ static int engine_plain(PyObject *engine)
     return impair == Py_None;         /* impaired links are judged in dma.py */
 }
 
+/* The receiver of a remembered key, worked out afresh: 1 ours (p->binding, p->dst_guest,
+ * p->interrupt and *a filled in), 0 not, -1 error. */
+static int receiver_of(PyObject *engine, Space *s, Space *d, PyObject *found, Plan *p, Array *a)
+{
+    PyObject *generation = PyObject_GetAttr(engine, s_generation);
+    PyObject *layout = generation ? PyObject_GetAttr(s->memory, s_layout) : NULL;
+    int ok = layout == NULL ? -1
+             : PyObject_RichCompareBool(PyTuple_GET_ITEM(found, 0), generation, Py_EQ);
+    if (ok > 0)
+        ok = PyObject_RichCompareBool(PyTuple_GET_ITEM(found, 1), layout, Py_EQ);
+    Py_XDECREF(generation);
+    Py_XDECREF(layout);
+    if (ok <= 0)
+        return ok;                    /* stale: dma.py looks the key up again */
+    p->binding = PyTuple_GET_ITEM(found, 3);
+    Py_INCREF(p->binding);
+    PyObject *dst = PyObject_GetAttr(p->binding, s_guest);
+    if (dst == NULL)
+        return -1;
+    p->dst_guest = dst;
+    if (d->guest != dst) {
+        space_release(d);
+        if ((ok = space_open(d, dst)) <= 0)
+            return ok;
+    }
+    if ((ok = get_plain(p->binding, s_interrupt, &p->interrupt)) <= 0)
+        return ok;
+    if (p->interrupt == 0 || p->interrupt >= abi.irqs)
+        return 0;
+    return array_of(d, p->binding, a);
+}
+
 /* Plan one SEND_DMA(key_addr, udma) of the sender (space s): 1 ours, 0 not, -1 error.
- * `d` is the receiver's space, kept open across frames to the same receiver. */
-static int plan_send(PyObject *engine, Space *s, Space *d, PyObject *key_addr, uint64_t udma,
-                     Plan *p)
+ * `d` is the receiver's space and `route` what the last frame found (both kept across the
+ * frames of a drain; route NULL for a lone send). */
+static int plan_send(PyObject *engine, Space *s, Space *d, Route *route, PyObject *key_addr,
+                     uint64_t udma, Plan *p)
 {
     int ok = engine_plain(engine);
     if (ok <= 0)
@@ -405,36 +468,26 @@ static int plan_send(PyObject *engine, Space *s, Space *d, PyObject *key_addr, u
     if (!PyTuple_CheckExact(found) || PyTuple_GET_SIZE(found) != 4 ||
         PyTuple_GET_ITEM(found, 3) == Py_None)
         return 0;                     /* no receiver: dma.py counts it */
-    Py_INCREF(found);
-    PyObject *generation = PyObject_GetAttr(engine, s_generation);
-    PyObject *layout = generation ? PyObject_GetAttr(s->memory, s_layout) : NULL;
-    ok = layout == NULL ? -1 : PyObject_RichCompareBool(PyTuple_GET_ITEM(found, 0), generation, Py_EQ);
-    if (ok > 0)
-        ok = PyObject_RichCompareBool(PyTuple_GET_ITEM(found, 1), layout, Py_EQ);
-    Py_XDECREF(generation);
-    Py_XDECREF(layout);
-    if (ok > 0) {
-        p->binding = PyTuple_GET_ITEM(found, 3);
+    Array array;
+    if (route != NULL && route->found == found) {
+        p->binding = route->binding;
+        p->dst_guest = route->dst_guest;
         Py_INCREF(p->binding);
-    }
-    Py_DECREF(found);
-    if (ok <= 0)
-        return ok;
-
-    /* The receiver's space: the same as the last frame's, or opened now. */
-    PyObject *dst = PyObject_GetAttr(p->binding, s_guest);
-    if (dst == NULL)
-        return -1;
-    p->dst_guest = dst;
-    if (d->guest != dst) {
-        space_release(d);
-        if ((ok = space_open(d, dst)) <= 0)
+        Py_INCREF(p->dst_guest);
+        p->interrupt = route->interrupt;
+        array = route->array;
+    } else {
+        if (route != NULL)
+            route_clear(route);
+        if ((ok = receiver_of(engine, s, d, found, p, &array)) <= 0)
             return ok;
+        if (route != NULL) {
+            Py_INCREF(found);
+            Py_INCREF(p->binding);
+            Py_INCREF(p->dst_guest);
+            *route = (Route){found, p->binding, p->dst_guest, p->interrupt, array};
+        }
     }
-    if ((ok = get_plain(p->binding, s_interrupt, &p->interrupt)) <= 0)
-        return ok;
-    if (p->interrupt == 0 || p->interrupt >= abi.irqs)
-        return 0;
 
     /* The sender's descriptor, read once into our own bytes (lgread). */
     uint8_t *desc;
@@ -447,7 +500,7 @@ static int plan_send(PyObject *engine, Space *s, Space *d, PyObject *key_addr, u
 
     /* The receiver's free entry, its list copied out before anything is written. */
     uint8_t *entry_at;
-    if ((ok = free_entry(d, p->binding, p, &entry_at)) <= 0)
+    if ((ok = free_entry(d, &array, p, &entry_at)) <= 0)
         return ok;
     p->dst_used = entry_at + abi.used_off;
     uint8_t *dst_raw = p->src_raw + abi.dma_size;
@@ -647,7 +700,7 @@ static PyObject *fast_send(PyObject *module, PyObject *const *args, Py_ssize_t n
     PyObject *result = NULL;
     int ok = space_open(&s, guest);
     if (ok > 0)
-        ok = plan_send(engine, &s, &d, key_addr, udma, &p);
+        ok = plan_send(engine, &s, &d, NULL, key_addr, udma, &p);
     if (ok > 0)
         ok = apply(engine, &s, &p) < 0 ? -1 : 1;
     if (ok >= 0) {
@@ -686,6 +739,7 @@ static PyObject *fast_drain(PyObject *module, PyObject *const *args, Py_ssize_t 
     Py_ssize_t ran = 0;
     int failed = 0;
     Space s = {0}, d = {0};
+    Route route = {0};
     Py_buffer window = {0};
     uint64_t status_at, calls_at, next;
     int ok;
@@ -725,7 +779,7 @@ static PyObject *fast_drain(PyObject *module, PyObject *const *args, Py_ssize_t 
         Plan p;
         plan_init(&p);
         PyObject *key = PyLong_FromUnsignedLong(le32(c + 4));          /* edx */
-        ok = key == NULL ? -1 : plan_send(engine, &s, &d, key, le32(c + 8), &p);   /* ebx */
+        ok = key == NULL ? -1 : plan_send(engine, &s, &d, &route, key, le32(c + 8), &p); /* ebx */
         Py_XDECREF(key);
         /* As drain_async: the cursor moves before the call runs, the entry is freed after. */
         if (ok > 0)
@@ -737,6 +791,7 @@ static PyObject *fast_drain(PyObject *module, PyObject *const *args, Py_ssize_t 
             failed = ok < 0;
             break;
         }
+        route.array.next_dma = (p.next_dma + 1) & abi.num_mask;     /* as apply wrote it */
         *status = (uint8_t)abi.status_empty;
         ran++;
         /* The capture's hook ran Python: what we looked at may have moved. Without it, no
@@ -748,6 +803,7 @@ static PyObject *fast_drain(PyObject *module, PyObject *const *args, Py_ssize_t 
         }
         Py_DECREF(hook);
         if (hook != Py_None) {
+            route_clear(&route);
             space_release(&d);
             space_release(&s);
             if ((ok = space_open(&s, guest)) <= 0) {
@@ -759,6 +815,7 @@ static PyObject *fast_drain(PyObject *module, PyObject *const *args, Py_ssize_t 
 done:
     if (window.obj != NULL)
         PyBuffer_Release(&window);
+    route_clear(&route);
     space_release(&d);
     space_release(&s);
     Py_DECREF(ring);
