@@ -17,14 +17,15 @@ from lgnet.process import EXIT_INTERRUPTED, entry_main
 
 
 def cmd_broker(args) -> int:
+    from lgnet.fabric import fastpath
     from lgnet.fabric.broker import check_first_guest_id, parse_net_name, run_broker
     path = args.socket or wire.default_socket_path()
     nets = dict(parse_net_name(text) for text in args.net)
 
     def say_listening() -> None:
         if not args.quiet:
-            print("lgnet broker listening on %s (export LGNET_BROKER=%s)" % (path, path),
-                  flush=True)
+            print("lgnet broker listening on %s (export LGNET_BROKER=%s; per-frame path: %s)"
+                  % (path, path, fastpath.label()), flush=True)
     run_broker(path, capture_dir=args.capture, net_names=nets, on_listening=say_listening,
                first_guest_id=check_first_guest_id(args.first_guest_id),
                seed=args.seed, capture_max=args.capture_max)
@@ -406,7 +407,9 @@ def parser() -> argparse.ArgumentParser:
     from lgnet.fabric.capture import capture_size
     p = argparse.ArgumentParser(prog="lgnet", description="lguest's inter-guest networking "
                                 "(Linux 2.6.23), rebuilt as a multi-process simulator.")
-    p.add_argument("--version", action="version", version="lgnet %s" % lgnet.__version__)
+    from lgnet.fabric import fastpath
+    p.add_argument("--version", action="version", version="lgnet %s (per-frame path: %s)"
+                   % (lgnet.__version__, fastpath.label()))
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="bring a scenario up: broker + one launcher per guest")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lgnet import wire
+from lgnet.fabric import fastpath
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
@@ -16,6 +17,17 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO))
 
 def lgnet_shm() -> list[str]:
     return [name for name in os.listdir("/dev/shm") if "lgnet" in name]
+
+
+@pytest.fixture(params=["python", "compiled"])
+def both_paths(request, monkeypatch):
+    """Run a test once on each per-frame path (DESIGN rule 9): every Engine the test builds
+    without saying takes the Python reference, then the compiled path."""
+    module = fastpath.compiled_module()
+    if request.param == "compiled" and module is None:
+        pytest.skip("the compiled per-frame path was not built: %s" % fastpath.describe()[1])
+    monkeypatch.setattr(fastpath, "default", lambda: module if request.param == "compiled" else None)
+    return request.param
 
 
 @pytest.fixture

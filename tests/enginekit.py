@@ -10,7 +10,8 @@ shared keys, exactly like two Launchers mmapping the same --sharenet file.
 from __future__ import annotations
 
 from lgnet import abi
-from lgnet.fabric.dma import Engine, Guest, Restock
+from lgnet.fabric import keys
+from lgnet.fabric.dma import Engine, Guest, Restock, next_free_buffer
 from lgnet.fabric.memory import GuestMemory
 
 RAM_SIZE = 64 * 1024
@@ -60,10 +61,11 @@ class Kit:
     """An Engine plus the buffers behind each guest's memory."""
 
     def __init__(self, max_guests: int = 8, restock=None, lock=None,
-                 memory_class=GuestMemory):
+                 memory_class=GuestMemory, compiled: bool | None = None):
         """`restock(receiver)` is what the caller does in a send's Restock step (by default
-        nothing: the receiver did not restock)."""
-        self.engine = Engine(lock=lock, max_guests=max_guests)
+        nothing: the receiver did not restock); `compiled` picks the per-frame path (by
+        default the process's, see the both_paths fixture)."""
+        self.engine = Engine(lock=lock, max_guests=max_guests, compiled=compiled)
         self.wakes = Recorder(self.engine)
         self.restock = restock or (lambda receiver: None)
         self.memory_class = memory_class
@@ -115,12 +117,29 @@ class Kit:
         return self.engine.bind_dma(g, key, array, num, irq)
 
     def send(self, g: Guest, key: int, dma: int):
-        """SEND_DMA as the broker performs it: a Restock step, then the final try."""
+        """SEND_DMA as the broker performs it: a Restock step, then the final try.
+
+        On the compiled path the key's lookup is remembered first, as an earlier frame would
+        have left it: a first lookup is always the Python path's, and the rule tests are
+        there to meet the compiled one."""
+        if self.engine.compiled is not None:
+            warm(self.engine, g, key)
         sent = self.engine.send_dma(g, key, dma)
         if isinstance(sent, Restock):
             self.restock(sent.receiver)
             sent = self.engine.retry_send(sent)
         return sent
+
+
+def warm(engine: Engine, g: Guest, key_addr: int) -> None:
+    """What earlier frames to this key leave behind, none of it visible to a guest: the key's
+    lookup remembered (guest.sends) and where the receiver's array lies (binding.where). The
+    compiled path takes only such sends; a first frame is always the Python path's."""
+    resolved = keys.resolve(g.memory, g.id, key_addr)
+    if resolved is not None and resolved.shared:
+        binding = engine.remember_send(g, key_addr, resolved)
+        if binding is not None:
+            next_free_buffer(binding)
 
 
 def irq_bit(irq: int) -> int:

@@ -16,6 +16,7 @@ or scribbling over their own memory — and after every engine operation:
   `copied` = min(source bytes, destination buffer bytes) to both used_len fields;
 - dma_hash holds exactly the active bindings, each in its key's bucket.
 """
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +24,9 @@ from enginekit import ABOVE_LIMIT, HOLE, RAM_SIZE, Kit, NetFile, RecordingLock
 from lgnet import abi
 from lgnet.fabric import keys
 from lgnet.fabric.dma import Send
+
+# Every rule holds on both per-frame paths: the Python reference and the compiled one.
+pytestmark = pytest.mark.usefixtures("both_paths")
 
 NET_AT = (0x10000, 0x18000, 0x10000)      # where A, B and C map their net page
 DESC = 0x2000                             # receive arrays cluster here so binds find them

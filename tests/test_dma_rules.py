@@ -8,6 +8,9 @@ from lgnet import abi
 from lgnet.fabric.dma import Engine, Send
 from lgnet.fabric.memory import GuestMemory
 
+# Every rule holds on both per-frame paths: the Python reference and the compiled one.
+pytestmark = pytest.mark.usefixtures("both_paths")
+
 NET_A = 0x10000                  # A maps the net page right above its RAM...
 NET_B = 0x18000                  # ...B maps the same file elsewhere
 SLOT = 0x10                      # the key's offset in the net page

@@ -3,9 +3,14 @@ process: LGUEST_INIT's checks and what it writes, the kill reasons in lguest's w
 reads that run over the end of RAM into the page after it; and fabric.tsc's decision."""
 import struct
 
+import pytest
+
 from enginekit import HOLE, RAM_SIZE, Kit, NetFile
 from lgnet import abi
 from lgnet.fabric import hypercalls, tsc
+
+# Every rule holds on both per-frame paths: the Python reference and the compiled one.
+pytestmark = pytest.mark.usefixtures("both_paths")
 
 DATA = 0x800                          # where a kit guest keeps its struct lguest_data
 NET = 0x18000

@@ -23,9 +23,10 @@ def human(value, unit: str = "") -> str:
 
 def table(report: Report) -> str:
     m = report.machine
-    head = ("lgnet bench: %s cores (%s), Python %s, %s; %d round(s) of %gs, medians"
-            % (m["cores"], m["cpu_model"], m["python"], report.date[:10],
-               report.options["rounds"], report.options["seconds"]))
+    head = ("lgnet bench: %s cores (%s), Python %s, %s; per-frame path: %s; %d round(s) of "
+            "%gs, medians" % (m["cores"], m["cpu_model"], m["python"], report.date[:10],
+                              m.get("per_frame_path", "-"), report.options["rounds"],
+                              report.options["seconds"]))
     cols = ("workload", "size B", "unit", "lgnet", "socketpair", "netns", "copy limit",
             "lgnet/sp", "lgnet/copy", "lost")
     rows = [cols]
@@ -75,7 +76,7 @@ def grid(rows: list[tuple]) -> str:
 
 def breakdown(report: Report) -> str:
     rows = [("per frame (us)", "size B", "wall", "engine", "of it copy", "transport", "waiting",
-             "broker cpu", "sender cpu", "receiver cpu")]
+             "broker cpu", "sender cpu", "receiver cpu", "compiled")]
     for r in report.rows:
         if r["kind"] != "stream":
             continue
@@ -84,9 +85,10 @@ def breakdown(report: Report) -> str:
                      "%.2f" % lg["broker_engine_us"], "%.2f" % lg["copy_us"],
                      "%.2f" % lg["broker_transport_us"], "%.2f" % lg["broker_wait_us"],
                      "%.2f" % lg["broker_cpu_us"], "%.2f" % lg["sender_cpu_us"],
-                     "%.2f" % lg["receiver_cpu_us"]))
+                     "%.2f" % lg["receiver_cpu_us"], "%.0f%%" % lg.get("compiled_pct", 0.0)))
     return ("Where a frame's time goes (broker: engine = SEND_DMA work incl. the copy; transport"
-            " = sockets, doorbells, wake-ups; waiting = idle):\n" + grid(rows))
+            " = sockets, doorbells, wake-ups; waiting = idle; compiled = deliveries the"
+            " compiled per-frame path made):\n" + grid(rows))
 
 
 def scaling(report: Report) -> str:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from lgnet import abi, anchors
+from lgnet.fabric import fastpath
 from lgnet.bench.plan import (DEEP_RX, LATENCY_SIZE, MAX_SIZE, TARGET_BRINGUP_S, TARGET_FANOUT,
                               TARGET_CAPTURE, TARGET_LATENCY, TARGET_RSS_MB, TARGET_SCALE_GUESTS,
                               TARGET_STREAM_1514, TARGET_STREAM_64K, TARGET_STREAM_LGUEST_NET,
@@ -129,6 +130,8 @@ def run_stream(w: Workload, seconds: float) -> dict:
             "broker_wait_us": max(0.0, window - broker["busy_s"]) * per,
             "broker_cpu_us": (broker["user_s"] + broker["sys_s"]) * per,
             "sender_cpu_us": tx["send_cpu"] * per, "receiver_cpu_us": rx["rx_cpu"] * per,
+            # the share of deliveries the compiled per-frame path made (fabric/fastpath.py)
+            "compiled_pct": 100.0 * broker.get("fast_frames", 0) / tx["ok"] if tx["ok"] else 0.0,
             "broker": broker}
 
 
@@ -526,7 +529,8 @@ def machine() -> dict:
             versions[name] = None
     return {"cores": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
             "implementation": platform.python_implementation(), "kernel": platform.release(),
-            "root": os.geteuid() == 0, "packages": versions}
+            "root": os.geteuid() == 0, "packages": versions,
+            "per_frame_path": fastpath.label()}
 
 
 def row_of(rows: list[dict], workload: str) -> dict | None:

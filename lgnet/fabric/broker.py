@@ -68,7 +68,7 @@ from collections import deque
 
 from lgnet import abi, netfile, process, wire
 from lgnet.errors import LgnetError
-from lgnet.fabric import dmahash
+from lgnet.fabric import dmahash, fastpath
 from lgnet.fabric.capture import Capture, capture_size, net_source
 from lgnet.fabric.connection import Input, State, running, transition
 from lgnet.fabric.devlguest import LguestFile
@@ -1066,7 +1066,8 @@ class Broker:
         """The broker's own counters, with its CPU time and context switches so far."""
         usage = resource.getrusage(resource.RUSAGE_SELF)
         row = self.counters.as_dict()
-        row.update(pid=os.getpid(), user_s=usage.ru_utime, sys_s=usage.ru_stime,
+        row.update(pid=os.getpid(), per_frame_path=fastpath.label(),
+                   fast_frames=self.engine.fast_frames, user_s=usage.ru_utime, sys_s=usage.ru_stime,
                    voluntary_switches=usage.ru_nvcsw, involuntary_switches=usage.ru_nivcsw)
         return row
 

@@ -14,6 +14,9 @@ Rules of this file:
   lguest_user.c returned are returned here as negative errno values.
 - This file does not know whether a guest is a Unicorn CPU or a Python driver, nor how the
   Launcher reaches the Host.
+- It is the reference. The compiled per-frame path (fabric/_fastdma.c, chosen by
+  fabric/fastpath.py) only accelerates its plain SEND_DMA: send_dma and drain_sends offer it
+  each frame first, and whatever it declines, untouched, is done here from scratch.
 
 Theory of operation. A guest *binds* an array of `struct lguest_dma` receive buffers to a key;
 the binding goes at the head of one of 61 hash chains. A peer *sends* one `struct lguest_dma`
@@ -47,7 +50,7 @@ from enum import Enum
 from typing import Any, Callable, ContextManager
 
 from lgnet import abi
-from lgnet.fabric import keys
+from lgnet.fabric import fastpath, keys
 from lgnet.fabric.impair import flip_bits
 from lgnet.fabric.keys import Key
 from lgnet.fabric.memory import GuestMemory
@@ -191,7 +194,9 @@ class Engine:
     """dma_hash, the guest table and every operation of io.c."""
 
     def __init__(self, lock: ContextManager | None = None, max_guests: int = abi.MAX_GUESTS,
-                 tsc_khz: int = 0, first_guest_id: int = 0):
+                 tsc_khz: int = 0, first_guest_id: int = 0, compiled: bool | None = None):
+        """compiled: run the common SEND_DMA in C (True), on this file alone (False), or
+        as fabric/fastpath.py decides for the process (None)."""
         # What LGUEST_INIT tells a guest is its id: the table index from this base (lgnet's
         # own, for labs on several hosts; lguest's was the index).
         self.first_guest_id = first_guest_id
@@ -210,6 +215,17 @@ class Engine:
         self.impair = None
         # Optional observer of every frame an impairment kept from its receiver (capture).
         self.on_fault: Callable[..., None] | None = None
+        # The compiled per-frame path (fabric/_fastdma.c), or None: this file does it all.
+        # It takes a send only when it is the plain case and leaves every other to us.
+        if compiled is None:
+            self.compiled = fastpath.default()
+        elif compiled:
+            self.compiled = fastpath.compiled_module()
+            if self.compiled is None:
+                raise ValueError("Engine(compiled=True): %s" % fastpath.describe()[1])
+        else:
+            self.compiled = None
+        self.fast_frames = 0           # sends the compiled path delivered
 
     # --- the guest table ----------------------------------------------------------------
 
@@ -311,11 +327,26 @@ class Engine:
         or, when the receiver had no free buffer, the Restock step that comes before the
         final try."""
         with self.lock:
+            if self.compiled is not None:
+                sent = self.compiled.send(self, guest, key_addr, udma)
+                if sent is not None:
+                    self.fast_frames += 1
+                    return sent
             outcome, receiver = self._send_once(guest, key_addr, udma)
         if outcome is Send.NO_BUFFER:
             # One chance to restock: the lock is dropped; the caller lets the receiver run.
             return Restock(guest, key_addr, udma, receiver)
         return self._account(guest, outcome, receiver)
+
+    def drain_sends(self, guest: Guest, limit: int) -> int:
+        """The compiled path's share of the async ring (hypercalls.drain_async): from the
+        guest's cursor, the SEND_DMAs in a row that are the plain case, at most `limit`,
+        under one hold of the lock; how many it ran. It stops before the first entry it
+        does not take, untouched, for the caller to run."""
+        with self.lock:
+            ran = self.compiled.drain(self, guest, limit)
+        self.fast_frames += ran
+        return ran
 
     def retry_send(self, restock: Restock) -> Send:
         """After the receiver's chance to restock: the whole lookup once more, and a second
@@ -350,15 +381,22 @@ class Engine:
                 # Private mapping: the guest is talking to its own Launcher.
                 guest.pending_dma = (udma, key_addr)
                 return Send.PENDING, None
-            binding = self._first_other(guest, key)
-            if len(guest.sends) >= SEND_CACHE_MAX:
-                guest.sends.clear()
-            guest.sends[key_addr] = (self.generation, memory.layout, key, binding)
+            binding = self.remember_send(guest, key_addr, key)
         if binding is None:
             return Send.NO_RECEIVER, None
         if self.impair is not None and not judged:
             return self._impaired(guest, udma, binding), binding.guest
         return self._dma_transfer(guest, udma, binding), binding.guest
+
+    def remember_send(self, guest: Guest, key_addr: int, key: Key) -> Binding | None:
+        """The receiver of a shared key, looked up and remembered in guest.sends until
+        dma_hash or the layout changes: a first send does it, and only a remembered send
+        can take the compiled path. (Looking up writes nothing a guest can see.)"""
+        binding = self._first_other(guest, key)
+        if len(guest.sends) >= SEND_CACHE_MAX:
+            guest.sends.clear()
+        guest.sends[key_addr] = (self.generation, guest.memory.layout, key, binding)
+        return binding
 
     def _first_other(self, guest: Guest, key: Key) -> Binding | None:
         """The first binding on the key's chain owned by another guest: a guest never
