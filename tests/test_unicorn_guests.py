@@ -228,3 +228,61 @@ def test_console_input_reaches_a_guest_that_computes_without_hypercalls(broker):
         proc.stdout.close()
         os.close(master)
         os.close(slave)
+
+
+# --- the bundled kernel's timer: armed only for an earlier deadline ------------------------
+
+def echo_and(tmp_path, cmdline: str, **up_options):
+    """A bundled guest "echo" (10.0.0.2, answering until the lab ends) and another, "guest",
+    with this command line, on lan0: (guest's console, seconds from the lab's start to the
+    guest's power-down)."""
+    import lgnet
+    scenario = tmp_path / "pair.yaml"
+    scenario.write_text(
+        "networks: {lan0: {}}\nguests:\n"
+        "  - {name: echo, kernel: bundled, nets: [lan0], cmdline: 'ip=10.0.0.2/24'}\n"
+        "  - {name: guest, kernel: bundled, nets: [lan0], cmdline: '%s'}\n" % cmdline)
+    started = time.monotonic()
+    with lgnet.up(str(scenario), **up_options) as lab:
+        guest = next(run for run in lab.guests if run.name == "guest")
+        status = guest.wait(60)
+        took = time.monotonic() - started
+    console = list(guest.console)       # read to its end once the lab is down
+    assert status == 0, console
+    return console, took
+
+
+def test_a_flood_arms_the_timer_only_when_its_deadline_is_earlier_than_the_armed_one(tmp_path):
+    """Each request waits up to FLOOD_WAIT_MS (100 ms) for its reply, a deadline later than
+    the last one: the kernel arms SET_CLOCKEVENT again only when the armed one has fired
+    (about ten times a second), not before every HALT, as Linux's clockevents did."""
+    from lgnet import timeline
+    from lgnet.bench.run import parse_flood_summary
+    trace = tmp_path / "flood.json"
+    console, _took = echo_and(tmp_path, "ip=10.0.0.1/24 peers=1 ping=10.0.0.2 flood=1",
+                              trace=str(trace))
+    summary = parse_flood_summary(console)
+    assert summary is not None and summary["received"] >= 30, console
+    events = timeline.load(str(trace))["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e["name"] == "process_name"}
+    flooder = next(pid for pid, name in names.items() if name == "guest")
+    mine = sorted((e for e in events if e.get("pid") == flooder and e.get("ph") == "X"),
+                  key=lambda e: e["ts"])
+    # From its first frame on (peers= polls the page before that): one flood second is ten
+    # FLOOD_WAIT_MS windows, and ARP adds a few.
+    first = next(i for i, e in enumerate(mine) if e["name"] == "SEND_DMA"
+                 and e["args"]["key"].startswith("lan0+"))
+    mine = [e["name"] for e in mine[first:]]
+    assert mine.count("SET_CLOCKEVENT") <= 20, (mine.count("SET_CLOCKEVENT"), summary)
+    assert mine.count("HALT") > mine.count("SET_CLOCKEVENT")
+
+
+def test_a_wait_longer_than_the_armed_timer_still_ends_when_due(tmp_path):
+    """The last replies come back long before timeout= (the timer stays armed for it), then
+    linger= asks for a later deadline, which the kernel does not arm at once: it wakes at the
+    armed one and arms again. The guest must still power down, and not before linger= is up."""
+    console, took = echo_and(tmp_path, "ip=10.0.0.1/24 peers=1 ping=10.0.0.2 count=2 "
+                             "interval=100 timeout=300 linger=1500")
+    assert "2 packets transmitted, 2 received, 0% packet loss" in console, console
+    assert took >= 1.5 + 0.1

@@ -138,19 +138,37 @@ void do_irq(struct irq_frame *frame)
 
 /*
  * The clock.  SET_CLOCKEVENT is a one-shot timer in nanoseconds (0 cancels):
- * the Host raises irq 0 when it expires.  Our timer interrupt does nothing but
- * wake us: whoever waits reads the time and decides.
+ * the Host raises irq 0 when it expires.  Our timer interrupt only wakes us
+ * (whoever waits reads the time and decides) and notes that nothing is armed.
+ *
+ * Each arming is a trip to the Host, and a waiter arms before every HALT, so
+ * we arm only for a deadline earlier than the one already armed: that is what
+ * Linux's clockevents did (tick_program_event reprograms the device only for
+ * an earlier event).  A later deadline is met by waking at the armed one and
+ * arming again then.  "timer_armed" may only ever claim less than the Host
+ * has: if it is stale it is ~0 (we arm once more), never a deadline the Host
+ * has forgotten.
  */
+static u64 timer_armed = ~0ULL;		/* ns, as now_ns(); ~0: nothing armed */
+
 static void timer_irq(unsigned int irq)
 {
 	(void)irq;
+	timer_armed = ~0ULL;
 }
 
-void set_timer(u64 delta_ns)
+/* Make sure the timer fires by "deadline", which is after "now" (interrupts
+ * off).  ~0, "no deadline", is never earlier than what is armed. */
+static void arm_timer_by(u64 deadline, u64 now)
 {
-	u32 delta = delta_ns > 0xFFFFFFFFu ? 0xFFFFFFFFu : (u32)delta_ns;
+	u64 delta = deadline - now;
 
-	hcall(LHCALL_SET_CLOCKEVENT, delta ? delta : 1, 0, 0);
+	if (deadline >= timer_armed)
+		return;
+	if (delta > 0xFFFFFFFFu)	/* the Host takes a u32: wake early, arm again */
+		delta = 0xFFFFFFFFu;
+	timer_armed = now + delta;
+	hcall(LHCALL_SET_CLOCKEVENT, (u32)delta, 0, 0);
 }
 
 /* The Host keeps lguest_data.time current whenever we resume; it may change
@@ -187,8 +205,7 @@ void wait_until(u64 deadline, int (*done)(void))
 		now = now_ns();
 		if ((done && done()) || now >= deadline)
 			break;
-		if (deadline != ~0ULL)
-			set_timer(deadline - now);
+		arm_timer_by(deadline, now);
 		lguest_halt();
 	}
 	irq_enable();

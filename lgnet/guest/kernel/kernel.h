@@ -82,7 +82,6 @@ void do_irq(struct irq_frame *frame);
 u32 irq_save(void);
 void irq_restore(u32 flags);
 void irq_enable(void);
-void set_timer(u64 delta_ns);
 u64 now_ns(void);
 void __attribute__((noreturn)) crash(const char *msg);
 void wait_until(u64 deadline, int (*done)(void));
