@@ -461,6 +461,18 @@ class GuestCpu:
             return traced
         self._hcalls = {call: timed(call, serve) for call, serve in self._hcalls.items()}
         self.host = tracer.traced_host(self.host, where=self._eip)
+        apply = self._apply_async_ring
+
+        def applying() -> int:
+            # What the ring holds for the Host goes with the call that follows: the line to
+            # the Host puts each on the track beside that call.
+            first = self._ring_next
+            walked = apply()
+            entries = ((first + i) % abi.LHCALL_RING_SIZE for i in range(walked))
+            self.host.ride([call for call in map(self._ring_entry, entries)
+                            if call[0] not in self._hcalls])
+            return walked
+        self._apply_async_ring = applying
         deliver = self._maybe_interrupt
 
         def delivering(data: memoryview):
@@ -969,25 +981,33 @@ class GuestCpu:
             self.host.hypercall(abi.LHCALL_FLUSH_ASYNC, 0, 0, 0)
         return self._reason is not None
 
-    def _apply_async_ring(self) -> None:
-        """Apply the CPU-state calls queued in the async ring, from the Host's cursor.
+    def _apply_async_ring(self) -> int:
+        """Apply the CPU-state calls queued in the async ring, from the Host's cursor; how
+        many entries it walked.
 
         The Host drains the same run right after (ignoring these calls), so the cursor moves
         past every queued entry, whatever its kind."""
         data = self._data
         n = self._ring_next
+        walked = 0
         for _ in range(abi.LHCALL_RING_SIZE):
             if data[abi.LGUEST_DATA_HCALL_STATUS + n] == abi.HCALL_STATUS_EMPTY:
                 break
-            call, arg1, arg2, arg3 = abi.ASYNC_HCALL.unpack_from(
-                data, abi.LGUEST_DATA_HCALLS + n * abi.ASYNC_HCALL.size)
+            call, arg1, arg2, arg3 = self._ring_entry(n)
             n = (n + 1) % abi.LHCALL_RING_SIZE
+            walked += 1
             serve = self._hcalls.get(call)
             if serve is not None:
                 serve(arg1, arg2, arg3)
                 if self._reason is not None:
                     break
         self._ring_next = n
+        return walked
+
+    def _ring_entry(self, n: int) -> tuple[int, int, int, int]:
+        """Entry n of the async ring: (call, arg1, arg2, arg3)."""
+        return abi.ASYNC_HCALL.unpack_from(self._data,
+                                           abi.LGUEST_DATA_HCALLS + n * abi.ASYNC_HCALL.size)
 
     # --- traps: lguest's run_guest() and deliver_trap() ---------------------------------
 

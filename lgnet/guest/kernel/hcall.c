@@ -15,8 +15,8 @@
 /*
  * The structure the Host reads at LGUEST_INIT.  Two things must be right
  * before that hypercall, because the Host reads them then: the async ring
- * must be empty (status 0xFF; we never queue async calls) and the no-interrupt
- * window must name the end of our interrupt return (head.S).
+ * must be empty (status 0xFF everywhere) and the no-interrupt window must name
+ * the end of our interrupt return (head.S).
  */
 struct lguest_data lguest_data __attribute__((aligned(PAGE_SIZE))) = {
 	.hcall_status = { [0 ... LHCALL_RING_SIZE - 1] = HCALL_STATUS_EMPTY },
@@ -39,6 +39,46 @@ _Static_assert(sizeof(struct lguest_device_desc) == LGUEST_DEVICE_DESC_SIZE, "de
 void lguest_init(void)
 {
 	hcall(LHCALL_LGUEST_INIT, __pa(&lguest_data), 0, 0);
+}
+
+/*
+ * The async ring (lguest's async_hcall).  A call queued here is made by the
+ * Host, in order, at our next hypercall or the next time the Host has control
+ * anyway: a transmit followed by a HALT costs one trip to the Host, not two.
+ * Entries are taken in turn and the Host marks each one done (status back to
+ * 0xFF); if the next one is still queued the ring is full, and the call is
+ * made at once, which drains the ring first -- what lguest's Guest did.
+ * Interrupts must be off.  Returns the entry taken, or ASYNC_MADE.
+ */
+int async_hcall(u32 call, u32 arg1, u32 arg2, u32 arg3)
+{
+	static unsigned int next;
+	unsigned int n = next;
+
+	if (ACCESS_ONCE(lguest_data.hcall_status[n]) != HCALL_STATUS_EMPTY) {
+		hcall(call, arg1, arg2, arg3);
+		return ASYNC_MADE;
+	}
+	lguest_data.hcalls[n].eax = call;
+	lguest_data.hcalls[n].edx = arg1;
+	lguest_data.hcalls[n].ebx = arg2;
+	lguest_data.hcalls[n].ecx = arg3;
+	barrier();		/* the arguments before the status that says "go" */
+	ACCESS_ONCE(lguest_data.hcall_status[n]) = 0;
+	next = (n + 1) % LHCALL_RING_SIZE;
+	return n;
+}
+
+/* Has the Host made the call async_hcall() queued in entry n? */
+int async_done(int n)
+{
+	return n == ASYNC_MADE || ACCESS_ONCE(lguest_data.hcall_status[n]) == HCALL_STATUS_EMPTY;
+}
+
+/* Have the Host make every queued call now. */
+void async_flush(void)
+{
+	hcall(LHCALL_FLUSH_ASYNC, 0, 0, 0);
 }
 
 /* Interrupts on and off: just a flag the Host looks at before it interrupts. */

@@ -75,6 +75,10 @@ static inline u32 hcall(u32 call, u32 arg1, u32 arg2, u32 arg3)
 	return call;
 }
 void lguest_init(void);
+#define ASYNC_MADE (-1)		/* async_hcall(): the ring was full, the call is made */
+int async_hcall(u32 call, u32 arg1, u32 arg2, u32 arg3);
+int async_done(int n);
+void async_flush(void);
 void idt_init(void);
 typedef void (*irq_handler_t)(unsigned int irq);
 void request_irq(unsigned int irq, irq_handler_t handler);

@@ -460,7 +460,7 @@ static void hostile(const char *what)
 		key += 1;
 	} else if (strcmp(what, "crosspage") == 0) {
 		/* A piece may not cross a page boundary. */
-		dma.addr[0] = __pa(net_tx_buffer()) + PAGE_SIZE - 32;
+		dma.addr[0] = (__pa(net_tx_buffer()) & ~(PAGE_SIZE - 1)) + PAGE_SIZE - 32;
 		dma.len[0] = 64;
 	} else {
 		printk("hostile: unknown, ignored\n");

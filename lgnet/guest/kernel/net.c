@@ -20,25 +20,88 @@ unsigned int num_net_devs;
 /* Eight receive buffers of one Ethernet frame each.  A DMA piece may not
  * cross a page (the Host kills us: "bad DMA entry"), so two buffers share
  * each page, at 0 and 2048 -- in every device's ring: the ring type itself is
- * page-aligned, so the second device's ring starts on a page too. */
-#define RX_STRIDE 2048
+ * page-aligned, so the second device's ring starts on a page too.  Transmit
+ * buffers are laid out the same way. */
+#define FRAME_STRIDE 2048
 struct rx_ring {
-	u8 buf[NUM_NET_RX_BUFFERS][RX_STRIDE];
+	u8 buf[NUM_NET_RX_BUFFERS][FRAME_STRIDE];
 	struct lguest_dma dma[NUM_NET_RX_BUFFERS];
 } __attribute__((aligned(PAGE_SIZE)));
 static struct rx_ring rx_rings[MAX_NET_DEVS];
 
-_Static_assert(ETH_FRAME_LEN <= RX_STRIDE && PAGE_SIZE % RX_STRIDE == 0,
-	       "a receive buffer must not cross a page");
+_Static_assert(ETH_FRAME_LEN <= FRAME_STRIDE && PAGE_SIZE % FRAME_STRIDE == 0,
+	       "a frame buffer must not cross a page");
 _Static_assert(sizeof(struct rx_ring) % PAGE_SIZE == 0, "every ring starts on a page");
 
-/* One transmit buffer for everybody; callers hold interrupts off. */
-static u8 tx_buf[PAGE_SIZE] __attribute__((aligned(PAGE_SIZE)));
-static struct lguest_dma tx_dma;
+/*
+ * Transmitting.  lguest_net made one synchronous SEND_DMA per recipient and
+ * looked at its used_len at once.  We queue them in the async ring instead
+ * (async_hcall): a frame then costs no trip to the Host of its own, it goes
+ * with our next hypercall, which is usually the HALT right after it.  So each
+ * queued send has its own lguest_dma, whose used_len the Host writes when it
+ * makes the call, and its frame stays put until then: TX_FRAMES buffers, used
+ * in turn, and as many sends in flight as the ring has entries.  A send's
+ * used_len is looked at once the Host has made it ("reaped", oldest first: the
+ * ring is made in order): fewer bytes than we sent (nobody bound, or no free
+ * buffer even after one retry) is what lguest_net counted as a carrier error.
+ * Callers hold interrupts off.
+ */
+#define TX_FRAMES 8
+#define TX_SENDS LHCALL_RING_SIZE
+static u8 tx_frames[TX_FRAMES][FRAME_STRIDE] __attribute__((aligned(PAGE_SIZE)));
+static struct tx_send {
+	struct lguest_dma dma;
+	struct net_dev *dev;
+	unsigned int frame;
+	int entry;			/* what async_hcall() answered */
+} tx_sends[TX_SENDS];
+static unsigned int tx_frame;		/* the frame being built */
+static unsigned int tx_queued, tx_reaped;	/* sends so far: the difference is in flight */
+static unsigned int tx_in_frame[TX_FRAMES];	/* sends in flight, per frame */
 
 u8 *net_tx_buffer(void)
 {
-	return tx_buf;
+	return tx_frames[tx_frame];
+}
+
+static void tx_reap(void)
+{
+	while (tx_reaped != tx_queued) {
+		struct tx_send *t = &tx_sends[tx_reaped % TX_SENDS];
+
+		if (!async_done(t->entry))
+			break;
+		if (t->dma.used_len != t->dma.len[0])
+			t->dev->tx_carrier_errors++;
+		tx_in_frame[t->frame]--;
+		tx_reaped++;
+	}
+}
+
+/* Until "done" says so, have the Host make what we queued (it makes the whole
+ * ring at each call: one is all it takes). */
+static void tx_settle(int (*done)(void))
+{
+	tx_reap();
+	while (!done()) {
+		async_flush();
+		tx_reap();
+	}
+}
+
+static int tx_send_free(void)
+{
+	return tx_queued - tx_reaped < TX_SENDS;
+}
+
+static int tx_frame_free(void)
+{
+	return tx_in_frame[tx_frame] == 0;
+}
+
+static int tx_all_reaped(void)
+{
+	return tx_reaped == tx_queued;
 }
 
 /* Slot "peer" wants a frame for "dest" if its MAC (ignoring the promiscuous
@@ -68,22 +131,27 @@ static int wants_frame(const struct net_dev *dev, unsigned int i, const u8 *dest
 	return (dest[0] & NET_PROMISC_BIT) || (peer[0] & NET_PROMISC_BIT) || mac_eq(dest, peer);
 }
 
-/* One SEND_DMA of tx_buf to slot i.  If the Host copied fewer bytes than we
- * sent (nobody bound, or no free buffer even after one retry), used_len tells
- * us: lguest_net counted that as a carrier error. */
+/* Queue one SEND_DMA of the frame being built to slot i. */
 static void transmit_to(struct net_dev *dev, unsigned int i, unsigned int len)
 {
-	tx_dma.used_len = 0;
-	tx_dma.addr[0] = __pa(tx_buf);
-	tx_dma.len[0] = len;
-	tx_dma.len[1] = 0;
-	hcall(LHCALL_SEND_DMA, dev->page_pa + NET_PEER_KEY_STRIDE * i, __pa(&tx_dma), 0);
-	if (tx_dma.used_len != len)
-		dev->tx_carrier_errors++;
+	struct tx_send *t;
+
+	tx_settle(tx_send_free);
+	t = &tx_sends[tx_queued % TX_SENDS];
+	t->dma.used_len = 0;
+	t->dma.addr[0] = __pa(tx_frames[tx_frame]);
+	t->dma.len[0] = len;
+	t->dma.len[1] = 0;
+	t->dev = dev;
+	t->frame = tx_frame;
+	tx_in_frame[tx_frame]++;
+	tx_queued++;
+	t->entry = async_hcall(LHCALL_SEND_DMA, dev->page_pa + NET_PEER_KEY_STRIDE * i,
+			       __pa(&t->dma), 0);
 }
 
 /*
- * Transmit the frame in tx_buf: one SEND_DMA per recipient.  Like lguest_net
+ * Transmit the frame being built: one SEND_DMA per recipient.  Like lguest_net
  * we look at every slot of the page for every frame: a peer may take any
  * slot at any time, and a promiscuous one wants our unicast frames too.
  *
@@ -124,7 +192,7 @@ void xmit_slots(struct net_dev *dev, unsigned int first, unsigned int end, unsig
 	unsigned int i;
 
 	for (i = first; i < end; i++)
-		if (wants_frame(dev, i, tx_buf))
+		if (wants_frame(dev, i, tx_frames[tx_frame]))
 			transmit_to(dev, i, len);
 }
 
@@ -137,6 +205,8 @@ void net_xmit(struct net_dev *dev, unsigned int len)
 		xmit_slots(dev, group * SCAN_GROUP, (group + 1) * SCAN_GROUP, len);
 	xmit_slots(dev, SCAN_GROUPS * SCAN_GROUP, NET_SLOTS, len);
 	dev->tx_packets++;
+	tx_frame = (tx_frame + 1) % TX_FRAMES;
+	tx_settle(tx_frame_free);		/* the next frame is built there */
 }
 
 /* Somebody else's key on this net, for the hostile tests: the first other
@@ -293,6 +363,10 @@ void net_init(int promisc, int csum)
 void net_report(void)
 {
 	unsigned int d;
+	u32 flags = irq_save();
+
+	tx_settle(tx_all_reaped);		/* every carrier error counted */
+	irq_restore(flags);
 
 	for (d = 0; d < num_net_devs; d++)
 		printk("net%u: tx %u packets, rx %u packets, %u carrier errors, "
