@@ -184,6 +184,11 @@ next_used_group(const u8 (*macs)[ETH_ALEN], unsigned int group)
 	return group;
 }
 
+/* Every whole group with a used slot; the short last group is the caller's. */
+#define for_each_used_group(macs, group)					\
+	for (group = next_used_group(macs, 0); group < SCAN_GROUPS;		\
+	     group = next_used_group(macs, group + 1))
+
 /* Inlined, so every SEND_DMA of a frame is made from net_xmit (what --trace and
  * gdb users look for). */
 static inline __attribute__((always_inline))
@@ -200,8 +205,7 @@ void net_xmit(struct net_dev *dev, unsigned int len)
 {
 	unsigned int group;
 
-	for (group = next_used_group(dev->macs, 0); group < SCAN_GROUPS;
-	     group = next_used_group(dev->macs, group + 1))
+	for_each_used_group(dev->macs, group)
 		xmit_slots(dev, group * SCAN_GROUP, (group + 1) * SCAN_GROUP, len);
 	xmit_slots(dev, SCAN_GROUPS * SCAN_GROUP, NET_SLOTS, len);
 	dev->tx_packets++;
@@ -239,15 +243,26 @@ void net_publish(int promisc)
 	}
 }
 
-/* How many other Guests have a MAC in this net's page right now. */
-unsigned int net_peer_count(struct net_dev *dev)
+static unsigned int used_slots(const struct net_dev *dev, unsigned int first,
+			       unsigned int end)
 {
 	unsigned int i, n = 0;
 
-	for (i = 0; i < NET_SLOTS; i++)
+	for (i = first; i < end; i++)
 		if (i != dev->slot && dev->macs[i][0])
 			n++;
 	return n;
+}
+
+/* How many other Guests have a MAC in this net's page right now (peers= asks
+ * every 10 ms: the unused groups are skipped as net_xmit skips them). */
+unsigned int net_peer_count(struct net_dev *dev)
+{
+	unsigned int group, n = 0;
+
+	for_each_used_group(dev->macs, group)
+		n += used_slots(dev, group * SCAN_GROUP, (group + 1) * SCAN_GROUP);
+	return n + used_slots(dev, SCAN_GROUPS * SCAN_GROUP, NET_SLOTS);
 }
 
 /*
