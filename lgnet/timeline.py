@@ -200,13 +200,15 @@ class _Track:
 def frame_flows(events: list[dict]) -> list[dict]:
     """The flow events (ph s/f) of every transfer whose SEND_DMA and interrupt are found;
     each such transfer's arguments get its flow's id (`flow`), so a reader knows it arrived."""
-    sends: dict[int, list[dict]] = {}
+    sends: dict[tuple[int, str], list[dict]] = {}
     interrupts: dict[tuple[int, int], list[dict]] = {}
     for e in events:
         if e.get("ph") != PHASE_COMPLETE:
             continue
         if e["cat"] == CAT_HYPERCALL and e["name"] == SEND_DMA:
-            sends.setdefault(e["pid"], []).append(e)
+            # By key too: the sends queued in the async ring share one span (that of the call
+            # they went with), so the time alone would not tell a broadcast's apart.
+            sends.setdefault((e["pid"], e["args"]["key"]), []).append(e)
         elif e["cat"] == CAT_INTERRUPT:
             interrupts.setdefault((e["pid"], e["args"]["irq"]), []).append(e)
     send_tracks = {pid: _Track(s) for pid, s in sends.items()}
@@ -219,7 +221,7 @@ def frame_flows(events: list[dict]) -> list[dict]:
         if args.get("send") is None:
             continue
         t = e["ts"] + e["dur"]                 # the transfer is done when its slice ends
-        start_track = send_tracks.get(args["sender_pid"])
+        start_track = send_tracks.get((args["sender_pid"], args["key"]))
         end_track = irq_tracks.get((args["receiver_pid"], args["irq"]))
         start = start_track.enclosing(t) if start_track else None
         end = end_track.first_from(t) if end_track else None

@@ -854,6 +854,52 @@ de_handler:
     assert machine.mark(3) == 1
 
 
+@pytest.mark.parametrize("esp, unmapped, fault_at", [
+    (0x70000, None, None),                  # the frame in one page
+    (0x70004, None, None),                  # across two: eip and cs below 0x70000, eflags above
+    (0x70004, 0x70, 0x70000),               # ... and the upper page is not there
+    (0x70000, 0x6F, 0x6FFF4),               # the whole frame in a page that is not there
+])
+def test_a_trap_frame_is_pushed_within_or_across_pages_or_kills_where_it_cannot_be(
+        machine_for, esp, unmapped, fault_at):
+    unmap = "" if unmapped is None else (
+        "movl $0, PAGE_OFFSET + %#x\n    HCALL 14, %#x, PAGE_OFFSET+%#x, 0"
+        % (PTES + 4 * unmapped, PGDIR, unmapped << 12))
+    machine, image = machine_for(r"""
+    INIT
+    IDT 0, de_handler, 0xF
+    %s
+    movl $PAGE_OFFSET + %#x, %%esp
+    movl $7, %%eax
+    xorl %%edx, %%edx
+    xorl %%ecx, %%ecx
+divide:
+    divl %%ecx
+    CRASH "divided"
+de_handler:
+    movl (%%esp), %%eax
+    movl %%eax, MARK
+    movl 4(%%esp), %%eax
+    movl %%eax, MARK + 4
+    movl 8(%%esp), %%eax
+    movl %%eax, MARK + 8
+    movl %%esp, MARK + 12
+    addl $2, (%%esp)
+    iret
+""" % (unmap, esp))
+    host = FakeHost(machine.ram)
+    reason = run(machine.cpu(host))
+    if fault_at is None:
+        assert reason == "CRASH: divided"
+        assert machine.mark(0) == image["divide"] and machine.mark(1) == abi.LGUEST_KERNEL_CS
+        assert machine.mark(2) & 0x2                # eflags: bit 1 is always set
+        assert machine.mark(3) == PAGE_OFFSET + esp - 12
+    else:
+        assert reason == abi.MSG_GUEST_FAULT % (
+            image["divide"], "page fault at %#010x pushing trap 0" % (PAGE_OFFSET + fault_at))
+        assert host.kills == [reason]
+
+
 def test_an_invalid_opcode_reaches_the_guests_handler(machine_for):
     machine, image = machine_for(r"""
     INIT

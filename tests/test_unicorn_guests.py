@@ -165,9 +165,13 @@ def test_a_guest_on_two_nets_pings_on_both_and_no_receive_buffer_crosses_a_page(
             at = console.index("--- %s ping statistics ---" % target)
             assert console[at + 1] == "3 packets transmitted, 3 received, 0% packet loss", console
     alpha = lines_of(result.stdout, "alpha")
+    # Three requests and three replies each way, and ARP: one side asks and learns, the other
+    # learns from the question (7 frames), or both ask at once (8).
     for dev in ("net0", "net1"):
-        assert "%s: tx 7 packets, rx 7 packets, 0 carrier errors, 0 length errors, " \
-            "0 checksum errors" % dev in alpha, alpha
+        counts = [line for line in alpha if line.startswith(dev + ": tx ")]
+        assert counts and re.fullmatch(
+            r"%s: tx ([78]) packets, rx \1 packets, 0 carrier errors, 0 length errors, "
+            r"0 checksum errors" % dev, counts[0]), alpha
     *rows, _note = result.stdout.splitlines()[-4:]
     assert [line.split()[-2:] for line in rows] == [["powered", "down"]] * 3
     assert lgnet_shm() == []
@@ -228,3 +232,162 @@ def test_console_input_reaches_a_guest_that_computes_without_hypercalls(broker):
         proc.stdout.close()
         os.close(master)
         os.close(slave)
+
+
+# --- the bundled kernel's timer: armed only for an earlier deadline ------------------------
+
+def echo_and(tmp_path, cmdline: str, **up_options):
+    """A bundled guest "echo" (10.0.0.2, answering until the lab ends) and another, "guest",
+    with this command line, on lan0: (guest's console, seconds from the lab's start to the
+    guest's power-down)."""
+    import lgnet
+    scenario = tmp_path / "pair.yaml"
+    scenario.write_text(
+        "networks: {lan0: {}}\nguests:\n"
+        "  - {name: echo, kernel: bundled, nets: [lan0], cmdline: 'ip=10.0.0.2/24'}\n"
+        "  - {name: guest, kernel: bundled, nets: [lan0], cmdline: '%s'}\n" % cmdline)
+    started = time.monotonic()
+    with lgnet.up(str(scenario), **up_options) as lab:
+        guest = next(run for run in lab.guests if run.name == "guest")
+        status = guest.wait(60)
+        took = time.monotonic() - started
+    console = list(guest.console)       # read to its end once the lab is down
+    assert status == 0, console
+    return console, took
+
+
+def test_a_flood_arms_the_timer_only_when_its_deadline_is_earlier_than_the_armed_one(tmp_path):
+    """Each request waits up to FLOOD_WAIT_MS (100 ms) for its reply, a deadline later than
+    the last one: the kernel arms SET_CLOCKEVENT again only when the armed one has fired
+    (about ten times a second), not before every HALT, as Linux's clockevents did."""
+    from lgnet import timeline
+    from lgnet.bench.run import parse_flood_summary
+    trace = tmp_path / "flood.json"
+    console, _took = echo_and(tmp_path, "ip=10.0.0.1/24 peers=1 ping=10.0.0.2 flood=1",
+                              trace=str(trace))
+    summary = parse_flood_summary(console)
+    assert summary is not None and summary["received"] >= 30, console
+    events = timeline.load(str(trace))["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e["name"] == "process_name"}
+    flooder = next(pid for pid, name in names.items() if name == "guest")
+    mine = sorted((e for e in events if e.get("pid") == flooder and e.get("ph") == "X"),
+                  key=lambda e: e["ts"])
+    # From its first frame on (peers= polls the page before that): one flood second is ten
+    # FLOOD_WAIT_MS windows, and ARP adds a few.
+    first = next(i for i, e in enumerate(mine) if e["name"] == "SEND_DMA"
+                 and e["args"]["key"].startswith("lan0+"))
+    mine = [e["name"] for e in mine[first:]]
+    assert mine.count("SET_CLOCKEVENT") <= 20, (mine.count("SET_CLOCKEVENT"), summary)
+    assert mine.count("HALT") > mine.count("SET_CLOCKEVENT")
+
+
+def test_a_wait_longer_than_the_armed_timer_still_ends_when_due(tmp_path):
+    """The last replies come back long before timeout= (the timer stays armed for it), then
+    linger= asks for a later deadline, which the kernel does not arm at once: it wakes at the
+    armed one and arms again. The guest must still power down, and not before linger= is up."""
+    console, took = echo_and(tmp_path, "ip=10.0.0.1/24 peers=1 ping=10.0.0.2 count=2 "
+                             "interval=100 timeout=300 linger=1500")
+    assert "2 packets transmitted, 2 received, 0% packet loss" in console, console
+    assert took >= 1.5 + 0.1
+
+
+# --- net_xmit: every slot of the page, looked at sixteen at a time -------------------------
+
+def hold_slots(path, first: int, count: int) -> int:
+    """Take slots [first, first+count) of a net file as a launcher would (one OFD write lock
+    on those lock bytes), so the guests started next get the slots around them."""
+    import fcntl
+
+    from lgnet import netfile
+    fd = netfile.open_netfile(path)
+    netfile._lock(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, first, count)
+    return fd
+
+
+@pytest.mark.parametrize("free", [(0, 340, 500, 681), (15, 16, 17, 671)])
+def test_frames_reach_guests_in_any_slot_unicast_to_one_broadcast_to_all(tmp_path, free):
+    """Four guests, all other slots taken: in the first and last slots of the page, in the
+    middle, and either side of a boundary between the groups net_xmit skips at once when
+    unused. Three ping each other (unicast, answered), the fourth is promiscuous;
+    every broadcast (each ARP request) reaches every other used slot, and every unicast frame
+    its one destination and the promiscuous guest, as lguest_net sent them."""
+    import os
+
+    import lgnet
+    net = tmp_path / "lan0.net"
+    held = []
+    before = 0
+    for slot in free:                           # every slot between them is taken
+        if slot > before:
+            held.append(hold_slots(net, before, slot - before))
+        before = slot + 1
+    ips = ["10.0.0.%d" % (n + 1) for n in range(len(free) - 1)]
+    scenario = tmp_path / "slots.yaml"
+    scenario.write_text("networks: {lan0: {file: %s}}\nguests:\n" % net + "".join(
+        "  - {name: g%d, kernel: bundled, nets: [lan0], cmdline: 'ip=%s/24 peers=%d "
+        "ping=%s count=2 interval=100 linger=1500'}\n"
+        % (n, ip, len(ips), ",".join(other for other in ips if other != ip))
+        for n, ip in enumerate(ips)) + (
+        "  - {name: promisc, kernel: bundled, nets: [lan0], cmdline: 'ip=10.0.0.99/24 "
+        "peers=%d linger=3000 promisc poweroff'}\n" % len(ips)))
+    try:
+        with lgnet.up(str(scenario)) as lab:
+            assert lab.wait(90), "the guests did not power down"
+        deliveries = lab.deliveries("lan0")
+    finally:
+        for fd in held:
+            os.close(fd)
+    slot_of_guest = {}
+    for run in lab.guests:
+        console = list(run.console)
+        slot_of_guest[run.name] = int(re.search(r"net0: slot (\d+),", "\n".join(console))[1])
+        if run.name != "promisc":
+            assert console.count("2 packets transmitted, 2 received, 0% packet loss") == 2, \
+                console
+    # The launchers start at once: which guest takes which of the free slots is theirs.
+    everyone, promisc = set(slot_of_guest.values()), slot_of_guest["promisc"]
+    assert everyone == set(free)
+    receivers: dict[int, set] = {}
+    for d in deliveries:
+        receivers.setdefault(d.send, set()).add(d.receiver_slot)
+    sends = {d.send: d for d in deliveries}
+    broadcasts = [d for d in sends.values() if d.data[:6] == b"\xff" * 6]
+    unicasts = [d for d in sends.values() if not d.data[0] & 1]
+    assert len(broadcasts) >= len(ips) and unicasts
+    for d in broadcasts:
+        assert receivers[d.send] == everyone - {d.sender_slot}, d
+    slot_of = {bytes.fromhex("0200%02x000000" % guest): slot for guest, slot in
+               {d.receiver_guest: d.receiver_slot for d in deliveries}.items()}
+    for d in unicasts:
+        assert receivers[d.send] == {slot_of[d.data[:6]], promisc}, d
+
+
+# --- the bundled kernel's frames go through the async ring ---------------------------------
+
+def test_frames_queued_in_the_async_ring_are_all_sent_and_every_short_one_counted(tmp_path):
+    """interval=0 sends 60 echo requests without a hypercall between them: more frames than
+    the kernel has transmit buffers, so it must have the Host make what it queued before it
+    builds in a buffer again. Every request goes out, and the carrier errors the kernel counts
+    when it reaps its sends (a receiver with no free buffer) are exactly the broker's."""
+    import lgnet
+    from lgnet.lab import _broker_rows
+    scenario = tmp_path / "burst.yaml"
+    scenario.write_text(
+        "networks: {lan0: {}}\nguests:\n"
+        "  - {name: echo, kernel: bundled, nets: [lan0], cmdline: 'ip=10.0.0.2/24'}\n"
+        "  - {name: guest, kernel: bundled, nets: [lan0], cmdline: 'ip=10.0.0.1/24 peers=1 "
+        "ping=10.0.0.2 count=60 interval=0 timeout=2000'}\n")
+    with lgnet.up(str(scenario)) as lab:
+        guest = lab.guest("guest")
+        assert guest.wait(60) == 0, guest.console_text
+        rows = {row["name"]: row for row in _broker_rows(lab.socket_path)}
+    text = guest.console_text
+    sent, received = map(int, re.search(r"(\d+) packets transmitted, (\d+) received",
+                                        text).groups())
+    assert sent == 60 and received >= 8, text
+    frames, carrier = map(int, re.search(r"net0: tx (\d+) packets, rx \d+ packets, "
+                                         r"(\d+) carrier errors", text).groups())
+    assert frames > sent                     # and the ARP request(s)
+    assert carrier == rows["guest"]["tx_carrier_errors"], (text, rows["guest"])
+    assert rows["guest"]["tx_packets"] == frames - carrier

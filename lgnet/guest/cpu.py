@@ -197,33 +197,49 @@ class _Registers:
 
     Unicorn's Python binding works out the type of a register on every access, about 3.5 µs
     each; a hypercall reads four and writes one. So the hot paths call uc_reg_read_batch and
-    uc_reg_write directly with buffers made once (about 0.6 µs a call). Values are u32; the
-    buffers are zeroed first because segment registers come back as only 16 bits.
+    uc_reg_write directly with buffers made once (about 0.6 µs a call). Values are u32: in
+    32-bit mode Unicorn writes four bytes for a general register, EIP and EFLAGS, and only two
+    for a segment register, whose other two bytes are masked off (measured, Unicorn 2).
     """
+
+    _SEGMENTS = frozenset({x86.UC_X86_REG_CS, x86.UC_X86_REG_SS, x86.UC_X86_REG_DS,
+                           x86.UC_X86_REG_ES, x86.UC_X86_REG_FS, x86.UC_X86_REG_GS})
 
     def __init__(self, uc: Uc, reads: tuple[int, ...]):
         self._uc = uc
         self._reads = reads
-        self._one = ctypes.c_uint64()
+        self._one = ctypes.c_uint32()
         if _uclib is not None:
             self._handle = uc._uch
+            self._count = len(reads)
             self._ids = (ctypes.c_int * len(reads))(*reads)
-            self._values = (ctypes.c_uint64 * len(reads))()
+            self._values = (ctypes.c_uint32 * len(reads))()
             base = ctypes.addressof(self._values)
             self._pointers = (ctypes.c_void_p * len(reads))(
-                *[base + 8 * i for i in range(len(reads))])
+                *[base + 4 * i for i in range(len(reads))])
+            self._narrow = tuple(i for i, reg in enumerate(reads) if reg in self._SEGMENTS)
             self._ref = ctypes.byref(self._one)
 
-    def read(self) -> tuple[int, ...]:
+    def read(self) -> list[int]:
         """The registers named at construction, in that order."""
         if _uclib is None:
-            return tuple(self._uc.reg_read(r) & abi.U32_MASK for r in self._reads)
-        ctypes.memset(self._values, 0, ctypes.sizeof(self._values))
-        status = _uclib.uc_reg_read_batch(self._handle, self._ids, self._pointers,
-                                          len(self._reads))
+            return [self._uc.reg_read(r) & abi.U32_MASK for r in self._reads]
+        status = _uclib.uc_reg_read_batch(self._handle, self._ids, self._pointers, self._count)
         if status:
             raise UcError(status)
-        return tuple(value & abi.U32_MASK for value in self._values)
+        values = self._values[:]
+        for i in self._narrow:
+            values[i] &= 0xFFFF
+        return values
+
+    def read_one(self) -> int:
+        """The first register named at construction."""
+        if _uclib is None:
+            return self._uc.reg_read(self._reads[0]) & abi.U32_MASK
+        status = _uclib.uc_reg_read(self._handle, self._reads[0], self._ref)
+        if status:
+            raise UcError(status)
+        return self._one.value
 
     def write(self, reg: int, value: int) -> None:
         if _uclib is None:
@@ -461,6 +477,18 @@ class GuestCpu:
             return traced
         self._hcalls = {call: timed(call, serve) for call, serve in self._hcalls.items()}
         self.host = tracer.traced_host(self.host, where=self._eip)
+        apply = self._apply_async_ring
+
+        def applying() -> int:
+            # What the ring holds for the Host goes with the call that follows: the line to
+            # the Host puts each on the track beside that call.
+            first = self._ring_next
+            walked = apply()
+            entries = ((first + i) % abi.LHCALL_RING_SIZE for i in range(walked))
+            self.host.ride([call for call in map(self._ring_entry, entries)
+                            if call[0] not in self._hcalls])
+            return walked
+        self._apply_async_ring = applying
         deliver = self._maybe_interrupt
 
         def delivering(data: memoryview):
@@ -665,7 +693,7 @@ class GuestCpu:
         self._switcher_view.release()
 
     def _eip(self) -> int:
-        return self._pc_reg.read()[0]
+        return self._pc_reg.read_one()
 
     def _finish(self, reason: str) -> None:
         if self._reason is None:
@@ -969,25 +997,33 @@ class GuestCpu:
             self.host.hypercall(abi.LHCALL_FLUSH_ASYNC, 0, 0, 0)
         return self._reason is not None
 
-    def _apply_async_ring(self) -> None:
-        """Apply the CPU-state calls queued in the async ring, from the Host's cursor.
+    def _apply_async_ring(self) -> int:
+        """Apply the CPU-state calls queued in the async ring, from the Host's cursor; how
+        many entries it walked.
 
         The Host drains the same run right after (ignoring these calls), so the cursor moves
         past every queued entry, whatever its kind."""
         data = self._data
         n = self._ring_next
+        walked = 0
         for _ in range(abi.LHCALL_RING_SIZE):
             if data[abi.LGUEST_DATA_HCALL_STATUS + n] == abi.HCALL_STATUS_EMPTY:
                 break
-            call, arg1, arg2, arg3 = abi.ASYNC_HCALL.unpack_from(
-                data, abi.LGUEST_DATA_HCALLS + n * abi.ASYNC_HCALL.size)
+            call, arg1, arg2, arg3 = self._ring_entry(n)
             n = (n + 1) % abi.LHCALL_RING_SIZE
+            walked += 1
             serve = self._hcalls.get(call)
             if serve is not None:
                 serve(arg1, arg2, arg3)
                 if self._reason is not None:
                     break
         self._ring_next = n
+        return walked
+
+    def _ring_entry(self, n: int) -> tuple[int, int, int, int]:
+        """Entry n of the async ring: (call, arg1, arg2, arg3)."""
+        return abi.ASYNC_HCALL.unpack_from(self._data,
+                                           abi.LGUEST_DATA_HCALLS + n * abi.ASYNC_HCALL.size)
 
     # --- traps: lguest's run_guest() and deliver_trap() ---------------------------------
 
@@ -1113,7 +1149,8 @@ class GuestCpu:
         if not ready:
             return
         irq = (ready & -ready).bit_length() - 1
-        eip, cs, _esp, _eflags = self._frame.read()
+        frame = self._frame.read()
+        eip, cs = frame[0], frame[1]
         if self._noirq[0] <= eip < self._noirq[1]:
             return
         if self._halted:
@@ -1124,23 +1161,26 @@ class GuestCpu:
         gate = self._idt[abi.FIRST_EXTERNAL_VECTOR + irq]
         if gate is None or cs & 3 != abi.GUEST_PL:
             return      # no handler yet (it stays pending); lgnet guests have no user mode
-        if self._push_frame(gate, None, "interrupt %d" % irq):
+        if self._push_frame(gate, None, "interrupt %d" % irq, frame=frame):
             self.host.ack_irq(irq)
 
     def _push_frame(self, gate: Gate, error: int | None, what: str,
-                    direct: bool = False) -> bool:
+                    direct: bool = False, frame: list[int] | None = None) -> bool:
         """lguest's set_guest_interrupt(), in ring 1: push eflags, cs, eip (and the error
         code) on the guest's stack and enter the handler. The pushed IF says whether
         irq_enabled was on, and an interrupt gate turns it off; a trap the CPU would have
         taken directly (direct_trap) pushes the real eflags and leaves irq_enabled alone.
+        `frame`: the registers _frame.read() just gave, if nothing wrote them since.
         False if the frame could not be written: the guest is dead."""
         data = self._data
-        eip, cs, esp, eflags = self._frame.read()
+        eip, cs, esp, eflags = frame if frame is not None else self._frame.read()
         if not direct and data is not None and not (
                 _U32.unpack_from(data, abi.LGUEST_DATA_IRQ_ENABLED)[0] & abi.IRQ_ENABLED_ON):
             eflags &= ~abi.IRQ_ENABLED_ON
         words = (eip, cs, eflags) if error is None else (error, eip, cs, eflags)
         frame_esp = (esp - 4 * len(words)) & abi.U32_MASK
+        if self._push_in_one_page(frame_esp, words):
+            words = ()                  # done with one walk of the page tables
         for i, word in enumerate(words):
             where = (frame_esp + 4 * i) & abi.U32_MASK
             phys = self._virt_to_phys(where)
@@ -1153,4 +1193,18 @@ class GuestCpu:
         self._frame.write(x86.UC_X86_REG_EIP, gate.offset)
         if not direct and data is not None and gate.type == abi.IDT_INTERRUPT_GATE:
             _U32.pack_into(data, abi.LGUEST_DATA_IRQ_ENABLED, 0)
+        return True
+
+    def _push_in_one_page(self, frame_esp: int, words: tuple[int, ...]) -> bool:
+        """Write the frame with one page-table walk when it lies in one writable page (as it
+        nearly always does); False, having written nothing, when the word-by-word push must
+        find out where it fails (or cross a page)."""
+        last = frame_esp + 4 * len(words) - 1
+        if last > abi.U32_MASK or (frame_esp ^ last) & _PAGE_MASK:
+            return False
+        phys = self._virt_to_phys(frame_esp)
+        target = None if phys is None else self._phys(phys, 4 * len(words))
+        if target is None:
+            return False
+        struct.pack_into("<%dI" % len(words), target, 0, *words)
         return True

@@ -134,10 +134,12 @@ class GuestTrace:
 
     def hypercall(self, call: int, a1: int, a2: int, a3: int, started: float,
                   result: int | None = None, eip: int | None = None,
-                  stopped: str | None = None) -> None:
+                  stopped: str | None = None, ring: str | None = None) -> None:
         args = self.arguments(call, a1, a2, a3)
         if result is not None:
             args["result"] = result
+        if ring is not None:
+            args["ring"] = ring                  # queued in the async ring, made with another
         if stopped is not None:
             args["stopped"] = stopped            # the guest never ran again
         args.update(self.where("", eip))
@@ -203,16 +205,28 @@ class TracedHost:
         self.host = host
         self.trace = trace
         self.where = where
+        self.riding: list[tuple[int, int, int, int]] = []
+
+    def ride(self, calls: list[tuple[int, int, int, int]]) -> None:
+        """Calls (call, arg1, arg2, arg3) queued in the async ring, which the Host makes with
+        the next hypercall, before it: each becomes a slice as long as that one (the Host does
+        not say when it made them), its `ring` argument naming it."""
+        self.riding += calls
 
     def hypercall(self, call: int, arg1: int = 0, arg2: int = 0, arg3: int = 0) -> int:
         eip = self.where() if self.where is not None else None
         started = self.trace.now()
+        riding, self.riding = self.riding, []
         try:
             result = self.host.hypercall(call, arg1, arg2, arg3)
         except GuestStopped as stopped:
             # The last call of a guest (CRASH, or the one it was killed in) is on the track too.
             self.trace.hypercall(call, arg1, arg2, arg3, started, None, eip, stopped.reason)
             raise
+        finally:
+            name = abi.HYPERCALL_NAMES.get(call, "hypercall %d" % call)
+            for queued in riding:
+                self.trace.hypercall(*queued, started, ring="queued, made with " + name)
         self.trace.hypercall(call, arg1, arg2, arg3, started, result, eip)
         return result
 

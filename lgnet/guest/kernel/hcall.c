@@ -15,8 +15,8 @@
 /*
  * The structure the Host reads at LGUEST_INIT.  Two things must be right
  * before that hypercall, because the Host reads them then: the async ring
- * must be empty (status 0xFF; we never queue async calls) and the no-interrupt
- * window must name the end of our interrupt return (head.S).
+ * must be empty (status 0xFF everywhere) and the no-interrupt window must name
+ * the end of our interrupt return (head.S).
  */
 struct lguest_data lguest_data __attribute__((aligned(PAGE_SIZE))) = {
 	.hcall_status = { [0 ... LHCALL_RING_SIZE - 1] = HCALL_STATUS_EMPTY },
@@ -39,6 +39,46 @@ _Static_assert(sizeof(struct lguest_device_desc) == LGUEST_DEVICE_DESC_SIZE, "de
 void lguest_init(void)
 {
 	hcall(LHCALL_LGUEST_INIT, __pa(&lguest_data), 0, 0);
+}
+
+/*
+ * The async ring (lguest's async_hcall).  A call queued here is made by the
+ * Host, in order, at our next hypercall or the next time the Host has control
+ * anyway: a transmit followed by a HALT costs one trip to the Host, not two.
+ * Entries are taken in turn and the Host marks each one done (status back to
+ * 0xFF); if the next one is still queued the ring is full, and the call is
+ * made at once, which drains the ring first -- what lguest's Guest did.
+ * Interrupts must be off.  Returns the entry taken, or ASYNC_MADE.
+ */
+int async_hcall(u32 call, u32 arg1, u32 arg2, u32 arg3)
+{
+	static unsigned int next;
+	unsigned int n = next;
+
+	if (ACCESS_ONCE(lguest_data.hcall_status[n]) != HCALL_STATUS_EMPTY) {
+		hcall(call, arg1, arg2, arg3);
+		return ASYNC_MADE;
+	}
+	lguest_data.hcalls[n].eax = call;
+	lguest_data.hcalls[n].edx = arg1;
+	lguest_data.hcalls[n].ebx = arg2;
+	lguest_data.hcalls[n].ecx = arg3;
+	barrier();		/* the arguments before the status that says "go" */
+	ACCESS_ONCE(lguest_data.hcall_status[n]) = 0;
+	next = (n + 1) % LHCALL_RING_SIZE;
+	return n;
+}
+
+/* Has the Host made the call async_hcall() queued in entry n? */
+int async_done(int n)
+{
+	return n == ASYNC_MADE || ACCESS_ONCE(lguest_data.hcall_status[n]) == HCALL_STATUS_EMPTY;
+}
+
+/* Have the Host make every queued call now. */
+void async_flush(void)
+{
+	hcall(LHCALL_FLUSH_ASYNC, 0, 0, 0);
 }
 
 /* Interrupts on and off: just a flag the Host looks at before it interrupts. */
@@ -138,19 +178,37 @@ void do_irq(struct irq_frame *frame)
 
 /*
  * The clock.  SET_CLOCKEVENT is a one-shot timer in nanoseconds (0 cancels):
- * the Host raises irq 0 when it expires.  Our timer interrupt does nothing but
- * wake us: whoever waits reads the time and decides.
+ * the Host raises irq 0 when it expires.  Our timer interrupt only wakes us
+ * (whoever waits reads the time and decides) and notes that nothing is armed.
+ *
+ * Each arming is a trip to the Host, and a waiter arms before every HALT, so
+ * we arm only for a deadline earlier than the one already armed: that is what
+ * Linux's clockevents did (tick_program_event reprograms the device only for
+ * an earlier event).  A later deadline is met by waking at the armed one and
+ * arming again then.  "timer_armed" may only ever claim less than the Host
+ * has: if it is stale it is ~0 (we arm once more), never a deadline the Host
+ * has forgotten.
  */
+static u64 timer_armed = ~0ULL;		/* ns, as now_ns(); ~0: nothing armed */
+
 static void timer_irq(unsigned int irq)
 {
 	(void)irq;
+	timer_armed = ~0ULL;
 }
 
-void set_timer(u64 delta_ns)
+/* Make sure the timer fires by "deadline", which is after "now" (interrupts
+ * off).  ~0, "no deadline", is never earlier than what is armed. */
+static void arm_timer_by(u64 deadline, u64 now)
 {
-	u32 delta = delta_ns > 0xFFFFFFFFu ? 0xFFFFFFFFu : (u32)delta_ns;
+	u64 delta = deadline - now;
 
-	hcall(LHCALL_SET_CLOCKEVENT, delta ? delta : 1, 0, 0);
+	if (deadline >= timer_armed)
+		return;
+	if (delta > 0xFFFFFFFFu)	/* the Host takes a u32: wake early, arm again */
+		delta = 0xFFFFFFFFu;
+	timer_armed = now + delta;
+	hcall(LHCALL_SET_CLOCKEVENT, (u32)delta, 0, 0);
 }
 
 /* The Host keeps lguest_data.time current whenever we resume; it may change
@@ -187,8 +245,7 @@ void wait_until(u64 deadline, int (*done)(void))
 		now = now_ns();
 		if ((done && done()) || now >= deadline)
 			break;
-		if (deadline != ~0ULL)
-			set_timer(deadline - now);
+		arm_timer_by(deadline, now);
 		lguest_halt();
 	}
 	irq_enable();

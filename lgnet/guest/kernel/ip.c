@@ -68,15 +68,31 @@ static const u8 broadcast[ETH_ALEN] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
 
 /* --- the Internet checksum (RFC 1071) ------------------------------------- */
 
+/* The Internet checksum's sum, which callers add and fold in network order.
+ * A ones'-complement sum does not care in which order each word's two bytes
+ * come (RFC 1071), so we add the data as our own little-endian words, four
+ * bytes at a time (half the instructions of a byte pair at a time, and under
+ * Unicorn every instruction costs), and swap the folded result once. */
+typedef u32 __attribute__((may_alias)) unaligned_u32;
+typedef u16 __attribute__((may_alias)) unaligned_u16;
+
 static u32 csum_add(u32 sum, const void *data, unsigned int len)
 {
 	const u8 *p = data;
+	u64 native = 0;
 
-	for (; len > 1; p += 2, len -= 2)
-		sum += (p[0] << 8) | p[1];
+	for (; len >= 4; p += 4, len -= 4)
+		native += *(const unaligned_u32 *)p;
+	if (len >= 2) {
+		native += *(const unaligned_u16 *)p;
+		p += 2;
+		len -= 2;
+	}
 	if (len)
-		sum += p[0] << 8;
-	return sum;
+		native += p[0];
+	while (native >> 16)
+		native = (native & 0xFFFF) + (native >> 16);
+	return sum + (u16)((native << 8) | (native >> 8));
 }
 
 static u16 csum_fold(u32 sum)
@@ -270,6 +286,13 @@ int ping_take_reply(struct ping_reply *reply)
 	return 1;
 }
 
+/* After the send time, an echo request's data byte i is i, as ping(8)'s. */
+static const u8 ping_pattern[PING_DATA] = {
+#define P8(n) n, n + 1, n + 2, n + 3, n + 4, n + 5, n + 6, n + 7
+	P8(0), P8(8), P8(16), P8(24), P8(32), P8(40), P8(48),
+#undef P8
+};
+
 /* Like ping(8), we carry the send time in the first 8 bytes of the data, so
  * the round trip needs no table: it is "now" minus what came back. */
 void ping_send(struct net_dev *dev, u32 dst, u16 id, u16 seq)
@@ -277,7 +300,7 @@ void ping_send(struct net_dev *dev, u32 dst, u16 id, u16 seq)
 	u32 flags = irq_save();
 	const u8 *mac = arp_lookup(dst);
 	struct icmphdr *icmp;
-	unsigned int len = sizeof(*icmp) + PING_DATA, i;
+	unsigned int len = sizeof(*icmp) + PING_DATA;
 	u8 *data;
 	u64 sent;
 
@@ -297,8 +320,7 @@ void ping_send(struct net_dev *dev, u32 dst, u16 id, u16 seq)
 	data = (u8 *)(icmp + 1);
 	sent = now_ns();
 	memcpy(data, &sent, sizeof(sent));
-	for (i = sizeof(sent); i < PING_DATA; i++)
-		data[i] = i;
+	memcpy(data + sizeof(sent), ping_pattern + sizeof(sent), PING_DATA - sizeof(sent));
 	icmp->check = htons(csum_fold(csum_add(0, icmp, len)));
 	ip_send(dev, len);
 	irq_restore(flags);

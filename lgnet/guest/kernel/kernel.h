@@ -75,6 +75,10 @@ static inline u32 hcall(u32 call, u32 arg1, u32 arg2, u32 arg3)
 	return call;
 }
 void lguest_init(void);
+#define ASYNC_MADE (-1)		/* async_hcall(): the ring was full, the call is made */
+int async_hcall(u32 call, u32 arg1, u32 arg2, u32 arg3);
+int async_done(int n);
+void async_flush(void);
 void idt_init(void);
 typedef void (*irq_handler_t)(unsigned int irq);
 void request_irq(unsigned int irq, irq_handler_t handler);
@@ -82,7 +86,6 @@ void do_irq(struct irq_frame *frame);
 u32 irq_save(void);
 void irq_restore(u32 flags);
 void irq_enable(void);
-void set_timer(u64 delta_ns);
 u64 now_ns(void);
 void __attribute__((noreturn)) crash(const char *msg);
 void wait_until(u64 deadline, int (*done)(void));

@@ -126,7 +126,7 @@ struct lguest_dma {
 	uint16_t len[LGUEST_MAX_DMA_SECTIONS];
 };
 
-/* One entry of the asynchronous hypercall ring (unused by this kernel). */
+/* One entry of the asynchronous hypercall ring. */
 struct hcall_args {
 	uint32_t eax, edx, ebx, ecx;
 };

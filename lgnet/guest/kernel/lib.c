@@ -10,11 +10,15 @@
 
 /* "rep movsb" and "rep stosb" also keep gcc from turning our loops back
  * into calls to memcpy/memset. */
+/* Each round of a rep string instruction is an instruction of its own under
+ * Unicorn (and a counted one): so a word at a time, then the odd bytes. */
 void *memcpy(void *dst, const void *src, size_t n)
 {
 	void *d = dst;
+	size_t words = n / 4, bytes = n % 4;
 
-	asm volatile("rep movsb" : "+D"(d), "+S"(src), "+c"(n) : : "memory");
+	asm volatile("rep movsl" : "+D"(d), "+S"(src), "+c"(words) : : "memory");
+	asm volatile("rep movsb" : "+D"(d), "+S"(src), "+c"(bytes) : : "memory");
 	return dst;
 }
 

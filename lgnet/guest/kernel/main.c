@@ -41,6 +41,7 @@
 #define MAX_TARGETS 16
 #define DEFAULT_PREFIX 24
 #define PEERS_WAIT_MS 10000
+#define PEERS_POLL_MS 10	/* how often peers= looks at the net page again */
 #define FLOOD_WAIT_MS 100	/* a lost request or reply stalls a flood this long */
 
 static char cmdline[1024];
@@ -368,6 +369,20 @@ static int enough_peers(void)
 	return net_peer_count(&net_devs[0]) >= opt.peers;
 }
 
+/* Nothing tells a Guest that a MAC appeared in the page (lguest's Guests had
+ * no such notice either), and a peer that boots beside us sends us nothing:
+ * so look again every PEERS_POLL_MS rather than sleep the whole wait away. */
+static void wait_for_peers(void)
+{
+	u64 deadline = now_ns() + (u64)PEERS_WAIT_MS * NSEC_PER_MSEC;
+
+	while (!enough_peers() && now_ns() < deadline) {
+		u64 next = now_ns() + (u64)PEERS_POLL_MS * NSEC_PER_MSEC;
+
+		wait_until(next < deadline ? next : deadline, enough_peers);
+	}
+}
+
 static int never(void)
 {
 	return 0;
@@ -445,7 +460,7 @@ static void hostile(const char *what)
 		key += 1;
 	} else if (strcmp(what, "crosspage") == 0) {
 		/* A piece may not cross a page boundary. */
-		dma.addr[0] = __pa(net_tx_buffer()) + PAGE_SIZE - 32;
+		dma.addr[0] = (__pa(net_tx_buffer()) & ~(PAGE_SIZE - 1)) + PAGE_SIZE - 32;
 		dma.len[0] = 64;
 	} else {
 		printk("hostile: unknown, ignored\n");
@@ -511,7 +526,7 @@ void start_kernel(u32 boot_pa)
 	if (opt.hostile)
 		hostile(opt.hostile);
 	if (opt.peers && num_net_devs)
-		wait_until(now_ns() + (u64)PEERS_WAIT_MS * NSEC_PER_MSEC, enough_peers);
+		wait_for_peers();
 	if (opt.num_targets || opt.poweroff) {
 		for (i = 0; i < opt.num_targets; i++) {
 			u16 id = 0x4C00 | (lguest_data.guestid & 0xFF);
