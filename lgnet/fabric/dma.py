@@ -327,7 +327,7 @@ class Engine:
         or, when the receiver had no free buffer, the Restock step that comes before the
         final try."""
         with self.lock:
-            if self.compiled is not None:
+            if self.compiled is not None and self.impair is None:
                 sent = self.compiled.send(self, guest, key_addr, udma)
                 if sent is not None:
                     self.fast_frames += 1

@@ -123,8 +123,10 @@ def drain_async(engine: Engine, guest: Guest, outcome: Outcome,
         return 0
     view, status_at, calls_at, unpack = guest.ring
     # The compiled path runs the SEND_DMAs it can, in order, and stops before the first it
-    # does not take: that entry, and any other call, is run here, then it goes on.
-    compiled = engine.compiled is not None and view.__class__ is memoryview
+    # does not take: that entry, and any other call, is run here, then it goes on. It takes
+    # no frame while impairments are configured: asking it for each would only cost.
+    compiled = (engine.compiled is not None and engine.impair is None
+                and view.__class__ is memoryview)
     ran = 0
     while ran < limit:
         if compiled:
