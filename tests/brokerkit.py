@@ -146,10 +146,11 @@ class KitLauncher:
     def block(self, mask: int) -> None:
         self.put_u32(LGUEST_DATA + abi.LGUEST_DATA_BLOCKED_INTERRUPTS, mask)
 
-    def queue(self, *calls: tuple[int, int, int, int]) -> None:
-        """Queue calls in the async ring, from the guest's own cursor (the ring's start)."""
+    def queue(self, *calls: tuple[int, int, int, int], start: int = 0) -> None:
+        """Queue calls in the async ring from entry `start` (the guest's own cursor: the
+        ring's start unless told)."""
         status = LGUEST_DATA + abi.LGUEST_DATA_HCALL_STATUS
-        for n, call in enumerate(calls):
+        for n, call in enumerate(calls, start):
             at = LGUEST_DATA + abi.LGUEST_DATA_HCALLS + n * abi.ASYNC_HCALL.size
             self.put(at, abi.ASYNC_HCALL.pack(*call))
             self.ram[status + n] = abi.HCALL_STATUS_PENDING

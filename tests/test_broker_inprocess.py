@@ -93,15 +93,15 @@ def test_a_second_failure_after_the_restock_is_final(kit):
 def test_restock_wakes_a_receiver_whose_wake_up_is_held(kit):
     kit.broker.held.max_seconds = 60              # only the restock lets it go
     a, b = pair(kit)
-    entries = b.bind_rx(1, count=4)
+    entries = b.bind_rx(1, count=8)
     for entry in entries[1:]:
-        b.put_u32(entry, 77)                      # three of four buffers still full
+        b.put_u32(entry, 77)                      # seven of eight buffers still full
     b.halt()
     kit.settle()
     a.put_tx(PAYLOAD)
-    # Two sends queued in a's ring: the first fills the last free buffer (its wake-up is
-    # held while a runs its ring: half of b's four buffers are not filled by it), the second
-    # finds none: b must be woken to restock.
+    # Two sends queued in a's ring: the first fills the last free buffer, the second finds
+    # none (both raise b's interrupt: two frames of a wake-up held while a runs its ring,
+    # fewer than half of b's eight buffers), so b must be woken to restock.
     send = (abi.LHCALL_SEND_DMA, a.key(1), TX, 0)
     a.queue(send, send)
     a.send(wire.OP_NOTIFY)
@@ -110,8 +110,31 @@ def test_restock_wakes_a_receiver_whose_wake_up_is_held(kit):
         if b.answered():
             break
     assert b.reply().result == 0
-    assert kit.broker.counters.restocks == 1 and kit.broker.counters.wakes_deferred == 1
+    assert kit.broker.counters.restocks == 1 and kit.broker.counters.wakes_deferred == 2
     assert b.u32(entries[0]) == len(PAYLOAD)
+
+
+def test_a_drained_rings_frames_count_toward_a_held_wake_up_one_by_one(kit):
+    """A ring pass tells a receiver once, however many of its frames it delivered, and the
+    held wake-up still counts frames: half of eight buffers filled lets it go."""
+    kit.broker.held.max_seconds = 60
+    a, b = pair(kit)
+    entries = b.bind_rx(1, count=8)
+    b.halt()
+    kit.settle()
+    a.put_tx(PAYLOAD)
+    send = (abi.LHCALL_SEND_DMA, a.key(1), TX, 0)
+    a.queue(send, send, send)                      # three frames: fewer than half
+    a.control[wire.CONTROL_KICK] = 1
+    a.send(wire.OP_NOTIFY)
+    kit.settle()
+    assert not b.answered() and kit.broker.counters.wakes_deferred == 3
+    a.queue(send, start=3)                         # the fourth: half filled, b wakes
+    a.control[wire.CONTROL_KICK] = 1
+    a.send(wire.OP_NOTIFY)
+    kit.settle()
+    assert b.reply().result == 0 and kit.broker.counters.wakes == 1
+    assert [b.u32(e) for e in entries[:4]] == [len(PAYLOAD)] * 4
 
 
 def test_the_rings_send_after_a_restock_frees_its_ring_entry(kit):

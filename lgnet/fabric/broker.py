@@ -64,7 +64,7 @@ import stat
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 
 from lgnet import abi, netfile, process, wire
 from lgnet.errors import LgnetError
@@ -824,15 +824,16 @@ class Broker:
 
     # --- actions: a halted guest --------------------------------------------------------
 
-    def _wake(self, conn: Connection, raised: int) -> State | None:
-        """Something was raised (`raised`: the lines) for a halted guest: wake it if it has
-        not blocked it, unless the wake-up is held while its sender runs."""
+    def _wake(self, conn: Connection, woke: tuple[int, int]) -> State | None:
+        """Something was raised for a halted guest (`woke`: the lines, and how many times):
+        wake it if it has not blocked it, unless the wake-up is held while its sender runs."""
         guest = conn.file.guest
         if not self._pending(conn, guest):
             return None
+        raised, frames = woke
         if self.running_for is not None and self.held.hold(
-                conn, guest, raised, self.running_for, time.monotonic()):
-            self.counters.wakes_deferred += 1
+                conn, guest, raised, self.running_for, time.monotonic(), frames):
+            self.counters.wakes_deferred += frames
             return None
         self.counters.wakes += 1
         return self._reply_to_run(conn, guest)
@@ -957,14 +958,17 @@ class Broker:
     # --- what the engine reported -------------------------------------------------------
 
     def _tell_woken(self) -> None:
-        """After an engine operation, outside lguest_lock: tell every guest it woke."""
+        """After an engine operation, outside lguest_lock: tell every guest it woke, once.
+        A drained ring raises one receiver's interrupt frame after frame; the flags read the
+        same after the first, so each guest is told once, in the order it first woke, with
+        how many times it did (the held wake-ups count frames)."""
         if self.engine.woken:
-            for guest in self.engine.take_woken():
-                self._tell(guest)
+            for guest, frames in Counter(self.engine.take_woken()).items():
+                self._tell(guest, frames)
 
-    def _tell(self, guest: Guest) -> None:
-        """An interrupt was raised for this guest, or it was killed: set the flags its
-        launcher polls, then it is the connection's input."""
+    def _tell(self, guest: Guest, frames: int) -> None:
+        """An interrupt was raised for this guest (`frames` times), or it was killed: set
+        the flags its launcher polls, then it is the connection's input."""
         conn = self.owners.get(guest.id)
         if conn is None or conn.control is None:
             return
@@ -979,7 +983,7 @@ class Broker:
             control[wire.CONTROL_DEAD] = 1
             self._input(conn, Input.DIED)
         else:
-            self._input(conn, Input.WAKE, raised)
+            self._input(conn, Input.WAKE, (raised, frames))
 
     # --- one chance to restock ----------------------------------------------------------
 

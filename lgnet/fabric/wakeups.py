@@ -68,15 +68,16 @@ class HeldWakes:
         return bool(self.held)
 
     def hold(self, receiver: Hashable, guest: Guest, raised: int, sender: Hashable,
-             now: float) -> bool:
-        """A wake-up is due for `receiver` while `sender` runs queued calls: hold it (True),
-        or let it go now (False: half the buffers behind the raised lines are filled)."""
+             now: float, frames: int = 1) -> bool:
+        """`frames` wake-ups are due for `receiver` while `sender` runs queued calls: hold
+        them (True), or let them go now (False: half the buffers behind the raised lines are
+        filled)."""
         entry = self.held.get(receiver)
         if entry is None:
             sizes = [b.num_dmas for b in guest.dma if b.interrupt and raised >> b.interrupt & 1]
             due = max(1, min(sizes) // 2) if sizes else 1
             entry = self.held[receiver] = Held(0, due, now, sender)
-        entry.count += 1
+        entry.count += frames
         entry.sender = sender
         if entry.count < entry.due:
             return True
