@@ -34,6 +34,19 @@ def readable(fds, timeout: float | None = None) -> list[int]:
     return [fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)]
 
 
+def proc_field(path: str, name: str) -> str | None:
+    """The first word after `name:` in a /proc file of "Name: value ..." lines (status,
+    meminfo), or None when the file or the line is not there."""
+    try:
+        with open(path) as lines:
+            for line in lines:
+                if line.startswith(name) and line[len(name):len(name) + 1] == ":":
+                    return line.split()[1]
+    except OSError:
+        pass
+    return None
+
+
 def child_command(module: str, *args: str) -> list[str]:
     """The command line that runs `python -m module args...` independently of the cwd."""
     return [sys.executable, "-P", "-m", module, *args]

@@ -36,7 +36,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from lgnet import abi, anchors
+from lgnet import abi, anchors, process
 from lgnet.fabric import fastpath
 from lgnet.bench.plan import (DEEP_RX, LATENCY_SIZE, MAX_SIZE, TARGET_BRINGUP_S, TARGET_FANOUT,
                               TARGET_CAPTURE, TARGET_LATENCY, TARGET_RSS_MB, TARGET_SCALE_GUESTS,
@@ -220,25 +220,13 @@ def parse_flood_summary(console: list[str]) -> dict | None:
 
 
 def rss_mb(pid: int) -> float | None:
-    try:
-        with open("/proc/%d/status" % pid) as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    kib = process.proc_field("/proc/%d/status" % pid, "VmRSS")
+    return None if kib is None else int(kib) / 1024
 
 
 def mem_available_mb() -> float | None:
-    try:
-        with open("/proc/meminfo") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    kib = process.proc_field("/proc/meminfo", "MemAvailable")
+    return None if kib is None else int(kib) / 1024
 
 
 def unicorn_scale(sizes: tuple[int, ...]) -> dict:

@@ -39,7 +39,7 @@ import struct
 import time
 import zlib
 
-from lgnet import abi
+from lgnet import abi, process
 from lgnet.guest.pvconsole import Console
 from lgnet.guest.pvmachine import Machine, parse_cmdline
 from lgnet.guest.pvnet import ETHERTYPE_LGNET, NetDevice, split_pages
@@ -258,8 +258,7 @@ def peak_rss_kb() -> int:
     """This process's peak resident set (VmHWM), in KiB. Not ru_maxrss: Linux carries that
     over fork and exec, so a launcher started from a large process (a bench script, or its
     spawner) would report the starter's peak as its own."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    return int(process.proc_field("/proc/self/status", "VmHWM"))
 
 
 # --- the kernel -----------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import sys
 from dataclasses import dataclass
 from typing import NoReturn
 
-from lgnet import abi
+from lgnet import abi, process
 from lgnet.errors import LgnetError
 from lgnet.guest.devices import Device, get_dma_buffer, trigger_irq
 from lgnet.guest.host import GuestStopped
@@ -206,14 +206,8 @@ def _must(key: str, what: str, value: str) -> str:
 
 def has_net_admin() -> bool:
     """Whether this process holds CAP_NET_ADMIN (in its effective set)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
-    except OSError:
-        pass
-    return False
+    caps = process.proc_field("/proc/self/status", "CapEff")
+    return caps is not None and bool(int(caps, 16) >> CAP_NET_ADMIN & 1)
 
 
 def _ifreq(layout: struct.Struct, *fields) -> bytes:
