@@ -454,9 +454,7 @@ static int receiver_of(PyObject *engine, Space *s, Space *d, PyObject *found, Pl
 static int plan_send(PyObject *engine, Space *s, Space *d, Route *route, PyObject *key_addr,
                      uint64_t udma, Plan *p)
 {
-    int ok = engine_plain(engine);
-    if (ok <= 0)
-        return ok;
+    int ok;
     /* The key lookup dma.py remembered: (generation, layout, key, first other binder). */
     PyObject *sends = PyObject_GetAttr(s->guest, s_sends);
     if (sends == NULL)
@@ -560,7 +558,7 @@ static int set_u64(PyObject *obj, PyObject *name, uint64_t value)
 }
 
 /* The capture's hook, with what dma.py hands it: (src, binding, index, entry, copied,
- * LguestDma of the sender's descriptor as it was read). */
+ * LguestDma of the sender's descriptor as it was read). 1 it ran, 0 there is none, -1 error. */
 static int observe(PyObject *engine, PyObject *src, Plan *p, uint64_t copied)
 {
     PyObject *hook = PyObject_GetAttr(engine, s_on_transfer);
@@ -602,7 +600,7 @@ done:
     if (result == NULL)
         return -1;
     Py_DECREF(result);
-    return 0;
+    return 1;
 }
 
 /* raise_irq: the receiver's interrupt flagged, and it goes on the list of guests to tell. */
@@ -628,6 +626,8 @@ static int raise_irq(PyObject *engine, PyObject *guest, uint64_t irq)
     return bad;
 }
 
+/* dma_transfer's side effects: 1 done and the capture's hook ran (Python ran: what the
+ * caller looked at may have moved), 0 done without one, -1 error. */
 static int apply(PyObject *engine, Space *s, Plan *p)
 {
     /* Copy min(rest of source piece, rest of destination piece) at a time until either list
@@ -652,9 +652,10 @@ static int apply(PyObject *engine, Space *s, Plan *p)
     store_u32(p->dst_region, p->dst_used, (uint32_t)copied);
     if (set_u64(p->binding, s_next_dma, (p->next_dma + 1) & abi.num_mask) < 0)
         return -1;
-    if (observe(engine, s->guest, p, copied) < 0)
+    int observed = observe(engine, s->guest, p, copied);
+    if (observed < 0 || raise_irq(engine, p->dst_guest, p->interrupt) < 0)
         return -1;
-    return raise_irq(engine, p->dst_guest, p->interrupt);
+    return observed;
 }
 
 /* --- the two entry points ---------------------------------------------------------------- */
@@ -698,7 +699,9 @@ static PyObject *fast_send(PyObject *module, PyObject *const *args, Py_ssize_t n
     Plan p;
     plan_init(&p);
     PyObject *result = NULL;
-    int ok = space_open(&s, guest);
+    int ok = engine_plain(engine);
+    if (ok > 0)
+        ok = space_open(&s, guest);
     if (ok > 0)
         ok = plan_send(engine, &s, &d, NULL, key_addr, udma, &p);
     if (ok > 0)
@@ -753,7 +756,7 @@ static PyObject *fast_drain(PyObject *module, PyObject *const *args, Py_ssize_t 
         failed = 1;
         goto done;
     }
-    if ((ok = space_open(&s, guest)) <= 0) {
+    if ((ok = engine_plain(engine)) <= 0 || (ok = space_open(&s, guest)) <= 0) {
         failed = ok < 0;
         goto done;
     }
@@ -784,8 +787,9 @@ static PyObject *fast_drain(PyObject *module, PyObject *const *args, Py_ssize_t 
         /* As drain_async: the cursor moves before the call runs, the entry is freed after. */
         if (ok > 0)
             ok = set_u64(guest, s_next_hcall, (next + 1) % abi.ring_size) < 0 ? -1 : 1;
-        if (ok > 0)
-            ok = apply(engine, &s, &p) < 0 ? -1 : 1;
+        int observed = 0;
+        if (ok > 0 && (observed = apply(engine, &s, &p)) < 0)
+            ok = -1;
         plan_clear(&p);
         if (ok <= 0) {
             failed = ok < 0;
@@ -794,19 +798,14 @@ static PyObject *fast_drain(PyObject *module, PyObject *const *args, Py_ssize_t 
         route.array.next_dma = (p.next_dma + 1) & abi.num_mask;     /* as apply wrote it */
         *status = (uint8_t)abi.status_empty;
         ran++;
-        /* The capture's hook ran Python: what we looked at may have moved. Without it, no
-         * Python code ran since we looked, and both spaces stay open for the next frame. */
-        PyObject *hook = PyObject_GetAttr(engine, s_on_transfer);
-        if (hook == NULL) {
-            failed = 1;
-            break;
-        }
-        Py_DECREF(hook);
-        if (hook != Py_None) {
+        /* The capture's hook ran Python: what we looked at may have moved, the engine's
+         * impairments too. Without it, no Python code ran since we looked, and both spaces
+         * stay open for the next frame. */
+        if (observed) {
             route_clear(&route);
             space_release(&d);
             space_release(&s);
-            if ((ok = space_open(&s, guest)) <= 0) {
+            if ((ok = engine_plain(engine)) <= 0 || (ok = space_open(&s, guest)) <= 0) {
                 failed = ok < 0;
                 break;
             }
